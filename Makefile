@@ -1,0 +1,54 @@
+# sun_seg: every target installs what it needs into .venv first (Python 3.10+; 3.11 tested).
+#   make demo    the main job: the whole study on the generated demo dataset, then tables, figures, site
+#   make test    the default test suite (what CI runs)
+#   make lab     JupyterLab on nbs/ with this project's environment as the kernel
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sun_seg-installed
+# Where the demo study writes its runs, tables, figures and site.
+OUT ?= reports
+export PYTHONUNBUFFERED := 1
+export JUPYTER_PLATFORM_DIRS := 1
+export HF_HUB_OFFLINE ?= 1
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: help install demo test test-all lab report site bench export clean
+
+help:
+	@grep -E '^#   make' Makefile | sed 's/^#   //'
+
+$(STAMP): settings.ini setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=23.1"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name sun_seg --display-name "Python (sun_seg)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install sun_seg with its test tools
+
+demo: $(STAMP)  ## the main job: the demo study end to end
+	$(BIN)/sun-seg study --demo --out $(OUT)
+
+test: $(STAMP)  ## default tests: notebooks (one item each), library, end-to-end; slow ones excluded
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)  ## every test, slow ones included (notebook cells flagged `#| slow` too)
+	SUN_SEG_TEST_SLOW=1 $(BIN)/python -m pytest -m "not cuda"
+
+lab: $(STAMP)  ## JupyterLab on nbs/ with the project's kernel
+	$(BIN)/jupyter lab --notebook-dir=nbs
+
+report: $(STAMP)  ## rebuild tables, figures and the site from existing runs (no training)
+	$(BIN)/sun-seg report --out $(OUT)
+
+bench: $(STAMP)  ## the performance benchmark (quick profile)
+	$(BIN)/sun-seg bench --quick
+
+export: $(STAMP)  ## developers: notebooks -> library, then clean notebooks
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
+
+clean:
+	rm -rf $(VENV) _docs .pytest_cache

@@ -1,0 +1,42 @@
+"""The library is what the notebooks export, and the notebooks are committed clean.
+
+Both checks run nbdev on a copy of the project, so they never touch the working tree.
+"""
+import filecmp
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def project_copy(tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("project")
+    shutil.copy(ROOT / "settings.ini", dest)
+    shutil.copytree(ROOT / "nbs", dest / "nbs", ignore=shutil.ignore_patterns(".ipynb_checkpoints", "runs", "_*"))
+    shutil.copytree(ROOT / "sun_seg", dest / "sun_seg", ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def _different(a: Path, b: Path, pattern: str) -> list[str]:
+    names = {p.relative_to(a) for p in a.rglob(pattern)} | {p.relative_to(b) for p in b.rglob(pattern)}
+    return sorted(str(n) for n in names
+                  if not (a / n).exists() or not (b / n).exists() or not filecmp.cmp(a / n, b / n, shallow=False))
+
+
+def test_library_matches_notebooks(project_copy):
+    subprocess.run([BIN / "nbdev_export"], cwd=project_copy, check=True, capture_output=True)
+    changed = _different(ROOT / "sun_seg", project_copy / "sun_seg", "*.py")
+    assert not changed, f"run `make export`: these modules differ from what nbs/ exports: {changed}"
+
+
+def test_notebooks_are_clean(project_copy):
+    subprocess.run([BIN / "nbdev_clean"], cwd=project_copy, check=True, capture_output=True)
+    changed = _different(ROOT / "nbs", project_copy / "nbs", "*.ipynb")
+    assert not changed, f"run `make export` (it runs nbdev_clean): these notebooks are not clean: {changed}"
