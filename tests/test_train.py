@@ -1,0 +1,265 @@
+"""The training engine end to end on small generated data: run folders, resume, determinism, divergence, bad parameters."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from sun_seg.core import CLASS_NAMES, ParameterError
+from sun_seg.train import (HISTORY_COLUMNS, Callback, TrainConfig, evaluate_run, fit, load_run_model, plan_run,
+                           read_history)
+from sun_seg.train.runs import load_training_state
+
+from train_fixtures import tiny_params, write_tiny_release
+
+TIMING_COLUMNS = {"seconds", "train_images_per_second"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny_release(tmp_path_factory.mktemp("tiny_sunrgbd"))
+
+
+def _history_numbers(run_dir):
+    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in read_history(run_dir / "history.csv")]
+
+
+def _same(a, b):
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def _assert_same_rows(rows_a, rows_b):
+    assert len(rows_a) == len(rows_b)
+    for ra, rb in zip(rows_a, rows_b):
+        diff = {k: (ra[k], rb[k]) for k in ra if not _same(ra[k], rb[k])}
+        assert not diff, f"epoch {ra['epoch']} differs: {diff}"
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+class InterruptAt(Callback):
+    """Raise KeyboardInterrupt (as Ctrl-C would) after a given optimizer step of a given epoch."""
+    def __init__(self, epoch, step): self.epoch, self.step = epoch, step
+    def after_step(self, trainer, epoch, step):
+        if (epoch, step) == (self.epoch, self.step): raise KeyboardInterrupt
+
+
+def test_run_folder_contract(data, tmp_path):
+    record = fit(tiny_params(data, tmp_path, test=True), progress=False)
+    run_dir = tmp_path / record["run_id"]
+    assert record["run_dir"] == str(run_dir) and record["trained"] is True
+    for name in ("params.json", "data.json", "environment.json", "history.csv", "metrics.json",
+                 "checkpoints/best.safetensors", "checkpoints/last.safetensors", "checkpoints/last_state.pt"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["reason"] is None
+    assert metrics["epochs_completed"] == 3 and metrics["data_kind"] == "sunrgbd"
+    for key in ("best_epoch", "best_val_miou", "trainable_params", "total_params", "flops_per_image", "wall_seconds",
+                "train_images_per_second", "device", "precision", "stopped_early", "data_fingerprint"):
+        assert key in metrics, key
+    assert metrics["trainable_params"] == metrics["total_params"] == sum(
+        p.numel() for p in load_run_model(run_dir).parameters())
+    assert metrics["val"]["epoch"] == metrics["best_epoch"] and metrics["val"]["miou"] == metrics["best_val_miou"]
+    assert set(metrics["test"]["iou_per_class"]) == set(CLASS_NAMES) and metrics["test"]["split"] == "test"
+    assert metrics["test"]["images"] == 6
+    with open(run_dir / "history.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header == HISTORY_COLUMNS
+    rows = read_history(run_dir / "history.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    best = max(rows, key=lambda r: r["val_miou"])
+    assert best["epoch"] == metrics["best_epoch"] and best["val_miou"] == metrics["best_val_miou"]
+    assert math.isnan(rows[0]["val_iou_bag"])  # class 36 is in neither the ground truth nor (here) the prediction
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["world_size"] == 1 and env["micro_batch_size"] == 4 and env["accumulation_steps"] == 1
+    assert {"torch", "python", "git_commit", "device_type", "precision"} <= set(env)
+    params = json.loads((run_dir / "params.json").read_text())
+    assert params["lr"] == 0.01 and params["run_id"] == record["run_id"] and params["profile_applied"] == "full"
+    state = load_training_state(run_dir / "checkpoints" / "last_state.pt")  # weights_only=True inside
+    assert state["epoch"] == 3 and len(state["history"]) == 3
+    # the best checkpoint reproduces the recorded validation score
+    again = evaluate_run(run_dir, split="val", progress=False)
+    assert again["miou"] == pytest.approx(metrics["best_val_miou"], abs=1e-12)
+    # evaluation at each image's original size is available (the labels are 32x40; the model sees 32x32)
+    original = evaluate_run(run_dir, split="test", original_size=True, progress=False)
+    assert original["original_size"] and original["pixels"] > 0
+    assert json.loads((run_dir / "metrics.json").read_text())["test"]["original_size"] is True
+
+
+def test_finished_run_is_reported_not_retrained(data, tmp_path):
+    first = fit(tiny_params(data, tmp_path, epochs=1), progress=False)
+    again = fit(tiny_params(data, tmp_path, epochs=1, num_workers=1), progress=False)  # a speed setting: same run
+    assert again["trained"] is False and again["run_id"] == first["run_id"]
+    assert again["wall_seconds"] == first["wall_seconds"]
+    tested = fit(tiny_params(data, tmp_path, epochs=1, test=True), progress=False)  # test asked later: only tested
+    assert tested["trained"] is False and tested["test"]["images"] == 6
+    other = fit(tiny_params(data, tmp_path, epochs=1, seed=1), progress=False)
+    assert other["run_id"] != first["run_id"]  # other parameters never share a folder
+
+
+def test_resume_equals_uninterrupted_and_same_seed_same_numbers(data, tmp_path):
+    params = dict(precision="auto")  # bf16 autocast where the CPU has it natively: the real path
+    whole = fit(tiny_params(data, tmp_path / "a", **params), progress=False)
+    repeat = fit(tiny_params(data, tmp_path / "b", **params), progress=False)
+    run_a, run_b = tmp_path / "a" / whole["run_id"], tmp_path / "b" / repeat["run_id"]
+    _assert_same_rows(_history_numbers(run_a), _history_numbers(run_b))  # same seed on CPU: the same numbers
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_params(data, tmp_path / "c", **params), callbacks=[InterruptAt(epoch=2, step=2)], progress=False)
+    run_c = tmp_path / "c" / whole["run_id"]
+    interrupted = json.loads((run_c / "metrics.json").read_text())
+    assert interrupted["status"] == "interrupted" and interrupted["epochs_completed"] == 1
+    assert "resume" in interrupted["reason"]
+    resumed = fit(tiny_params(data, tmp_path / "c", **params), progress=False)
+    assert resumed["status"] == "completed" and resumed["epochs_completed"] == 3
+    _assert_same_rows(_history_numbers(run_a), _history_numbers(run_c))
+    assert resumed["best_val_miou"] == whole["best_val_miou"] and resumed["best_epoch"] == whole["best_epoch"]
+    for which in ("last.safetensors", "best.safetensors"):
+        wa, wc = _weights(run_a / "checkpoints" / which), _weights(run_c / "checkpoints" / which)
+        assert wa.keys() == wc.keys() and all(torch.equal(wa[k], wc[k]) for k in wa), which
+    assert json.loads((run_c / "environment.json").read_text())["resumed"] is True
+
+    other_seed = fit(tiny_params(data, tmp_path / "d", seed=1, **params), progress=False)
+    assert _history_numbers(tmp_path / "d" / other_seed["run_id"])[0]["train_loss"] != _history_numbers(run_a)[0]["train_loss"]
+
+
+def _batchnorm_free_model(config):
+    """Per-pixel layers only: BatchNorm would see micro-batches of 2 instead of 4 and change the numbers itself."""
+    from torch import nn
+    torch.manual_seed(config.seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, len(CLASS_NAMES), 1))
+
+
+def test_gradient_accumulation_matches_one_piece(data, tmp_path, monkeypatch):
+    import sun_seg.train.engine as engine
+    monkeypatch.setattr(engine, "build_run_model", _batchnorm_free_model)
+    one = fit(tiny_params(data, tmp_path / "one", precision="fp32", epochs=2, channels_last=False), progress=False)
+    acc = fit(tiny_params(data, tmp_path / "acc", precision="fp32", epochs=2, channels_last=False, micro_batch_size=2),
+              progress=False)
+    assert one["run_id"] == acc["run_id"]  # a speed setting: the same run
+    assert (one["micro_batch_size"], one["accumulation_steps"]) == (4, 1)
+    assert (acc["micro_batch_size"], acc["accumulation_steps"]) == (2, 2)
+    env = json.loads((tmp_path / "acc" / acc["run_id"] / "environment.json").read_text())
+    assert (env["micro_batch_size"], env["accumulation_steps"]) == (2, 2)
+    rows_one, rows_acc = _history_numbers(tmp_path / "one" / one["run_id"]), _history_numbers(tmp_path / "acc" / acc["run_id"])
+    for a, b in zip(rows_one, rows_acc):  # the same optimisation up to float rounding
+        for key in ("train_loss", "val_loss", "val_miou"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+def test_divergence_is_recorded(data, tmp_path):
+    record = fit(tiny_params(data, tmp_path, lr=1e30, precision="fp32"), progress=False)
+    assert record["status"] == "diverged" and "loss became" in record["reason"]
+    metrics = json.loads((tmp_path / record["run_id"] / "metrics.json").read_text())
+    assert metrics["status"] == "diverged"
+    again = fit(tiny_params(data, tmp_path, lr=1e30, precision="fp32"), progress=False)
+    assert again["trained"] is False and again["status"] == "diverged"  # a diverged run is final
+
+
+class PoisonAfterFirstEpoch(Callback):
+    def after_epoch(self, trainer, row):
+        if row["epoch"] == 1:
+            with torch.no_grad(): next(trainer.model.parameters()).fill_(float("nan"))
+
+
+def test_divergence_keeps_what_was_recorded(data, tmp_path):
+    record = fit(tiny_params(data, tmp_path), callbacks=[PoisonAfterFirstEpoch()], progress=False)
+    run_dir = tmp_path / record["run_id"]
+    assert record["status"] == "diverged" and "epoch 2" in record["reason"]
+    assert record["epochs_completed"] == 1 and record["best_epoch"] == 1 and record["val"]["epoch"] == 1
+    assert [r["epoch"] for r in read_history(run_dir / "history.csv")] == [1]
+    assert (run_dir / "checkpoints" / "best.safetensors").is_file()
+
+
+class Boom(Callback):
+    def after_step(self, trainer, epoch, step): raise RuntimeError("disk on fire")
+
+
+def test_failure_is_recorded_and_reraised(data, tmp_path):
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        fit(tiny_params(data, tmp_path), callbacks=[Boom()], progress=False)
+    (run_dir,) = tmp_path.iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "disk on fire" in metrics["reason"]
+
+
+@pytest.mark.parametrize("bad, name", [
+    (dict(model="resnet"), "model"), (dict(lr=-0.0001), "lr"), (dict(lr="fast"), "lr"),
+    (dict(finetune="decoder"), "finetune"), (dict(model="upernet", finetune="everything"), "finetune"),
+    (dict(data_dir="/no/such/folder"), "data_dir"), (dict(epochs=0), "epochs"), (dict(batch_size=2.5), "batch_size"),
+    (dict(scheduler="cosine"), "scheduler"), (dict(augment="yes"), "augment"), (dict(precision="fp16"), "precision"),
+    (dict(image_size="big"), "image_size"), (dict(run_name="../escape"), "run_name"), (dict(learning_rate=0.1), "learning_rate"),
+    (dict(batch_size=1000), "batch_size"), (dict(micro_batch_size=3), "micro_batch_size")])
+def test_bad_parameters_are_refused_before_training(data, tmp_path, bad, name):
+    params = {**tiny_params(data, tmp_path / "runs"), **bad}
+    with pytest.raises(ParameterError) as info:
+        fit(params, progress=False)
+    assert f"parameter `{name}`" in str(info.value)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing was written
+
+
+def test_plan_names_run_from_parameters_and_data(data, tmp_path):
+    plan = plan_run(TrainConfig(**tiny_params(data, tmp_path)))
+    assert plan.run_id.startswith("unet-lr0.01-plateau-") and plan.data_kind == "sunrgbd"
+    assert plan_run(TrainConfig(**tiny_params(data, tmp_path, num_workers=1))).run_id == plan.run_id
+    assert plan_run(TrainConfig(**tiny_params(data, tmp_path, augment=False))).run_id != plan.run_id
+    assert plan_run(TrainConfig(**tiny_params(data, tmp_path, run_name="mine"))).run_dir == tmp_path / "mine"
+
+
+@pytest.mark.slow
+def test_engine_learns_the_demo_data(tmp_path, monkeypatch):
+    """After a short training on the demo data the model beats predicting the most frequent class everywhere."""
+    from sun_seg.data.demo import demo_root
+    from sun_seg.data.sunrgbd import SunRGBD
+    from sun_seg.data.transforms import eval_transform
+    from sun_seg.metrics import confusion_matrix, miou, pixel_accuracy
+    monkeypatch.delenv("SUN_SEG_DATA", raising=False)
+    # the demo profile's size and batch, six epochs (the profile stops at three), a narrow U-Net
+    record = fit(dict(out_dir=str(tmp_path), unet_width=16, lr=0.001, epochs=6, patience=0, image_size="64x80",
+                      batch_size=8, profile="full", num_workers=0, device="cpu"), progress=False)
+    assert record["data_kind"] == "demo" and record["status"] == "completed"
+
+    root = demo_root()
+    counts = torch.zeros(len(CLASS_NAMES) + 1, dtype=torch.long)
+    for item in SunRGBD(root, "fit"):
+        counts += torch.bincount(item["target"].clamp(max=len(CLASS_NAMES)).view(-1), minlength=len(CLASS_NAMES) + 1)
+    majority = int(counts[:-1].argmax())
+    val = SunRGBD(root, "val", transform=eval_transform((64, 80)))
+    cm = sum(confusion_matrix(torch.full_like(item["target"], majority), item["target"]) for item in val)
+    baseline = {"miou": miou(cm), "pixel_accuracy": pixel_accuracy(cm)}
+    learnt = {k: record["val"][k] for k in ("miou", "pixel_accuracy", "mean_class_accuracy")}
+    assert learnt["miou"] > 2 * baseline["miou"], (learnt, baseline)
+    assert learnt["pixel_accuracy"] > baseline["pixel_accuracy"], (learnt, baseline)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("extra", [dict(), dict(compile=True), dict(micro_batch_size=2)])
+def test_cuda_run(data, tmp_path, extra):
+    """bf16 autocast, channels_last, fused Adam, optional torch.compile, pinned memory, accumulation on a GPU."""
+    if not torch.cuda.is_available(): pytest.skip("no CUDA GPU")
+    record = fit(tiny_params(data, tmp_path, device="cuda", precision="auto", test=True, **extra), progress=False)
+    assert record["status"] == "completed" and record["device"].startswith("cuda")
+    assert record["precision"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float32")
+    env = json.loads((tmp_path / record["run_id"] / "environment.json").read_text())
+    assert env["device_type"] == "cuda" and env["compile"] == bool(extra.get("compile"))
+    assert record["micro_batch_size"] * record["accumulation_steps"] == 4
+    model = load_run_model(tmp_path / record["run_id"], device="cuda")
+    assert next(model.parameters()).is_cuda
+
+
+def test_weighted_loss_uses_the_training_split_weights(data, tmp_path):
+    from sun_seg.data.analysis import class_weights
+    from sun_seg.data.sunrgbd import SunRGBD
+    plain = fit(tiny_params(data, tmp_path, epochs=1), progress=False)
+    weighted = fit(tiny_params(data, tmp_path, epochs=1, weighted_loss=True), progress=False)
+    assert weighted["run_id"] != plain["run_id"] and "-weighted-" in weighted["run_id"]
+    recorded = json.loads((tmp_path / weighted["run_id"] / "data.json").read_text())["class_weights"]
+    expected = class_weights(SunRGBD(data, "fit"), method="median_frequency", progress=False)
+    assert recorded == pytest.approx(expected.tolist())
+    assert json.loads((tmp_path / plain["run_id"] / "data.json").read_text())["class_weights"] is None
+    # the validation loss is the weighted criterion: it differs from the unweighted one on the same first step
+    assert weighted["val"]["loss"] != plain["val"]["loss"]
