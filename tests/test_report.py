@@ -1,0 +1,186 @@
+"""Tables, figures and the site, built from run folders this test writes (the simulated trainer: the run-folder
+contract with made-up numbers). The report must show exactly the numbers in the run folders, NaN rows with their
+status for runs without a result, mean and spread over seeds, escaped strings, and nothing fetched from outside."""
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sun_seg.analysis import build_analysis, load_runs
+from sun_seg.core import read_json, stable_hash
+from sun_seg.report import build_site, offline_problems
+from sun_seg.study import (GridRun, SimulatedTrainer, load_study, parse_study, read_yaml, run_grid, simulate_study,
+                           study_record, write_study_record, resolve_grid, run_evaluations, simulated_evaluate)
+
+from conftest import ROOT
+
+STUDY = ROOT / "reports" / "study.yaml"
+
+
+@pytest.fixture(scope="module")
+def study_out(tmp_path_factory):
+    from sun_seg.data.demo import make_demo_dataset
+    base = tmp_path_factory.mktemp("report")
+    data_root = make_demo_dataset(base / "data", n_train=12, n_test=4, scale=0.1, progress=False)
+    out = base / "demo"
+    simulate_study(out, trainer=SimulatedTrainer(diverge=["unet-lr1e-2-20ep"], fail=["convnext-decoder-lr1e-3"]),
+                   data_root=data_root)
+    result = build_analysis(out)
+    site = build_site(out, result)
+    return out, result, site
+
+
+def metrics(out, entry):
+    run_id = next(r["run_id"] for r in read_json(out / "study.json")["runs"] if r["entry"] == entry)
+    return read_json(out / "runs" / run_id / "metrics.json")
+
+
+def test_tables_hold_exactly_the_numbers_of_the_run_folders(study_out):
+    out, _, _ = study_out
+    t1 = pd.read_csv(out / "tables" / "T1.csv").set_index("entry")
+    t2 = pd.read_csv(out / "tables" / "T2.csv").set_index("entry")
+    t5 = pd.read_csv(out / "tables" / "T5.csv").set_index("entry")
+    record = read_json(out / "study.json")
+    for entry in [e["name"] for e in record["entries"]]:
+        m = metrics(out, entry)
+        if m["status"] != "completed": continue
+        if entry in t1.index:
+            assert t1.loc[entry, "best_val_miou"] == m["best_val_miou"]  # exact: CSV keeps full precision
+            assert t1.loc[entry, "val_loss"] == m["val"]["loss"]
+            assert t1.loc[entry, "best_epoch"] == m["best_epoch"]
+        if entry in t2.index:
+            assert t2.loc[entry, "best_val_miou"] == m["best_val_miou"]
+            assert t2.loc[entry, "trainable_params"] == m["trainable_params"]
+        assert t5.loc[entry, "wall_seconds"] == m["wall_seconds"]
+        assert t5.loc[entry, "train_images_per_second"] == m["train_images_per_second"]
+        assert t5.loc[entry, "gflops_per_image"] == m["flops_per_image"] / 1e9
+    # the study's values beside ours, and the difference
+    e = next(x for x in record["entries"] if x["name"] == "unet-lr1e-3-20ep")
+    assert t1.loc["unet-lr1e-3-20ep", "study_best_val_miou"] == e["reported"]["T1"]["val_miou"] == 0.131
+    assert t1.loc["unet-lr1e-3-20ep", "diff_best_val_miou"] == metrics(out, "unet-lr1e-3-20ep")["best_val_miou"] - 0.131
+    t3 = pd.read_csv(out / "tables" / "T3.csv")
+    evaluations = read_json(out / "evaluations.json")
+    for row in t3.itertuples():
+        if row.evaluation == "difference": continue
+        m = read_json(out / "runs" / evaluations[row.evaluation]["run_ids"][0] / "metrics.json")
+        assert row.test_miou == m["test"]["miou"] and row.val_miou == m["best_val_miou"]
+    assert t3.iloc[-1].test_miou == t3.iloc[1].test_miou - t3.iloc[0].test_miou
+    t4 = pd.read_csv(out / "tables" / "T4.csv")
+    first = t4.iloc[0]
+    assert first.effect == metrics(out, first.variant_entry)["best_val_miou"] - metrics(out, first.baseline_entry)["best_val_miou"]
+    assert first.study_effect == -0.06
+
+
+def test_runs_without_a_result_are_nan_rows_with_their_status(study_out):
+    out, result, site = study_out
+    t2 = result["tables"]["T2"].frame.set_index("entry")
+    failed = t2.loc["convnext-decoder-lr1e-3"]
+    assert failed.status == "failed" and math.isnan(failed.best_val_miou) and math.isnan(failed.best_epoch)
+    assert "simulated failure" in failed.reason
+    md = (out / "tables" / "T2.md").read_text()
+    row = next(line for line in md.splitlines() if "Decoder + 0.001LR" in line)
+    assert "NaN" in row and "failed" in row and " 0.0000 " not in row
+    t1 = result["tables"]["T1"].frame.set_index("entry")
+    assert t1.loc["unet-lr1e-2-20ep", "status"] == "diverged"
+    html = (site / "tables.html").read_text()
+    assert "status-failed" in html and "status-diverged" in html
+
+
+def test_several_seeds_show_mean_and_spread(tmp_path):
+    d = read_yaml(STUDY)
+    d["seeds"] = [0, 1, 2]
+    study = parse_study(d, STUDY)
+    out = tmp_path / "seeds"
+    simulate_study(out, study)
+    runs = load_runs(out)
+    assert len(runs) == 48
+    frame = build_analysis(out, run_figures=False)["tables"]["T2"].frame.set_index("entry")
+    values = runs[runs.entry == "unet-plateau-lr1e-4"].best_val_miou
+    assert frame.loc["unet-plateau-lr1e-4", "best_val_miou"] == pytest.approx(values.mean(), abs=0)
+    assert frame.loc["unet-plateau-lr1e-4", "best_val_miou_sd"] == pytest.approx(values.std(ddof=1))
+    assert frame.loc["unet-plateau-lr1e-4", "n"] == 3
+    md = (out / "tables" / "T2.md").read_text()
+    assert re.search(r"0\.\d{4} ± 0\.\d{4} \(n=3\)", md)
+
+
+def test_every_page_says_which_data_and_settings(study_out):
+    out, _, site = study_out
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > 20
+    fingerprint = read_json(out / "study.json")["data"]["fingerprint"][:12]
+    for page in pages:
+        text = page.read_text()
+        assert "DEMO DATA" in text and f"fingerprint {fingerprint}" in text, page
+        assert "study profile demo" in text, page
+        assert "Content-Security-Policy" in text, page
+    assert "pretrained" in (site / "index.html").read_text()
+
+
+def test_data_overview_comes_from_the_labels(study_out):
+    out, result, site = study_out
+    drawn = {f["id"]: f for f in result["figures"]}
+    assert drawn["F11"]["png"] and drawn["F-imb"]["png"]
+    stats = pd.read_csv(out / "data" / "image_statistics.csv")
+    assert len(stats) == 16 and stats.void_share.between(0, 1).all()
+    html = (site / "data.html").read_text()
+    assert 'src="figures/F11.png"' in html and 'src="figures/F-imb.png"' in html and "pixel_share" in html
+
+
+def test_site_fetches_nothing_from_outside(study_out):
+    _, _, site = study_out
+    assert offline_problems(site) == []
+    for page in site.rglob("*.html"):
+        text = page.read_text()
+        assert not re.search(r"""<(script|link)[^>]+(src|href)=["']?(https?:)?//""", text, re.I), page
+
+
+def test_recorded_strings_are_escaped(tmp_path):
+    d = read_yaml(STUDY)
+    d["runs"][0]["tables"]["T1"] = "<script>alert('row')</script>"
+    d["title"] = "<img src=x onerror=alert(1)>"
+    study = parse_study(d, STUDY)
+    out = tmp_path / "escaped"
+    simulate_study(out, study, trainer=SimulatedTrainer(fail=["unet-lr1e-3-20ep"]))
+    record = read_json(out / "grid" / f"{read_json(out / 'study.json')['runs'][1]['run_id']}.json")
+    record["reason"] = "<b>bold</b> & <script>x()</script>"
+    (out / "grid" / f"{record['run_id']}.json").write_text(json.dumps(record))
+    site = build_site(out, api=False)
+    html = (site / "tables.html").read_text() + (site / "index.html").read_text() + (site / "runs.html").read_text()
+    assert "&lt;script&gt;alert(&#39;row&#39;)&lt;/script&gt;" in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; &lt;script&gt;" in html
+    assert "<script" not in "".join(p.read_text() for p in site.rglob("*.html"))
+
+
+def test_api_pages_come_from_the_notebooks(study_out):
+    _, _, site = study_out
+    api = (site / "api" / "index.html").read_text()
+    for module in ("sun_seg.core", "sun_seg.study", "sun_seg.analysis", "sun_seg.report"):
+        assert module in api
+    study = (site / "api" / "study.html").read_text()
+    assert "run_grid" in study and "the study&#39;s output folder" in study  # a docments comment
+    assert list((site.parent / ".cache" / "api").glob("40_study-*.json"))  # highlighted once, reused by later builds
+
+
+def test_report_rebuilds_from_run_folders_without_redrawing(study_out, capsys):
+    from sun_seg.cli import main
+    out, _, _ = study_out
+    png = out / "figures" / "F6.png"
+    stamp = png.stat().st_mtime_ns
+    start = time.perf_counter()
+    assert main(["report", "--out", str(out), "--no-api"]) == 0
+    assert time.perf_counter() - start < 60  # seconds in practice; generous on a busy machine
+    assert png.stat().st_mtime_ns == stamp
+    assert "report:" in capsys.readouterr().out
+    assert (out / "site" / "tables.html").is_file()
+
+
+def test_missing_study_record_says_what_to_do(tmp_path):
+    from sun_seg.core import DataError
+    with pytest.raises(DataError, match="run `sun-seg study`"):
+        build_site(tmp_path)
