@@ -344,7 +344,9 @@ def resolve_params(study: Study, profile: Profile, entry: RunEntry, seed: int, #
                    pretrain_dir: str | None = None, # the folder `pretrained: pretrain` stands for
                   ) -> dict:
     "The training parameters of `entry` at `seed` under `profile`."
-    params = {**study.defaults, **profile.params, **entry.params, "seed": seed}
+    # The study profile sets every size and budget itself, so the engine's own demo caps stay off (`profile: full`)
+    # unless the study file asks for them explicitly.
+    params = {"profile": "full", **study.defaults, **profile.params, **entry.params, "seed": seed}
     where = f"runs ({entry.name})"
     if profile.epochs and "epochs" in params:
         if params["epochs"] not in profile.epochs:
