@@ -8,8 +8,6 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sun_seg-installed
-# Where the demo study writes its runs, tables, figures and site.
-OUT ?= reports
 export PYTHONUNBUFFERED := 1
 export JUPYTER_PLATFORM_DIRS := 1
 export HF_HUB_OFFLINE ?= 1
@@ -30,7 +28,7 @@ $(STAMP): settings.ini setup.py constraints.txt
 install: $(STAMP)  ## create .venv and install sun_seg with its test tools
 
 demo: $(STAMP)  ## the main job: the demo study end to end
-	$(BIN)/sun-seg study --demo --out $(OUT)
+	$(BIN)/sun-seg study --demo
 
 test: $(STAMP)  ## default tests: notebooks (one item each), library, end-to-end; slow ones excluded
 	$(BIN)/python -m pytest
@@ -41,8 +39,8 @@ test-all: $(STAMP)  ## every test, slow ones included (notebook cells flagged `#
 lab: $(STAMP)  ## JupyterLab on nbs/ with the project's kernel
 	$(BIN)/jupyter lab --notebook-dir=nbs
 
-report: $(STAMP)  ## rebuild tables, figures and the site from existing runs (no training)
-	$(BIN)/sun-seg report --out $(OUT)
+report: $(STAMP)  ## rebuild the demo study's tables, figures and site from its runs (no training)
+	$(BIN)/sun-seg report --demo
 
 bench: $(STAMP)  ## the performance benchmark (quick profile)
 	$(BIN)/sun-seg bench --quick

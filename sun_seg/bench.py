@@ -371,7 +371,7 @@ def bare_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     for images, targets in batches:
         x = normalize_images(images.to(device, non_blocking=True))
         if channels_last: x = x.contiguous(memory_format=torch.channels_last)
-        y = targets.to(device, non_blocking=True)
+        y = targets.to(device, non_blocking=True).long()  # the loaders give uint8 targets, as the engine's do
         with _autocast(device, dtype):
             out = model(x, with_aux=True) if has_aux else model(x)
         logits, aux = out if isinstance(out, tuple) else (out, None)

@@ -32,11 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sun_seg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try: module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name is None or not name.startswith(e.name): raise
-            continue  # a job whose module is not in this version of the library
-        module.add_cli(sub)
+        importlib.import_module(name).add_cli(sub)
     return parser
 
 # %% ../nbs/90_cli.ipynb #cba26a29

@@ -43,9 +43,10 @@ def raw_to_target(raw: np.ndarray, # raw label map, values 0 (void) .. 37
         raise DataError(f"label values {bad} are out of range: SUN RGB-D 37-class labels are 0 (void) .. {NUM_CLASSES}", source)
     if raw.size and int(raw.min()) < 0:
         raise DataError("negative label values: SUN RGB-D 37-class labels are 0 (void) .. 37", source)
-    target = raw.astype(np.int16) - 1
-    target[raw == VOID_LABEL] = IGNORE_INDEX
-    return target.astype(np.uint8)
+    return _RAW_TO_TARGET[raw]  # one table lookup: several times faster than arithmetic plus a void mask
+
+_RAW_TO_TARGET = np.full(256, IGNORE_INDEX, np.uint8)
+_RAW_TO_TARGET[1:NUM_CLASSES + 1] = np.arange(NUM_CLASSES)
 
 def target_to_raw(target: np.ndarray) -> np.ndarray:
     "Inverse of `raw_to_target`: targets (0..36, `IGNORE_INDEX`) back to raw labels (0..37)."
@@ -163,6 +164,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
 
 # %% ../nbs/00_core.ipynb #8365b14a
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+_FILE_MODE = 0o666 & ~_umask()
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     "Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`, on error removed."
@@ -171,6 +179,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, _FILE_MODE)  # mkstemp makes owner-only files; records should get the usual permissions
     try:
         yield tmp
         with open(tmp, "rb+") as f: os.fsync(f.fileno())

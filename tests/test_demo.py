@@ -118,7 +118,8 @@ def test_refuses_foreign_and_conflicting_folders(tmp_path):
 
 
 def test_colour_alone_does_not_give_the_class(default_root):
-    """The Bayes-optimal classifier of one pixel's colour barely beats predicting 'wall' everywhere."""
+    """One pixel's colour is informative (each class has a colour tendency, as real walls and floors do) but far from
+    giving the class: the Bayes-optimal colour classifier stays well below what texture, shape and context allow."""
     from sun_seg.metrics import confusion_matrix, miou, pixel_accuracy
     levels = 16
     def pixels(split):  # numpy: single-threaded, fast on a busy machine
@@ -133,8 +134,9 @@ def test_colour_alone_does_not_give_the_class(default_root):
     target[target < 0] = IGNORE_INDEX
     cm_colour = confusion_matrix(torch.from_numpy(lut[np.concatenate([c.ravel() for c in codes])]), target)
     cm_wall = confusion_matrix(torch.zeros_like(target), target)
-    assert pixel_accuracy(cm_colour) < pixel_accuracy(cm_wall) + 0.05
-    assert miou(cm_colour) < 0.05
+    # measured with generator v3 (class_tint 0.4): colour-only pixel accuracy 0.57 and mIoU 0.11, 'wall' 0.36
+    assert pixel_accuracy(cm_wall) + 0.05 < pixel_accuracy(cm_colour) < 0.7
+    assert miou(cm_colour) < 0.2
 
 
 def train_briefly(root, steps, size=(64, 80), batch_size=8, lr=1e-3, seed=0):

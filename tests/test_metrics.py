@@ -112,3 +112,17 @@ def test_cuda_matrix_equals_cpu_matrix():
     if not torch.cuda.is_available(): pytest.skip("no CUDA GPU")
     pred, target = _random_case(5, shape=(8, 64, 80))
     assert torch.equal(confusion_matrix(pred.cuda(), target.cuda()).cpu(), confusion_matrix(pred, target))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_uint8_fast_path_equals_general_path(seed):
+    """uint8 targets (the engine's loaders) take a one-histogram path; it must give the same matrix, void and
+    out-of-range labels (38..254) included, with predictions given as classes or as logits."""
+    pred, target = _random_case(seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    target[torch.rand(target.shape, generator=g) < 0.05] = torch.randint(NUM_CLASSES, 255, (), generator=g).item()
+    general = confusion_matrix(pred, target.to(torch.int64))
+    fast = confusion_matrix(pred, target.to(torch.uint8))
+    assert torch.equal(general, fast)
+    logits = torch.nn.functional.one_hot(pred, NUM_CLASSES).permute(0, 3, 1, 2).float()
+    assert torch.equal(confusion_matrix(logits, target.to(torch.uint8)), general)

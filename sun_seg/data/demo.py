@@ -211,8 +211,11 @@ class Camera:
 # %% ../../nbs/03_data.demo.ipynb #3214dc87
 class Canvas:
     "Image, raw labels and a depth buffer; quads are ray-cast into it."
-    def __init__(self, camera: Camera, light: dict):
+    def __init__(self, camera: Camera, light: dict, tint: tuple[float, np.ndarray] | None = None):
         self.cam, self.light = camera, light
+        # (strength, signature colours): real classes have typical colours beyond their material; the tint gives
+        # each class a learnable colour tendency that still overlaps with others through texture and shading
+        self.tint = tint
         h, w = camera.height, camera.width
         self.rays = camera.rays().astype(np.float32)
         self.image = np.zeros((h, w, 3), np.float32)
@@ -259,6 +262,10 @@ class Canvas:
             ai, bi = ai[keep], bi[keep]
         if not inside.any(): return
         colour = TEXTURES[material.kind](material, ai * math.sqrt(l1), bi * math.sqrt(l2), ai, bi)
+        if self.tint and self.tint[0] and label:
+            strength, signature = self.tint
+            brightness = colour.mean(1, keepdims=True) / max(float(signature[label].mean()), 1e-3)
+            colour = (1 - strength) * colour + strength * np.clip(signature[label] * brightness, 0, 1)
         points = hit[inside] + p0.astype(np.float32)
         shade = self._shade(normal, points)
         if material.emit: shade = material.emit + (1 - material.emit) * shade
@@ -313,11 +320,19 @@ class DomainStyle:
     region_void: float = 0.18     # chance of a large unlabeled region
     sparse: float = 0.06          # chance of an image where only a few objects were annotated
     noise: float = 1.0            # factor on sensor noise
+    class_tint: float = 0.4       # pull of each object's colour toward its class's signature hue (0 = none)
 
     def colour(self, rgb) -> np.ndarray:
         "A palette colour as this domain draws it."
         h, s, v = colorsys.rgb_to_hsv(*np.clip(rgb, 0, 1))
         return np.array(colorsys.hsv_to_rgb((h + self.hue_shift) % 1.0, min(1.0, s * self.saturation), v), np.float32)
+
+    def signatures(self) -> np.ndarray:
+        "(38, 3) signature colour of each raw label (row 0, void, unused), hue-rotated like the palettes."
+        golden = (5 ** 0.5 - 1) / 2
+        rgb = [colorsys.hsv_to_rgb((0.07 + i * golden) % 1.0, 0.55 + 0.15 * (i % 3), 0.6 + 0.15 * (i % 2))
+               for i in range(len(CLASS_NAMES) + 1)]
+        return np.stack([self.colour(np.array(c, np.float32)) for c in rgb])
 
 STYLES = {
     "target": DomainStyle("target"),
@@ -1258,7 +1273,7 @@ def render_frame(rng: np.random.Generator, style: DomainStyle, sensor: str, scal
                  diffuse=rng.uniform(0.15, 0.4), point=np.array([rng.uniform(xl, xl + width), room["height"] - 0.2,
                                                                  rng.uniform(1, depth)], np.float32),
                  point_power=rng.uniform(0.0, 0.35), point_radius=rng.uniform(1.5, 3.0))
-    sc = Scene(rng, style, Canvas(cam, light), room)
+    sc = Scene(rng, style, Canvas(cam, light, (style.class_tint, style.signatures())), room)
     room_shell(sc)
     FURNISH[kind](sc)
     for _ in range(_n(sc, *style.clutter)): clutter(sc)
@@ -1266,7 +1281,7 @@ def render_frame(rng: np.random.Generator, style: DomainStyle, sensor: str, scal
     return image, _finish_label(sc, sensor)
 
 # %% ../../nbs/03_data.demo.ipynb #8b297895
-GENERATOR_VERSION = 2  # bump whenever the generator's output changes: it is part of the demo folder's name
+GENERATOR_VERSION = 3  # bump whenever the generator's output changes: it is part of the demo folder's name
 DOMAINS: tuple[str, ...] = tuple(STYLES)
 
 # Frames per capture subset in the official split, (test, train): the demo draws its sensor mix from these.

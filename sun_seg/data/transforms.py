@@ -63,7 +63,7 @@ def _check_pair(image: torch.Tensor, target: torch.Tensor) -> None:
 
 # %% ../../nbs/02_data.transforms.ipynb #6d8f9b1f
 class SegmentationTransform:
-    "Joint image/label transform: `(image uint8 (3,H,W), target (H,W)) -> (image uint8, target int64)`."
+    "Joint image/label transform: `(image uint8 (3,H,W), target (H,W)) -> (image uint8, target of the same dtype)`."
     def __init__(self,
                  size: int | str | Sequence[int] | None, # output (H, W); None keeps the size (eval only)
                  augment: bool = False, # random scale, crop, flip, jitter; False: a plain resize
@@ -132,7 +132,8 @@ def __call__(self: SegmentationTransform,
     _check_pair(image, target)
     image, mask = tv_tensors.Image(image), _as_mask(target)
     image, mask = (self._augment if self.augment else self._resize)(image, mask)
-    return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
+    # the target keeps its dtype: int64 from SunRGBD by default, uint8 for loops that widen it on the device
+    return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).to(target.dtype)
 
 # %% ../../nbs/02_data.transforms.ipynb #7a00fbfb
 def train_transform(size: int | str | Sequence[int], # crop size (H, W), e.g. "64x80"
