@@ -245,9 +245,10 @@ def bench_data(raw_root: str | os.PathLike, # a SUN RGB-D copy in a raw form (JP
     from sun_seg.data.sunrgbd import SunRGBD
     from sun_seg.data.transforms import train_transform
     transform = train_transform(train_size)
-    sets = {"raw_load": SunRGBD(raw_root, "train"), "cache_load": SunRGBD(cache_root, "train"),
-            "raw_pipeline": SunRGBD(raw_root, "train", transform=transform),
-            "cache_pipeline": SunRGBD(cache_root, "train", transform=transform)}
+    u8 = dict(target_dtype=torch.uint8)  # as the engine's loaders read them
+    sets = {"raw_load": SunRGBD(raw_root, "train", **u8), "cache_load": SunRGBD(cache_root, "train", **u8),
+            "raw_pipeline": SunRGBD(raw_root, "train", transform=transform, **u8),
+            "cache_pipeline": SunRGBD(cache_root, "train", transform=transform, **u8)}
     n = min(num_images, len(sets["raw_load"]), len(sets["cache_load"]))
     if n == 0: raise ParameterError("num_images", f"no training samples to read in {raw_root} or {cache_root}")
     def read_all(dataset):

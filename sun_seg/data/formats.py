@@ -55,7 +55,7 @@ CACHE_LABELS = "labels.u8"
 CACHE_STATS = "stats.csv"
 CACHE_SKIPPED = "skipped.csv"
 CACHE_FORMAT = "sun_seg-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: labels.u8 holds training targets (0..36, void 255), ready to use without a conversion
 
 DEMO_MARKER = "sun_seg_demo.json"  # written by the demo generator at the root of demo data
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 import sun_seg
 from ..core import (CLASS_NAMES, NUM_CLASSES, DataError, ParameterError, atomic_write_json, atomic_write_text,
-                          read_json)
+                          raw_to_target, read_json)
 from .formats import (CACHE_FORMAT, CACHE_IMAGES, CACHE_INDEX, CACHE_LABELS, CACHE_SKIPPED, CACHE_STATS,
                                   CACHE_VERSION)
 from .sunrgbd import SampleRecord, SunRGBD, SunRGBDReader, open_reader
@@ -61,8 +61,10 @@ def prepare_sample(reader: SunRGBDReader, rec: SampleRecord, size: tuple[int, in
     if size is not None: image, label = resize_pair(image, label, size)
     chw = np.ascontiguousarray(image.transpose(2, 0, 1))
     label = np.ascontiguousarray(label, dtype=np.uint8)
-    digest = hashlib.sha256(chw.tobytes()); digest.update(label.tobytes())
-    return {"image": chw, "label": label, "orig_size": list(orig), "shape": list(label.shape),
+    # the cache stores training targets (0..36, void 255), validated here once, so reading one is a plain copy
+    target = raw_to_target(label, reader.label_source(rec))
+    digest = hashlib.sha256(chw.tobytes()); digest.update(target.tobytes())
+    return {"image": chw, "label": target, "orig_size": list(orig), "shape": list(label.shape),
             "sha256": digest.hexdigest(), "counts": np.bincount(label.ravel(), minlength=NUM_CLASSES + 1).tolist()}
 
 # %% ../../nbs/01b_data.prepare.ipynb #1d3e433d
@@ -193,7 +195,7 @@ def _finish(part: Path, reader: SunRGBDReader, params: dict, done: dict[int, dic
              "source": {"form": reader.form, "root": str(reader.root.resolve()), "fingerprint": params["source_fingerprint"],
                         "kind": reader.kind},
              "size": params["size"], "fingerprint": fingerprint, "class_names": list(CLASS_NAMES),
-             "image_layout": "(3, H, W) uint8, channel-first", "label_encoding": "raw (H, W) uint8: 0 = void, 1..37 = CLASS_NAMES",
+             "image_layout": "(3, H, W) uint8, channel-first", "label_encoding": "targets (H, W) uint8: 0..36 = CLASS_NAMES, 255 = void",
              "images_bytes": (part / CACHE_IMAGES).stat().st_size, "labels_bytes": (part / CACHE_LABELS).stat().st_size,
              "splits": {"train": splits["train"], "test": splits["test"]}, "skipped": len(bad),
              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -16,7 +16,7 @@ from fastcore.basics import patch
 from PIL import Image
 
 from ..core import (NUM_CLASSES, CLASS_NAMES, DATA_ENV, DataError, ParameterError, check_choice,
-                          raw_to_target, read_json)
+                          raw_to_target, read_json, target_to_raw)
 from .formats import (
     FORMS, CACHE_FORMAT, CACHE_VERSION, CACHE_INDEX, CACHE_IMAGES, CACHE_LABELS, DEMO_MARKER, IMAGE_NAME, LABEL_NAME,
     LABELS_DIR, TEST_IMAGES_DIR, TEST_LIST, TRAIN_IMAGES_DIR, detect_form, frame_key, official_files,
@@ -100,6 +100,9 @@ class SunRGBDReader:
 
     def read_image(self, rec: SampleRecord) -> np.ndarray: raise NotImplementedError
     def read_label(self, rec: SampleRecord) -> np.ndarray: raise NotImplementedError
+    def read_target(self, rec: SampleRecord) -> np.ndarray:
+        "The training target (H, W) uint8: classes 0..36, void `IGNORE_INDEX`."
+        return raw_to_target(self.read_label(rec), self.label_source(rec))
     def label_source(self, rec: SampleRecord) -> str: return str(rec.loc)
     def read_image_chw(self, rec: SampleRecord) -> np.ndarray:
         "The image as a contiguous `(3, H, W)` uint8 array."
@@ -406,10 +409,12 @@ class CacheReader(SunRGBDReader):
         off, _, h, w = rec.loc
         return np.array(images[off:off + 3 * h * w]).reshape(3, h, w)
     def read_image(self, rec): return np.ascontiguousarray(self.read_image_chw(rec).transpose(1, 2, 0))
-    def read_label(self, rec):
+    def read_target(self, rec):
+        # stored as targets and checked by `prepare` (the index holds each sample's hash): a plain copy
         _, labels = self._maps()
         _, off, h, w = rec.loc
-        return as_raw_label(np.array(labels[off:off + h * w]).reshape(h, w), self.label_source(rec))
+        return np.array(labels[off:off + h * w]).reshape(h, w)
+    def read_label(self, rec): return target_to_raw(self.read_target(rec))
     def official_trainval_problem(self):
         p = super().official_trainval_problem()
         return p and f"the cache was prepared from data without allsplit.mat's trainvalsplit ({p})"
@@ -529,11 +534,10 @@ class SunRGBD(torch.utils.data.Dataset):
 def __getitem__(self: SunRGBD, i: int) -> dict:
     rec = self.records[i]
     image = self.reader.read_image_chw(rec)
-    raw = self.reader.read_label(rec)
-    if raw.shape != image.shape[1:]:
+    target = self.reader.read_target(rec)
+    if target.shape != image.shape[1:]:
         raise DataError(f"image is {image.shape[2]}x{image.shape[1]} but its label ({self.reader.label_source(rec)}) "
-                        f"is {raw.shape[1]}x{raw.shape[0]} (W x H): image and label must be the same size", rec.image_path)
-    target = raw_to_target(raw, self.reader.label_source(rec))
+                        f"is {target.shape[1]}x{target.shape[0]} (W x H): image and label must be the same size", rec.image_path)
     # a training loop can keep targets uint8 until they are on the device (a quarter of the bytes to copy and
     # collate); numpy's cast, not torch's .long(): torch parallelises it over threads, slower in loader workers
     target = torch.from_numpy(target if self.target_dtype == torch.uint8 else target.astype(np.int64))
