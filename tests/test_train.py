@@ -127,6 +127,21 @@ def test_resume_equals_uninterrupted_and_same_seed_same_numbers(data, tmp_path):
     assert _history_numbers(tmp_path / "d" / other_seed["run_id"])[0]["train_loss"] != _history_numbers(run_a)[0]["train_loss"]
 
 
+def test_jitter_on_the_device_repeats_and_resumes(data, tmp_path, monkeypatch):
+    """The CUDA path of the photometric jitter (applied to the batch on the device), exercised on the CPU."""
+    monkeypatch.setenv("SUN_SEG_JITTER_ON_DEVICE", "1")
+    whole = fit(tiny_params(data, tmp_path / "a"), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_params(data, tmp_path / "b"), callbacks=[InterruptAt(epoch=2, step=1)], progress=False)
+    resumed = fit(tiny_params(data, tmp_path / "b"), progress=False)
+    _assert_same_rows(_history_numbers(tmp_path / "a" / whole["run_id"]), _history_numbers(tmp_path / "b" / resumed["run_id"]))
+    monkeypatch.delenv("SUN_SEG_JITTER_ON_DEVICE")
+    in_loader = fit(tiny_params(data, tmp_path / "c"), progress=False)
+    assert in_loader["run_id"] == whole["run_id"]  # where the jitter runs is not part of the run's identity
+    assert _history_numbers(tmp_path / "c" / in_loader["run_id"])[0]["train_loss"] != \
+        _history_numbers(tmp_path / "a" / whole["run_id"])[0]["train_loss"]  # ... but it did run elsewhere
+
+
 def _batchnorm_free_model(config):
     """Per-pixel layers only: BatchNorm would see micro-batches of 2 instead of 4 and change the numbers itself."""
     from torch import nn

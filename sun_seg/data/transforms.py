@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from ..core import IGNORE_INDEX, ParameterError, check_bool, check_positive
 
 # %% auto #0
-__all__ = ['parse_size', 'SegmentationTransform', 'train_transform', 'eval_transform']
+__all__ = ['parse_size', 'SegmentationTransform', 'train_transform', 'eval_transform', 'BatchColourJitter']
 
 # %% ../../nbs/02_data.transforms.ipynb #4a3a93c7
 _SIZE_TEXT = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*$")
@@ -110,15 +110,23 @@ def _augment(self: SegmentationTransform, image, mask):
     lo, hi = self.scale_range
     scale = max(ch / h, cw / w) * (lo + (hi - lo) * torch.rand(()).item())
     sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
-    image = F.resize(image, [sh, sw], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    mask = F.resize(mask, [sh, sw])
-    if sh < ch or sw < cw:  # pad bottom/right; the random crop then moves the content around
+    if sh < ch or sw < cw:  # smaller than the crop: resize it all, pad bottom/right, then crop at random
+        image = F.resize(image, [sh, sw], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        mask = F.resize(mask, [sh, sw])
         padding = [0, 0, max(0, cw - sw), max(0, ch - sh)]
         image, mask = F.pad(image, padding, fill=0), F.pad(mask, padding, fill=IGNORE_INDEX)
         sh, sw = image.shape[-2:]
-    top = torch.randint(0, sh - ch + 1, ()).item()
-    left = torch.randint(0, sw - cw + 1, ()).item()
-    image, mask = F.crop(image, top, left, ch, cw), F.crop(mask, top, left, ch, cw)
+        top = torch.randint(0, sh - ch + 1, ()).item()
+        left = torch.randint(0, sw - cw + 1, ()).item()
+        image, mask = F.crop(image, top, left, ch, cw), F.crop(mask, top, left, ch, cw)
+    else:  # crop first, in source pixels, then resize only the window: the same picture at a fraction of the cost
+        top = torch.randint(0, sh - ch + 1, ()).item()
+        left = torch.randint(0, sw - cw + 1, ()).item()
+        y0, x0 = math.floor(top * h / sh), math.floor(left * w / sw)
+        y1, x1 = min(h, math.ceil((top + ch) * h / sh)), min(w, math.ceil((left + cw) * w / sw))
+        image = F.resize(F.crop(image, y0, x0, y1 - y0, x1 - x0), [ch, cw],
+                         interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        mask = F.resize(F.crop(mask, y0, x0, y1 - y0, x1 - x0), [ch, cw])
     if self.hflip and torch.rand(()).item() < 0.5:
         image, mask = F.horizontal_flip(image), F.horizontal_flip(mask)
     if self._colour is not None: image = self._colour(image)
@@ -149,3 +157,26 @@ def eval_transform(size: int | str | Sequence[int] | None = None, # resize to (H
                   ) -> SegmentationTransform:
     "The evaluation transform: a deterministic resize (image bilinear, antialiased; mask nearest), or identity."
     return SegmentationTransform(size, augment=False)
+
+# %% ../../nbs/02_data.transforms.ipynb #c98283ae
+class BatchColourJitter:
+    "Brightness, contrast, saturation (±`jitter`) and hue (±`jitter`/4) jitter of a uint8 batch (N, 3, H, W), on its device."
+    def __init__(self, jitter: float = 0.2, # the strength, as in `train_transform`
+                ):
+        self.jitter = float(check_positive("jitter", jitter, allow_zero=True))
+        if self.jitter > 1: raise ParameterError("jitter", f"got {jitter}; use 0..1 (0.2 = ±20% brightness)")
+
+    def __call__(self, images: torch.Tensor, # uint8 (N, 3, H, W) on any device
+                 generator: torch.Generator, # a CPU generator: the random factors, so seeds control them
+                ) -> torch.Tensor:
+        if not self.jitter: return images
+        n, j = len(images), self.jitter
+        factors = 1 - j + 2 * j * torch.rand(n, 3, generator=generator)
+        hues = (torch.rand(n, generator=generator) - 0.5) * (j / 2)
+        out = torch.empty_like(images)
+        for i in range(n):  # per-image factors: torchvision's ops take one factor per call
+            x = F.adjust_brightness(images[i], float(factors[i, 0]))
+            x = F.adjust_contrast(x, float(factors[i, 1]))
+            x = F.adjust_saturation(x, float(factors[i, 2]))
+            out[i] = F.adjust_hue(x, float(hues[i]))
+        return out

@@ -30,8 +30,8 @@ from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, HISTORY, LAST_STATE, METRICS,
 
 # %% auto #0
 __all__ = ['segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches', 'EvalBatches', 'EvalSamples', 'collate_pairs',
-           'evaluate', 'build_run_model', 'find_micro_batch_size', 'RunPlan', 'plan_run', 'EarlyStopping', 'Callback',
-           'Diverged', 'Trainer', 'fit', 'load_run_model', 'evaluate_run']
+           'jitter_on_device', 'evaluate', 'build_run_model', 'find_micro_batch_size', 'RunPlan', 'plan_run',
+           'EarlyStopping', 'Callback', 'Diverged', 'Trainer', 'fit', 'load_run_model', 'evaluate_run']
 
 # %% ../../nbs/30c_train.engine.ipynb #5095f59d
 def _loss_sum(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -156,6 +156,10 @@ def collate_pairs(batch: list[tuple[torch.Tensor, torch.Tensor]]):
 def _as_pair(batch) -> tuple[torch.Tensor, Any]:
     if isinstance(batch, dict): return batch["image"], batch["target"]
     return batch[0], batch[1]
+
+def jitter_on_device(device: torch.device) -> bool:
+    "Whether training applies the photometric jitter on the device (CUDA) rather than in the data loader."
+    return device.type == "cuda" or os.environ.get("SUN_SEG_JITTER_ON_DEVICE") == "1"
 
 def _prepare_images(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     "uint8 batch -> normalised float on `device` (normalised there: 4x less to copy than float32)."
@@ -401,14 +405,17 @@ class Trainer:
 # %% ../../nbs/30c_train.engine.ipynb #5bb8f2cb
 @patch
 def _setup_data(self: Trainer) -> None:
-    from sun_seg.data.transforms import eval_transform, parse_size, train_transform
+    from sun_seg.data.transforms import BatchColourJitter, eval_transform, parse_size, train_transform
     c, p = self.config, self.procs
     self.image_size = parse_size(c.image_size, "image_size")
     # targets stay uint8 through the loaders (a quarter of the bytes); they are widened once on the device
     self.fit_split = _open_split(self.plan, "fit", target_dtype=torch.uint8)
     self.val_split = _open_split(self.plan, "val", target_dtype=torch.uint8)
     if len(self.val_split) == 0: raise DataError("the validation split is empty", self.plan.data_root)
-    self.train_samples = TrainingSamples(self.fit_split, train_transform(self.image_size, augment=c.augment), c.seed)
+    # on a GPU the photometric jitter (hue above all) would starve the model in the loader: it runs on the device
+    self.device_jitter = BatchColourJitter() if c.augment and jitter_on_device(self.device) else None
+    loader_transform = train_transform(self.image_size, augment=c.augment, jitter=0 if self.device_jitter else 0.2)
+    self.train_samples = TrainingSamples(self.fit_split, loader_transform, c.seed)
     self.batches = EpochBatches(len(self.fit_split), c.batch_size, c.seed, p.rank, p.world, c.max_train_batches)
     workers = c.num_workers if c.num_workers >= 0 else _auto_workers(self.device, p.world)
     common = dict(num_workers=workers, pin_memory=self.device.type == "cuda", collate_fn=collate_pairs,
@@ -488,6 +495,9 @@ def train_epoch(self: Trainer, epoch: int) -> dict:
     bar = _progress_bar(self.train_loader, f"epoch {epoch}/{c.epochs}" if self.progress else False, total=len(self.batches))
     try:
         for images_u8, targets in bar:
+            if self.device_jitter is not None:  # seeded per step and process: resumes and reruns repeat it
+                generator = torch.Generator().manual_seed(derive_seed(c.seed, epoch, "jitter", steps, self.procs.rank))
+                images_u8 = self.device_jitter(images_u8.to(device, non_blocking=True), generator)
             x = _prepare_images(images_u8, device, c.channels_last)
             y = targets.to(device, non_blocking=True).long()
             denominator = _all_reduce(_loss_denominator(y, self.class_weights)).clamp(min=1.0)
