@@ -514,7 +514,9 @@ def _eval_batches(num_images: int, size: tuple[int, int], batch: int, device: to
         target[target == 36] = 35  # a class absent from the ground truth but predicted: IoU 0
         pred[pred == 34] = 33       # a class present but never predicted: IoU 0
         target[torch.rand(n, *size, generator=g) < 0.15] = IGNORE_INDEX
-        batches.append((pred.long().to(device), target.long().to(device)))
+        # predictions as argmax gives them (int64), label maps as they are stored and loaded (uint8): the same
+        # inputs for every implementation
+        batches.append((pred.long().to(device), target.to(device)))
     return batches
 
 # %% ../nbs/60_bench.ipynb #94a27a6b

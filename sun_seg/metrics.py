@@ -16,7 +16,7 @@ __all__ = ['confusion_matrix', 'iou_per_class', 'miou', 'pixel_accuracy', 'class
 
 # %% ../nbs/20_metrics.ipynb #0a6d32bd
 def _histogram(index: torch.Tensor, bins: int) -> torch.Tensor:
-    "Counts of each value in `index` (int64, all in 0..bins-1), without a host sync on accelerators."
+    "Counts of each value in `index` (int32/int64, all in 0..bins-1), without a host sync on accelerators."
     if index.device.type == "cpu":
         return torch.bincount(index, minlength=bins)
     # torch.bincount reads index.max() on the host to size its output; index_add_ into a fixed size does not
@@ -39,8 +39,17 @@ def confusion_matrix(pred: torch.Tensor, # predicted classes (N, H, W), or logit
     if target.dtype == torch.uint8 and num_classes <= 256:
         # fast path (what the engine's loaders give): one index pass and one histogram. A uint8 target is 0..255,
         # so every void or out-of-range label lands at index >= C*C and is cut off with the padding bins
-        index = target.reshape(-1).long() * num_classes
-        index += pred.reshape(-1).to(index.device).long().clamp_(0, num_classes - 1)
+        # int32 arithmetic is enough (256 * C < 2**31) and halves the memory traffic of int64
+        pred = pred.reshape(-1).to(device=target.device, dtype=torch.int32)
+        if pred.device.type == "cpu":  # on the CPU a range check costs no host sync: refuse bad class ids
+            if pred.numel():
+                low, high = torch.aminmax(pred)
+                if low < 0 or high >= num_classes:
+                    raise ValueError(f"predicted classes {int(low)}..{int(high)} are outside 0..{num_classes - 1}")
+        else:  # on a GPU a check would stall the stream: clamp instead
+            pred = pred.clamp_(0, num_classes - 1)
+        index = target.reshape(-1).to(torch.int32) * num_classes
+        index += pred
         return _histogram(index, 256 * num_classes)[: num_classes * num_classes].view(num_classes, num_classes)
     target = target.reshape(-1).long()
     pred = pred.reshape(-1).long().to(target.device)

@@ -126,3 +126,10 @@ def test_uint8_fast_path_equals_general_path(seed):
     assert torch.equal(general, fast)
     logits = torch.nn.functional.one_hot(pred, NUM_CLASSES).permute(0, 3, 1, 2).float()
     assert torch.equal(confusion_matrix(logits, target.to(torch.uint8)), general)
+
+
+def test_fast_path_refuses_predicted_classes_out_of_range():
+    target = torch.zeros(2, 4, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="outside 0..36"):
+        confusion_matrix(torch.full((2, 4, 4), 37), target)
+    assert confusion_matrix(torch.zeros(0, 4, 4, dtype=torch.int64), torch.zeros(0, 4, 4, dtype=torch.uint8)).sum() == 0
