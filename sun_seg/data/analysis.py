@@ -4,7 +4,7 @@
 
 # %% ../../nbs/04_data.analysis.ipynb #ebe6cfb4
 from __future__ import annotations
-import argparse, os
+import argparse, os, warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ import torch
 
 from ..core import (CLASS_NAMES, NUM_CLASSES, DataError, ParameterError, atomic_write_json, check_choice,
                           data_label, read_json, stable_hash, sun_seg_home)
+from .formats import write_error
 from .prepare import STAT_COLUMNS, image_statistics
 from .sunrgbd import SunRGBD
 
@@ -150,12 +151,26 @@ def weights_cache_path(dataset: SunRGBD) -> Path:
     key = _weights_key(dataset)
     return sun_seg_home() / "class_weights" / f"{key['fingerprint'][:16]}-{key['split']}-{stable_hash(key, 10)}.json"
 
+def _record_checksum(record: dict) -> str:
+    return stable_hash({k: v for k, v in record.items() if k != "checksum"}, 64)
+
 def _cached_classes(path: Path, key: dict) -> pd.DataFrame | None:
+    "The class statistics cached for `key`, or None when absent, damaged, edited or foreign (they are then recomputed)."
     if not path.is_file(): return None
-    try: record = read_json(path)
-    except DataError: return None  # a damaged cache is recomputed
-    if record.get("key") != key: return None
-    return pd.DataFrame(record["classes"]).set_index("class")
+    try:
+        record = read_json(path)
+        if not isinstance(record, dict) or record.get("key") != key or record.get("checksum") != _record_checksum(record):
+            return None
+        classes = pd.DataFrame(record["classes"]).set_index("class")
+    except (DataError, ValueError, KeyError, TypeError): return None  # not JSON, not text, not the expected table
+    return classes if list(classes.index) == list(CLASS_NAMES) else None
+
+def _cache_classes(path: Path, record: dict) -> None:
+    "Write the record with its checksum; a folder that cannot be written is only a warning (the weights are recomputed next time)."
+    record["checksum"] = _record_checksum(record)
+    try: atomic_write_json(path, record)
+    except OSError as e:
+        warnings.warn(f"class weights are not cached: {write_error(e, path.parent)}", stacklevel=3)
 
 # %% ../../nbs/04_data.analysis.ipynb #ff0463a0
 def class_weights(dataset: SunRGBD, # the training split (normally `fit`), without transform
@@ -174,8 +189,8 @@ def class_weights(dataset: SunRGBD, # the training split (normally `fit`), witho
         classes = class_statistics(image_statistics(dataset, progress=progress))
         if cache:
             weights = {m: weights_from_statistics(classes, m).tolist() for m in CLASS_WEIGHT_METHODS}
-            atomic_write_json(path, {"key": key, "kind": dataset.kind, "images": len(dataset), "weights": weights,
-                                     "classes": classes.reset_index().to_dict("list")})
+            _cache_classes(path, {"key": key, "kind": dataset.kind, "images": len(dataset), "weights": weights,
+                                  "classes": classes.reset_index().to_dict("list")})
     return torch.tensor(weights_from_statistics(classes, method), dtype=torch.float32)
 
 # %% ../../nbs/04_data.analysis.ipynb #351989a3
@@ -204,9 +219,15 @@ def _cli(args) -> int:
     _print_table(f"Classes over the {len(fit)} training (fit) images, most frequent first",
                  classes.sort_values("pixels", ascending=False).round(4))
     if args.figures:
-        out = Path(args.figures); out.mkdir(parents=True, exist_ok=True)
-        plot_void_share(stats, label).savefig(out / "F11_void_share.png", dpi=150)
-        plot_class_frequency(classes, label).savefig(out / "F-imb_class_frequency.png", dpi=150)
+        out = Path(args.figures)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            plot_void_share(stats, label).savefig(out / "F11_void_share.png", dpi=150)
+            plot_class_frequency(classes, label).savefig(out / "F-imb_class_frequency.png", dpi=150)
+        except OSError as e:
+            error = write_error(e, out)
+            if error is e: raise
+            raise error from None
         print(f"\nfigures: {out / 'F11_void_share.png'}, {out / 'F-imb_class_frequency.png'}")
     return 0
 

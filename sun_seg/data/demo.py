@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from ..core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, atomic_write_json, check_choice,
                           check_positive, read_json, stable_hash, sun_seg_home)
-from .formats import DEMO_MARKER, SENSOR_SIZES, release_image_path, write_preprocessed_release
+from .formats import (DEMO_MARKER, SENSOR_SIZES, format_bytes, free_bytes, release_image_path,
+                                  write_error, write_preprocessed_release)
 
 # %% auto #0
 __all__ = ['SCENE_TYPES', 'STYLES', 'GENERATOR_VERSION', 'DOMAINS', 'SUBSET_COUNTS', 'DEFAULT_N_TRAIN', 'DEFAULT_N_TEST',
@@ -1376,7 +1377,18 @@ def _marker(params: dict) -> dict:
 def demo_marker(root: str | os.PathLike) -> dict | None:
     "The demo marker of a data folder (generator, parameters, notice), or None when it is not demo data."
     path = Path(root) / DEMO_MARKER
-    return read_json(path) if path.is_file() else None
+    if not path.is_file(): return None
+    try: marker = read_json(path)
+    except UnicodeDecodeError: marker = None  # not text
+    if not isinstance(marker, dict):
+        raise DataError("is not a demo marker (sun_seg writes a JSON object here); delete the folder and generate the "
+                        "demo data again", path)
+    return marker
+
+def _approx_bytes(n_images: int, scale: float) -> int:
+    "About what `n_images` demo frames take on disk: one byte per pixel (a JPEG at quality 95 and a label PNG)."
+    pixels = np.mean([h * w for h, w in SENSOR_SIZES.values()]) * scale ** 2
+    return int(n_images * pixels)
 
 # %% ../../nbs/03_data.demo.ipynb #9f79d078
 def _rendered(specs: list, workers: int, bar) -> Iterator:
@@ -1426,18 +1438,26 @@ def make_demo_dataset(out: str | os.PathLike, # folder to create (or that holds 
         if not overwrite:
             raise DataError(f"holds a demo dataset with other parameters ({demo_marker(out).get('parameters')}): "
                             "pass overwrite=True (--overwrite) to replace it, or choose another folder", out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
+    need, free = _approx_bytes(n_train + n_test, scale), free_bytes(out)
+    if need > free:
+        raise DataError(f"not enough disk space for the demo data: it needs about {format_bytes(need)}, but only "
+                        f"{format_bytes(free)} are free there. Free some space or choose a folder on another disk", out)
     part = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(part, ignore_errors=True)
     test = _frame_specs("test", n_test, seed, domain, scale, 0)
     train = _frame_specs("train", n_train, seed, domain, scale, n_test)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(out)
+        shutil.rmtree(part, ignore_errors=True)
         with tqdm(total=n_train + n_test, desc=f"demo data ({domain})", unit="img", disable=not progress) as bar:
             # the writer takes the test frames first, then the train frames, one at a time
             write_preprocessed_release(part, _rendered(train, workers, bar), _rendered(test, workers, bar))
         atomic_write_json(part / DEMO_MARKER, _marker(params))
         _move_into_place(part, out, params)
+    except OSError as e:  # the disk filled up, or the folder cannot be written
+        error = write_error(e, out, need, partial=part)
+        if error is e: raise
+        raise error from None
     finally:
         shutil.rmtree(part, ignore_errors=True)
     return out

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..core import DataError, check_choice
 from .formats import (FRAMES_DIR, LABELS_DIR, TEST_IMAGES_DIR, TEST_LIST, TOOLBOX_DIR, TRAIN_IMAGES_DIR,
-                                  TRAIN_LIST, detect_form)
+                                  TRAIN_LIST, detect_form, write_error)
 from .prepare import prepare
 
 # %% auto #0
@@ -213,16 +213,21 @@ def download(dest: str | os.PathLike, # data folder to create or complete
     "Download SUN RGB-D in `form` into `dest` (resumable, verified, safely unpacked), optionally prepare it; returns `dest`."
     check_choice("form", form, tuple(ARCHIVES))
     dest = Path(dest).expanduser().absolute()
-    dest.mkdir(parents=True, exist_ok=True)
-    for a in (ARCHIVES[form] if archives is None else archives):
-        target = dest / "archives" / a.name if a.folder else dest / a.name
-        if a.folder and (dest / f".{a.name}.extracted").is_file() and not target.exists(): continue  # unpacked, archive removed
-        fetch(archive_url(a, base_url), target, size=a.size, sha256=a.sha256, md5=a.md5, retries=retries,
-              backoff=backoff, progress=progress)
-        if a.folder:
-            extract(target, dest, a.folder, progress=progress)
-            if not keep_archives:
-                target.unlink(); target.with_name(f".{a.name}.verified").unlink(missing_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for a in (ARCHIVES[form] if archives is None else archives):
+            target = dest / "archives" / a.name if a.folder else dest / a.name
+            if a.folder and (dest / f".{a.name}.extracted").is_file() and not target.exists(): continue  # unpacked, archive removed
+            fetch(archive_url(a, base_url), target, size=a.size, sha256=a.sha256, md5=a.md5, retries=retries,
+                  backoff=backoff, progress=progress)
+            if a.folder:
+                extract(target, dest, a.folder, progress=progress)
+                if not keep_archives:
+                    target.unlink(); target.with_name(f".{a.name}.verified").unlink(missing_ok=True)
+    except OSError as e:  # the disk filled up or the folder cannot be written (network errors pass through)
+        error = write_error(e, dest, keep="what was downloaded is kept: the same command continues from it")
+        if error is e: raise
+        raise error from None
     found = detect_form(dest)
     if found != form:
         raise DataError(f"after unpacking, the folder holds the {found} form, not the {form} form: its archives were "

@@ -4,22 +4,23 @@
 
 # %% ../../nbs/01_data.formats.ipynb #995b7317
 from __future__ import annotations
-import hashlib, json, os, re
+import errno, hashlib, json, os, re, shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from ..core import CLASS_NAMES, NUM_CLASSES, DataError, ParameterError, check_choice
+from ..core import CLASS_NAMES, NUM_CLASSES, DataError, ParameterError, check_choice, stable_hash
 
 # %% auto #0
 __all__ = ['FORMS', 'SENSORS', 'SUBSETS', 'SENSOR_SIZES', 'OFFICIAL_SPLIT_SIZES', 'FRAMES_DIR', 'TOOLBOX_DIR', 'SEG_MAT',
            'META_MAT', 'SPLIT_MAT', 'AUTHOR_PREFIX', 'TRAIN_IMAGES_DIR', 'TEST_IMAGES_DIR', 'LABELS_DIR', 'TRAIN_LIST',
            'TEST_LIST', 'IMAGE_NAME', 'LABEL_NAME', 'CACHE_INDEX', 'CACHE_IMAGES', 'CACHE_LABELS', 'CACHE_STATS',
-           'CACHE_SKIPPED', 'CACHE_FORMAT', 'CACHE_VERSION', 'DEMO_MARKER', 'FORM_REQUIREMENTS', 'frame_key',
-           'sensor_of', 'release_image_path', 'example_frame_path', 'official_files', 'preprocessed_files',
-           'detect_form', 'write_preprocessed_release', 'write_official_release']
+           'CACHE_SKIPPED', 'CACHE_FORMAT', 'CACHE_VERSION', 'DEMO_MARKER', 'FORM_REQUIREMENTS', 'cache_checksum',
+           'frame_key', 'sensor_of', 'release_image_path', 'example_frame_path', 'official_files', 'preprocessed_files',
+           'detect_form', 'format_bytes', 'free_bytes', 'write_error', 'write_preprocessed_release',
+           'write_official_release']
 
 # %% ../../nbs/01_data.formats.ipynb #41f3da81
 FORMS: tuple[str, ...] = ("official", "preprocessed", "cache")
@@ -55,9 +56,14 @@ CACHE_LABELS = "labels.u8"
 CACHE_STATS = "stats.csv"
 CACHE_SKIPPED = "skipped.csv"
 CACHE_FORMAT = "sun_seg-cache"
-CACHE_VERSION = 2  # 2: labels.u8 holds training targets (0..36, void 255), ready to use without a conversion
+CACHE_VERSION = 3  # 3: the index carries its own checksum and a content probe; 2: labels.u8 holds training targets
 
 DEMO_MARKER = "sun_seg_demo.json"  # written by the demo generator at the root of demo data
+
+# %% ../../nbs/01_data.formats.ipynb #90cd8d69
+def cache_checksum(index: dict) -> str:
+    "SHA-256 of a cache index's canonical JSON, leaving out its `checksum` field."
+    return stable_hash({k: v for k, v in index.items() if k != "checksum"}, 64)
 
 # %% ../../nbs/01_data.formats.ipynb #1d2e40d0
 def frame_key(path: str) -> str:
@@ -154,16 +160,22 @@ def detect_form(root: str | os.PathLike) -> str:
     "The form of the SUN RGB-D copy in `root`: 'official', 'preprocessed' or 'cache'; a `DataError` says what is missing."
     root = Path(root).expanduser()
     if not root.exists():
+        if os.path.islink(root):
+            raise DataError(f"is a symbolic link that leads nowhere (to {os.readlink(root)!r}: missing, or links pointing "
+                            "to each other in a loop). Point to the real data folder", root)
         raise DataError("this data folder does not exist. Point to a folder holding SUN RGB-D "
                         "(`sun-seg download DEST` fetches it; `sun-seg demo-data` makes a small synthetic stand-in)", root)
     if not root.is_dir():
         raise DataError("is a file, not a data folder", root)
     form = _form_of(root)
     if form: return form
-    entries = sorted(p.name for p in root.iterdir())
+    try: entries = sorted(p.name for p in root.iterdir())
+    except OSError as e:
+        raise DataError(f"cannot be listed ({e.strerror}): check the folder's permissions", root) from None
     needs = "; ".join(f"{f}: {r}" for f, r in FORM_REQUIREMENTS.items())
     if not entries:
-        raise DataError(f"the data folder is empty. Each form needs - {needs}", root)
+        raise DataError(f"the data folder is empty. Each form needs - {needs}. (`sun-seg download DEST` fetches SUN "
+                        "RGB-D; `sun-seg demo-data` makes a small synthetic stand-in)", root)
     hints = []
     off, pre = _official_missing(root), _preprocessed_missing(root)
     if len(off) < 4: hints.append(f"it looks like the official release but lacks {', '.join(off)}")
@@ -174,6 +186,47 @@ def detect_form(root: str | os.PathLike) -> str:
     raise DataError(f"no SUN RGB-D form recognised (found: {found}). "
                     + (" ".join(h[0].upper() + h[1:] + "." for h in hints) + " " if hints else "")
                     + f"Each form needs - {needs}", root)
+
+# %% ../../nbs/01_data.formats.ipynb #4dece30b
+def format_bytes(n: float) -> str:
+    "A byte count for people: '512 B', '3.4 MB', '12.0 GB'."
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB": return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    "Bytes free for this user on the file system of `folder` (or of its nearest existing parent)."
+    p = Path(folder).absolute()
+    while not p.is_dir() and p != p.parent: p = p.parent
+    return shutil.disk_usage(p).free
+
+# %% ../../nbs/01_data.formats.ipynb #f63c946a
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST)
+
+def write_error(e: OSError, # the error of a write, mkdir or rename
+                where: str | os.PathLike, # the folder being written (named when the error names no file)
+                need: int | None = None, # bytes the whole write still needs, when known
+                keep: str = "", # what is kept for a later run (e.g. 'finished samples are kept in ...')
+                partial: str | os.PathLike | None = None, # a hidden work folder: errors inside it name `where` instead
+               ) -> Exception:
+    "A `DataError` explaining why the OS refused a write (no space, file size limit, read-only, no permission); else `e`."
+    path = Path(e.filename) if getattr(e, "filename", None) else Path(where)
+    if partial is not None and (path == Path(partial) or Path(partial) in path.parents): path = Path(where)
+    keep = f" ({keep})" if keep else ""
+    if e.errno in _NO_SPACE:
+        needs = f"it needs {format_bytes(need)} in all, " if need is not None else ""
+        return DataError(f"the disk is full ({e.strerror}): {needs}{format_bytes(free_bytes(where))} are free there now. "
+                         f"Free some space or choose a folder on another disk{keep}", path)
+    if e.errno == errno.EFBIG:
+        needs = f" (it needs {format_bytes(need)})" if need is not None else ""
+        return DataError(f"this process may not write a file this large{needs}: the file size limit (`ulimit -f`) is too "
+                         f"low. Raise it (`ulimit -f unlimited`) and run again{keep}", path)
+    if e.errno in _NOT_WRITABLE:
+        why = {errno.EROFS: "it is on a read-only file system", errno.ENOTDIR: "a part of the path is a file, not a folder",
+               errno.EEXIST: "a file of that name is in the way"}.get(e.errno, f"permission denied ({e.strerror})")
+        return DataError(f"cannot be written: {why}. Choose an output folder you can write to{keep}", path)
+    return e
 
 # %% ../../nbs/01_data.formats.ipynb #316f2cdb
 def _check_frame(image, label, frame_path, i: int, split: str, validate: bool):

@@ -17,8 +17,9 @@ import sun_seg
 from ..core import (CLASS_NAMES, NUM_CLASSES, DataError, ParameterError, atomic_write_json, atomic_write_text,
                           raw_to_target, read_json)
 from .formats import (CACHE_FORMAT, CACHE_IMAGES, CACHE_INDEX, CACHE_LABELS, CACHE_SKIPPED, CACHE_STATS,
-                                  CACHE_VERSION)
-from .sunrgbd import SampleRecord, SunRGBD, SunRGBDReader, open_reader
+                                  CACHE_VERSION, cache_checksum, format_bytes, free_bytes, write_error)
+from .sunrgbd import (CacheReader, SampleRecord, SunRGBD, SunRGBDReader, _probe_positions, cache_probe,
+                                  open_reader)
 
 # %% auto #0
 __all__ = ['STAT_COLUMNS', 'parse_size', 'resize_pair', 'prepare_sample', 'stats_row', 'image_statistics', 'prepare', 'add_cli']
@@ -56,7 +57,8 @@ def prepare_sample(reader: SunRGBDReader, rec: SampleRecord, size: tuple[int, in
     if problems: return {"problem": "; ".join(problems)}
     if label.shape != image.shape[:2]:
         return {"problem": f"{rec.image_path}: image is {image.shape[1]}x{image.shape[0]} but its label "
-                           f"({reader.label_source(rec)}) is {label.shape[1]}x{label.shape[0]} (W x H)"}
+                           f"({reader.label_source(rec)}) is {label.shape[1]}x{label.shape[0]} (W x H): the label belongs "
+                           "to another image or was resized; restore both from the release"}
     orig = image.shape[:2]
     if size is not None: image, label = resize_pair(image, label, size)
     chw = np.ascontiguousarray(image.transpose(2, 0, 1))
@@ -103,24 +105,66 @@ def image_statistics(dataset: SunRGBD, # any SunRGBD dataset (any form and split
 # %% ../../nbs/01b_data.prepare.ipynb #f8507986
 def _partial_dir(out: Path) -> Path: return out.parent / f".{out.name}.partial"
 
-def _check_out(out: Path, src: Path, params: dict, overwrite: bool) -> str:
-    "'new', 'done' (an identical cache is there) or 'replace'; refuses unrelated or conflicting folders."
+def _check_out(out: Path, src: Path, params: dict, overwrite: bool, verify: bool = False, progress: bool = False) -> str:
+    "'new', 'done' (this cache is there, intact) or 'replace'; refuses unrelated, damaged or conflicting folders."
     if out.resolve() == src.resolve():
         raise ParameterError("out", f"{out} is the source folder: write the cache to another folder")
     if out.exists() and not out.is_dir(): raise DataError("exists and is a file, not a folder: choose another output folder", out)
     if not out.exists() or not any(out.iterdir()): return "new"
     if not (out / CACHE_INDEX).is_file():
         raise DataError("is not empty and is not a sun_seg cache: refusing to write into it. Choose a new or empty folder", out)
-    try: index = read_json(out / CACHE_INDEX)
-    except DataError: index = {}
-    same = (index.get("version") == CACHE_VERSION and index.get("source", {}).get("fingerprint") == params["source_fingerprint"]
-            and index.get("size") == params["size"])
-    if same: return "done"
+    try: index = json.loads((out / CACHE_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError): index = None  # not text, not JSON
+    if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
+        if overwrite: return "replace"
+        raise DataError(f"holds a damaged or foreign {CACHE_INDEX}: pass overwrite=True (--overwrite) to replace it with "
+                        "the new cache once that is complete, or choose another folder", out)
+    source = index.get("source") if isinstance(index.get("source"), dict) else {}
+    same_data = source.get("fingerprint") == params["source_fingerprint"] and index.get("size") == params["size"]
+    if same_data and index.get("version") != CACHE_VERSION: return "replace"  # an older sun_seg's cache of this data
+    if same_data:
+        try:
+            reader = CacheReader(out)
+            if verify: reader.verify(progress)
+        except DataError as e:
+            if overwrite: return "replace"
+            raise DataError(f"holds this cache but it is damaged ({e}). Pass overwrite=True (--overwrite) to prepare it "
+                            "again", out) from None
+        return "done"
     if not overwrite:
-        raise DataError(f"already holds a cache of other data or another size (source {index.get('source', {}).get('root')}, "
+        raise DataError(f"already holds a cache of other data or another size (source {source.get('root')}, "
                         f"size {index.get('size')}): pass overwrite=True (--overwrite) to replace it once the new one is "
                         "complete, or choose another folder", out)
     return "replace"
+
+# %% ../../nbs/01b_data.prepare.ipynb #6f8062b0
+_BYTES_PER_SAMPLE = 2048  # a sample's journal line, index entry and statistics row, generously
+
+def _bytes_needed(reader: SunRGBDReader, todo: list[int], size) -> tuple[int, int]:
+    "Bytes the cache still needs for the samples `todo` (4 per pixel plus the records) and those of `images.u8` alone."
+    if size is not None: pixels = size[0] * size[1] * len(todo)
+    else: pixels = sum(h * w for h, w in filter(None, (reader.image_size(reader.records[p]) for p in todo)))
+    return 4 * pixels + _BYTES_PER_SAMPLE * len(todo), 3 * pixels
+
+def _file_size_limit() -> int | None:
+    "The largest file this process may write (`ulimit -f`), or None when unlimited."
+    try: import resource
+    except ImportError: return None  # not on this platform
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
+
+def _check_room(out: Path, part: Path, need: int, images_end: int) -> None:
+    "Refuse to start when the disk or the file size limit cannot take what is left to write."
+    free = free_bytes(part)
+    if need > free:
+        raise DataError(f"not enough disk space for the cache: it needs {format_bytes(need)} more, but only "
+                        f"{format_bytes(free)} are free there. Free some space, or choose a folder on another disk "
+                        "(or a smaller --size)", out)
+    limit = _file_size_limit()
+    if limit is not None and images_end > limit:
+        raise DataError(f"{CACHE_IMAGES} will take {format_bytes(images_end)}, but this process may not write files larger "
+                        f"than {format_bytes(limit)} (the file size limit, `ulimit -f`). Raise it (`ulimit -f unlimited`) "
+                        "and run again", out)
 
 # %% ../../nbs/01b_data.prepare.ipynb #6dd7f23e
 def _read_journal(part: Path, params: dict) -> tuple[dict[int, dict], int, int]:
@@ -172,9 +216,13 @@ def _results(reader, todo: list[int], size, workers: int):
             for f in pending: f.cancel()
 
 # %% ../../nbs/01b_data.prepare.ipynb #fbbc10d8
+_REPORT_LINES = 50  # a whole missing folder would otherwise list thousands of samples
+
 def _bad_report(bad: list[tuple[SampleRecord, str]], total: int) -> str:
-    lines = "\n".join(f"  - [{r.split} #{r.index + 1} {r.id}] {p}" for r, p in bad)
-    return f"{len(bad)} of {total} samples are bad:\n{lines}"
+    lines = [f"  - [{r.split} #{r.index + 1} {r.id}] {p}" for r, p in bad[:_REPORT_LINES]]
+    if len(bad) > _REPORT_LINES:
+        lines.append(f"  ... and {len(bad) - _REPORT_LINES} more (--skip-bad lists every one in {CACHE_SKIPPED})")
+    return f"{len(bad)} of {total} samples are bad:\n" + "\n".join(lines)
 
 def _finish(part: Path, reader: SunRGBDReader, params: dict, done: dict[int, dict], bad, skip_bad: bool) -> None:
     "Write the index, stats.csv and skipped.csv into the partial folder."
@@ -200,6 +248,11 @@ def _finish(part: Path, reader: SunRGBDReader, params: dict, done: dict[int, dic
              "splits": {"train": splits["train"], "test": splits["test"]}, "skipped": len(bad),
              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "sun_seg_version": sun_seg.__version__, "samples": samples}
+    maps = [np.memmap(part / name, np.uint8, "r") if index[key] else np.zeros(0, np.uint8)
+            for name, key in ((CACHE_IMAGES, "images_bytes"), (CACHE_LABELS, "labels_bytes"))]
+    index["probe"] = cache_probe(*maps, samples, _probe_positions(len(samples)))
+    del maps
+    index["checksum"] = cache_checksum(index)
     atomic_write_json(part / CACHE_INDEX, index)
 
 # %% ../../nbs/01b_data.prepare.ipynb #7ff4b7ed
@@ -223,6 +276,7 @@ def prepare(src: str | os.PathLike, # SUN RGB-D in any form (official, preproces
             skip_bad: bool = False, # leave bad samples out (listed in skipped.csv) instead of failing
             workers: int | None = None, # decoding processes (None: one per CPU core, at most 8; 0: in this process)
             overwrite: bool = False, # replace a cache of other data/size in `out` (only once the new one is complete)
+            verify: bool = False, # then check every sample of the cache against its recorded hash (a full read)
             progress: bool = True, # show a progress bar
            ) -> Path:
     "Decode, check and store every sample of `src` in a memory-mapped cache at `out`; returns `out`."
@@ -233,38 +287,55 @@ def prepare(src: str | os.PathLike, # SUN RGB-D in any form (official, preproces
     reader = open_reader(src)
     out = Path(out).expanduser().absolute()
     params = {"version": CACHE_VERSION, "source_fingerprint": reader.fingerprint(), "size": list(size) if size else None}
-    state = _check_out(out, reader.root, params, overwrite)
+    state = _check_out(out, reader.root, params, overwrite, verify, progress)
     if state == "done":
         if progress: print(f"{out} already holds this cache: nothing to do")
         return out
     part = _partial_dir(out)
     done, img_end, lab_end = _read_journal(part, params)
-    if not done: shutil.rmtree(part, ignore_errors=True)
-    part.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(part / "params.json", json.dumps(params))
-    for name, end in ((CACHE_IMAGES, img_end), (CACHE_LABELS, lab_end)):
-        with open(part / name, "ab") as f: f.truncate(end)
     todo = [p for p in range(len(reader.records)) if p not in done]
+    need, images_need = _bytes_needed(reader, todo, size)
+    _check_room(out, part, need, img_end + images_need)
     bad = []
-    with open(part / CACHE_IMAGES, "ab") as fi, open(part / CACHE_LABELS, "ab") as fl, \
-         open(part / "journal.jsonl", "a") as fj, \
-         tqdm(total=len(reader.records), initial=len(done), desc="prepare", unit="img", disable=not progress) as bar:
-        for pos, r in _results(reader, todo, size, workers):
-            rec = reader.records[pos]
-            if "problem" in r:
-                bad.append((pos, rec, r["problem"]))
-                fj.write(json.dumps({"pos": pos, "problem": r["problem"]}) + "\n")
-            else:
-                entry = {"pos": pos, "image_offset": fi.tell(), "label_offset": fl.tell(),
-                         **{k: r[k] for k in ("orig_size", "shape", "sha256", "counts")}}
-                fi.write(r["image"].tobytes()); fl.write(r["label"].tobytes())
-                fi.flush(); fl.flush()
-                fj.write(json.dumps(entry) + "\n")
-                done[pos] = entry
-            fj.flush()
-            bar.update(1)
-        for f in (fi, fl): os.fsync(f.fileno())
-    bad = [(rec, problem) for _, rec, problem in sorted(bad, key=lambda b: b[0])]
+    try:
+        if not done: shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(part / "params.json", json.dumps(params))
+        for name, end in ((CACHE_IMAGES, img_end), (CACHE_LABELS, lab_end)):
+            with open(part / name, "ab") as f: f.truncate(end)
+        with open(part / CACHE_IMAGES, "ab") as fi, open(part / CACHE_LABELS, "ab") as fl, \
+             open(part / "journal.jsonl", "a") as fj, \
+             tqdm(total=len(reader.records), initial=len(done), desc="prepare", unit="img", disable=not progress) as bar:
+            for pos, r in _results(reader, todo, size, workers):
+                rec = reader.records[pos]
+                if "problem" in r:
+                    bad.append((pos, rec, r["problem"]))
+                    fj.write(json.dumps({"pos": pos, "problem": r["problem"]}) + "\n")
+                else:
+                    entry = {"pos": pos, "image_offset": fi.tell(), "label_offset": fl.tell(),
+                             **{k: r[k] for k in ("orig_size", "shape", "sha256", "counts")}}
+                    fi.write(r["image"].tobytes()); fl.write(r["label"].tobytes())
+                    fi.flush(); fl.flush()
+                    fj.write(json.dumps(entry) + "\n")
+                    done[pos] = entry
+                fj.flush()
+                bar.update(1)
+            for f in (fi, fl): os.fsync(f.fileno())
+        bad = [(rec, problem) for _, rec, problem in sorted(bad, key=lambda b: b[0])]
+        _finish_or_refuse(part, out, reader, params, done, bad, skip_bad, state)
+    except OSError as e:  # the disk filled up, or the folder cannot be written: say so, keep what is finished
+        kept = (f"the samples finished so far are kept in {part}: the same command continues from them"
+                if (part / "journal.jsonl").is_file() else "")
+        error = write_error(e, out, need, keep=kept, partial=part)
+        if error is e: raise
+        raise error from None
+    if verify: CacheReader(out).verify(progress)
+    if progress and bad: print(f"skipped {len(bad)} bad samples (listed in {out / CACHE_SKIPPED})")
+    return out
+
+def _finish_or_refuse(part: Path, out: Path, reader: SunRGBDReader, params: dict, done: dict, bad: list,
+                      skip_bad: bool, state: str) -> None:
+    "Refuse when samples are bad (unless `skip_bad`) or a split has none left; else write the index and move the cache into place."
     if bad and not skip_bad:
         raise DataError(_bad_report(bad, len(reader.records)) + "\nFix or re-extract these files and run prepare again "
                         "(finished samples are kept and not redone), or pass skip_bad=True (--skip-bad) to leave them out "
@@ -277,12 +348,11 @@ def prepare(src: str | os.PathLike, # SUN RGB-D in any form (official, preproces
                             + _bad_report(bad, len(reader.records)), out)
     _finish(part, reader, params, done, bad, skip_bad)
     _move_into_place(part, out, state)
-    if progress and bad: print(f"skipped {len(bad)} bad samples (listed in {out / CACHE_SKIPPED})")
-    return out
 
 # %% ../../nbs/01b_data.prepare.ipynb #e44e0801
 def _cli(args) -> int:
-    out = prepare(args.src, args.out, args.size, skip_bad=args.skip_bad, workers=args.workers, overwrite=args.overwrite)
+    out = prepare(args.src, args.out, args.size, skip_bad=args.skip_bad, workers=args.workers, overwrite=args.overwrite,
+                  verify=args.verify)
     index = read_json(out / CACHE_INDEX)
     print(f"cache ready: {out} ({index['splits']['train']} train, {index['splits']['test']} test, "
           f"{index['skipped']} skipped; fingerprint {index['fingerprint'][:12]})")
@@ -301,4 +371,5 @@ def add_cli(subparsers) -> None:
     p.add_argument("--skip-bad", action="store_true", help="leave bad samples out (listed in skipped.csv) instead of failing")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache of other data or size in OUT")
+    p.add_argument("--verify", action="store_true", help="then check every sample of the cache against its recorded hash")
     p.set_defaults(func=_cli)

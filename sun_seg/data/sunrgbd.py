@@ -4,7 +4,7 @@
 
 # %% ../../nbs/01a_data.sunrgbd.ipynb #4939f839
 from __future__ import annotations
-import hashlib, math, os, re
+import errno, hashlib, json, math, os, re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +16,16 @@ from fastcore.basics import patch
 from PIL import Image
 
 from ..core import (NUM_CLASSES, CLASS_NAMES, DATA_ENV, DataError, ParameterError, check_choice,
-                          raw_to_target, read_json, target_to_raw)
+                          raw_to_target, target_to_raw)
 from .formats import (
     FORMS, CACHE_FORMAT, CACHE_VERSION, CACHE_INDEX, CACHE_IMAGES, CACHE_LABELS, DEMO_MARKER, IMAGE_NAME, LABEL_NAME,
-    LABELS_DIR, TEST_IMAGES_DIR, TEST_LIST, TRAIN_IMAGES_DIR, detect_form, frame_key, official_files,
+    LABELS_DIR, TEST_IMAGES_DIR, TEST_LIST, TRAIN_IMAGES_DIR, cache_checksum, detect_form, frame_key, official_files,
     preprocessed_files, sensor_of)
 
 # %% auto #0
 __all__ = ['SPLITS', 'VAL_METHODS', 'SampleRecord', 'read_image_file', 'as_raw_label', 'read_label_file', 'SunRGBDReader',
-           'PreprocessedReader', 'OfficialReader', 'CacheReader', 'resolve_data_root', 'open_reader', 'seeded_val_ids',
-           'split_records', 'SunRGBD', 'collate']
+           'PreprocessedReader', 'OfficialReader', 'read_cache_index', 'cache_probe', 'CacheReader',
+           'resolve_data_root', 'open_reader', 'seeded_val_ids', 'split_records', 'SunRGBD', 'collate']
 
 # %% ../../nbs/01a_data.sunrgbd.ipynb #ebb52b90
 @dataclass(frozen=True)
@@ -41,15 +41,55 @@ class SampleRecord:
     source_size: tuple | None = None # (H, W) in the source release, when known without decoding
 
 # %% ../../nbs/01a_data.sunrgbd.ipynb #8b94df0a
+def _unreadable(e: OSError, what: str, path) -> DataError | None:
+    "A `DataError` for a file that cannot be opened at all (missing, a broken link or a link loop, no permission)."
+    if isinstance(e, FileNotFoundError):
+        if os.path.islink(path):
+            return DataError(f"{what} file is missing: it is a symbolic link to {os.readlink(path)!r}, which does not exist. "
+                             "Restore that file or replace the link with the file", path)
+        return DataError(f"{what} file is missing. Restore it (re-extract it from the release's archive)", path)
+    if e.errno == errno.ELOOP:
+        return DataError(f"{what} file is a symbolic link loop (links that lead back to themselves). Replace it with the "
+                         "real file", path)
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return DataError(f"{what} file cannot be read ({e.strerror}). Fix its permissions", path)
+    if isinstance(e, IsADirectoryError):
+        return DataError(f"is a folder where the {what} file should be. Put the file there", path)
+    return None
+
+_SINGLE_CHANNEL_DEEP = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16-bit, 32-bit and float single-channel modes
+
+def _opaque_rgb(im: Image.Image, path) -> np.ndarray:
+    rgba = im.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"))
+    if alpha.size and alpha.min() < 255:
+        raise DataError(f"image has transparent pixels ({(alpha < 255).mean():.1%}; mode {im.mode}), whose colour is "
+                        "undefined. Use the release's RGB file (image/*.jpg), or flatten it onto a background first", path)
+    return np.array(rgba.convert("RGB"))
+
+def _as_rgb(im: Image.Image, path) -> np.ndarray:
+    "The decoded image as (H, W, 3) uint8 under the policy above; a `DataError` for what is not a colour photograph."
+    if im.mode == "RGB": return np.array(im)
+    if im.mode in _SINGLE_CHANNEL_DEEP:
+        raise DataError(f"image is a single-channel {'16-bit' if im.mode.startswith('I;16') else im.mode} image, not an "
+                        "8-bit colour photograph: most likely a depth map (the release's depth/ and depth_bfx/ PNGs are "
+                        "16-bit). Put the RGB image (the frame's image/*.jpg) here", path)
+    if im.mode == "1":
+        raise DataError("image is a 1-bit black-and-white image, not a colour photograph. Put the RGB image here", path)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        return _opaque_rgb(im, path)
+    if im.mode in ("L", "P", "CMYK", "YCbCr"): return np.array(im.convert("RGB"))
+    raise DataError(f"image has the unsupported mode {im.mode}; expected an RGB (or greyscale) image. "
+                    "Put the RGB image (the frame's image/*.jpg) here", path)
+
 def read_image_file(path: str | os.PathLike) -> np.ndarray:
-    "Decode an RGB image file to `(H, W, 3)` uint8, naming the file when it is missing or corrupt."
+    "Decode an image file to `(H, W, 3)` uint8 RGB, naming the file (and what to do) when it is missing, corrupt or no photograph."
     try:
         with Image.open(path) as im:
             im.load()
-            return np.array(im if im.mode == "RGB" else im.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError("image file is missing", path) from None
+            return _as_rgb(im, path)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, OSError) and (problem := _unreadable(e, "image", path)): raise problem from None
         raise DataError(f"corrupt or truncated image ({e}); re-extract it from its archive", path) from None
 
 def as_raw_label(label: np.ndarray, source: Any = None) -> np.ndarray:
@@ -64,24 +104,29 @@ def as_raw_label(label: np.ndarray, source: Any = None) -> np.ndarray:
         lo, hi = label.min(), label.max()
         if not (0 <= lo and hi <= NUM_CLASSES):
             bad = np.unique(label[(label < 0) | (label > NUM_CLASSES)])[:5].tolist()
-            raise DataError(f"label values {bad} are out of range: SUN RGB-D 37-class labels are 0 (void) .. {NUM_CLASSES}", source)
+            ignore = " (255 marks 'ignore' in other datasets; SUN RGB-D marks unlabeled pixels 0)" if 255 in bad else ""
+            raise DataError(f"label values {bad} are out of range: SUN RGB-D 37-class labels are 0 (void) .. {NUM_CLASSES}"
+                            f"{ignore}. This is not a 37-class label map: use the 37-class labels (the preprocessed "
+                            "release's sunrgbd_train_test_labels/ or the toolbox's SUNRGBD2Dseg.mat)", source)
         if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
             raise DataError("label map holds fractional values; expected whole numbers 0..37", source)
     return label.astype(np.uint8, copy=False)
 
+_LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")  # single-channel class indices (P: the indices)
+
 def read_label_file(path: str | os.PathLike) -> np.ndarray:
-    "Decode a label PNG (8-bit greyscale, values 0..37) to `(H, W)` uint8, naming the file when it is wrong."
+    "Decode a label PNG (single-channel class indices 0..37; a palette PNG's indices) to `(H, W)` uint8, naming the file when it is wrong."
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-                raise DataError(f"label is RGB-encoded or not a class-index map (PNG mode {im.mode}); SUN RGB-D "
-                                "37-class labels are 8-bit greyscale PNGs with values 0..37", path)
+            if im.mode not in _LABEL_MODES:
+                raise DataError(f"label is RGB-encoded or not a class-index map (PNG mode {im.mode}); SUN RGB-D 37-class "
+                                "labels are single-channel PNGs of class indices 0..37 (8-bit greyscale in the release). "
+                                "Use the release's label file; a colourised label must be mapped back to class indices", path)
             label = np.array(im)
-    except FileNotFoundError:
-        raise DataError("label file is missing", path) from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"corrupt or truncated label file ({e})", path) from None
+        if isinstance(e, OSError) and (problem := _unreadable(e, "label", path)): raise problem from None
+        raise DataError(f"corrupt or truncated label file ({e}); re-extract it from its archive", path) from None
     return as_raw_label(label, path)
 
 # %% ../../nbs/01a_data.sunrgbd.ipynb #2bf731a4
@@ -107,6 +152,11 @@ class SunRGBDReader:
     def read_image_chw(self, rec: SampleRecord) -> np.ndarray:
         "The image as a contiguous `(3, H, W)` uint8 array."
         return np.ascontiguousarray(self.read_image(rec).transpose(2, 0, 1))
+    def image_size(self, rec: SampleRecord) -> tuple[int, int] | None:
+        "The image's (H, W) from its file header, without decoding it; None when the file cannot be read."
+        try:
+            with Image.open(rec.image_path) as im: return im.size[::-1]
+        except (OSError, SyntaxError, ValueError): return None
     def fingerprint(self) -> str:
         "A stable identifier of this copy of the data (computed once, on first use)."
         if self._fingerprint is None: self._fingerprint = self._compute_fingerprint()
@@ -177,6 +227,13 @@ class PreprocessedReader(SunRGBDReader):
                 n[split] = len(lists[split])
         self.n_test = n["test"]  # the label offset of train images (5,050 in the release)
         n_labels = _numbers(files["labels"], "png")
+        if not n["train"] and not n["test"]:
+            raise DataError(f"{TRAIN_IMAGES_DIR}/ and {TEST_IMAGES_DIR}/ hold no images (img-NNNNNN.jpg): the archives "
+                            "were not extracted here, or not completely. Extract SUNRGBD-train_images.tgz and "
+                            "SUNRGBD-test_images.tgz into this folder", self.root)
+        if not n_labels:
+            raise DataError(f"holds no label files (img-NNNNNN.png): extract sunrgbd_train_test_labels.tar.gz "
+                            "into the data folder", files["labels"])
         if lists["test"] is None and n_labels > n["test"] + n["train"]:
             # without the test list, missing *last* test images would silently shift every train label
             raise DataError(f"labels go up to {LABEL_NAME.format(n_labels)} but there are only {n['test']} test + "
@@ -286,12 +343,19 @@ def _open_seg(path: Path):
     import h5py
     if not h5py.is_hdf5(path):
         raise DataError("is not a MATLAB v7.3 (HDF5) file; SUNRGBD2Dseg.mat from SUNRGBDtoolbox.zip is: re-extract it", path)
-    f = h5py.File(path, "r")
+    try: f = h5py.File(path, "r")
+    except OSError as e:  # a cut download or extraction: the HDF5 superblock names more bytes than the file has
+        raise DataError(f"cannot be opened as HDF5 ({e}): the file is truncated or damaged. Re-extract "
+                        "SUNRGBDtoolbox.zip", path) from None
     try:
         refs = f["SUNRGBD2Dseg"]["seglabel"][()]
     except KeyError:
         f.close()
         raise DataError("has no SUNRGBD2Dseg/seglabel: not the toolbox's Metadata/SUNRGBD2Dseg.mat", path) from None
+    except (OSError, RuntimeError, ValueError) as e:
+        f.close()
+        raise DataError(f"its list of labels (SUNRGBD2Dseg/seglabel) cannot be read ({e}): the file is damaged. "
+                        "Re-extract SUNRGBDtoolbox.zip", path) from None
     return f, refs.ravel()  # (N, 1) in the release
 
 def _seg37_names(f) -> list[str] | None:
@@ -371,37 +435,113 @@ class OfficialReader(SunRGBDReader):
                            "split": _sha256_file(self.files["split"])})
 
 # %% ../../nbs/01a_data.sunrgbd.ipynb #cb19849d
+_PREPARE_AGAIN = "prepare the cache again from its source (`sun-seg prepare SRC OUT --overwrite`)"
+
+def read_cache_index(path: str | os.PathLike) -> dict:
+    "The index of a prepared cache, refusing a file that is not one `prepare` wrote or that was changed since."
+    path = Path(path)
+    try: text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"is not a sun_seg cache index: it is not text (another program's file in its place?); "
+                        f"{_PREPARE_AGAIN}", path) from None
+    try: index = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"is not valid JSON ({e}): the index is truncated or damaged; {_PREPARE_AGAIN}", path) from None
+    if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
+        raise DataError(f'is not a sun_seg cache index (no "format": "{CACHE_FORMAT}"): another program\'s file is in '
+                        f"its place; {_PREPARE_AGAIN}", path)
+    if index.get("version") != CACHE_VERSION:
+        raise DataError(f"is not a sun_seg cache of version {CACHE_VERSION} (format {index.get('format')!r}, "
+                        f"version {index.get('version')!r}); prepare it again with `sun-seg prepare`", path)
+    if index.get("checksum") != cache_checksum(index):
+        raise DataError("was changed after `sun-seg prepare` wrote it (its checksum does not match its content); a cache "
+                        f"is never edited by hand: {_PREPARE_AGAIN}", path)
+    if index.get("class_names") != list(CLASS_NAMES):
+        raise DataError(f"holds other classes than SUN RGB-D's 37; {_PREPARE_AGAIN}", path)
+    return index
+
+def _cache_records(index: dict, root: Path) -> list[SampleRecord]:
+    "The records of a checked index; every sample must lie inside the data files."
+    records, path = [], root / CACHE_INDEX
+    try:
+        for i, s in enumerate(index["samples"]):
+            h, w = (int(v) for v in s["shape"])
+            off_i, off_l = int(s["image_offset"]), int(s["label_offset"])
+            if min(h, w, off_i, off_l) < 0 or off_i + 3 * h * w > index["images_bytes"] or off_l + h * w > index["labels_bytes"]:
+                raise ValueError(f"sample {i} ({s['id']}) lies outside the data files")
+            records.append(SampleRecord(id=s["id"], split=s["split"], index=s["index"], sensor=s["sensor"],
+                                        image_path=s["image_path"], loc=(off_i, off_l, h, w), trainval=s.get("trainval"),
+                                        source_size=tuple(s["orig_size"])))
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"is not a well-formed cache index ({type(e).__name__}: {e}); {_PREPARE_AGAIN}", path) from None
+    return records
+
+def _probe_positions(n: int, k: int = 8) -> list[int]:
+    "Up to `k` sample positions spread evenly over a cache of `n` samples, first and last included."
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if n > k else list(range(n))
+
+def cache_probe(images: np.ndarray, labels: np.ndarray, samples: list[dict], positions: list[int]) -> dict:
+    "SHA-256 of the image bytes and of the label bytes of the samples at `positions` (one digest per data file)."
+    digests = {"images_sha256": hashlib.sha256(), "labels_sha256": hashlib.sha256()}
+    for p in positions:
+        s = samples[p]; h, w = s["shape"]
+        digests["images_sha256"].update(images[s["image_offset"]:s["image_offset"] + 3 * h * w])
+        digests["labels_sha256"].update(labels[s["label_offset"]:s["label_offset"] + h * w])
+    return {"samples": list(positions), **{k: d.hexdigest() for k, d in digests.items()}}
+
 class CacheReader(SunRGBDReader):
-    "Reader of a cache written by `sun-seg prepare`."
+    "Reader of a cache written by `sun-seg prepare`; refuses a cache that was changed, cut short or mixed with another's."
     form = "cache"
     def __init__(self, root):
         super().__init__(root)
-        path = self.root / CACHE_INDEX
-        index = read_json(path)
-        if index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
-            raise DataError(f"is not a sun_seg cache of version {CACHE_VERSION} (format {index.get('format')!r}, "
-                            f"version {index.get('version')!r}); prepare it again with `sun-seg prepare`", path)
-        self.index = index
+        self.index = index = read_cache_index(self.root / CACHE_INDEX)
         for name, key in ((CACHE_IMAGES, "images_bytes"), (CACHE_LABELS, "labels_bytes")):
             p = self.root / name
-            if not p.is_file() or p.stat().st_size != index[key]:
-                raise DataError(f"is missing or truncated ({p.stat().st_size if p.is_file() else 'absent'} bytes, "
-                                f"index says {index[key]}); prepare the cache again", p)
-        for s in index["samples"]:
-            self.records.append(SampleRecord(
-                id=s["id"], split=s["split"], index=s["index"], sensor=s["sensor"], image_path=s["image_path"],
-                loc=(s["image_offset"], s["label_offset"], s["shape"][0], s["shape"][1]),
-                trainval=s.get("trainval"), source_size=tuple(s["orig_size"])))
+            size = p.stat().st_size if p.is_file() else None
+            if size is None or size != index.get(key):
+                raise DataError(f"is missing or truncated, or is another cache's file ({'absent' if size is None else size} "
+                                f"bytes, the index says {index.get(key)}); {_PREPARE_AGAIN}", p)
+        self.records = _cache_records(index, self.root)
         self._himages = self._hlabels = None
+        self._check_probe()
+
+    def _check_probe(self):
+        probe = self.index.get("probe") or {}
+        if not self.records: return
+        try: got = cache_probe(*self._maps(), self.index["samples"], probe["samples"])
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise DataError(f"has no valid content probe ({e}); {_PREPARE_AGAIN}", self.root / CACHE_INDEX) from None
+        for name, key in ((CACHE_IMAGES, "images_sha256"), (CACHE_LABELS, "labels_sha256")):
+            if got[key] != probe.get(key):
+                raise DataError(f"does not hold the bytes its index recorded (the samples checked on opening differ): it "
+                                f"was changed, damaged or swapped with another cache's file; {_PREPARE_AGAIN}", self.root / name)
+
+    def verify(self, progress: bool = True) -> None:
+        "Check every sample's bytes against the SHA-256 `prepare` recorded; a `DataError` names the samples that differ."
+        from tqdm.auto import tqdm
+        images, labels = self._maps()
+        bad = []
+        for s in tqdm(self.index["samples"], desc="verify cache", unit="img", disable=not progress):
+            h, w = s["shape"]
+            digest = hashlib.sha256(images[s["image_offset"]:s["image_offset"] + 3 * h * w])
+            digest.update(labels[s["label_offset"]:s["label_offset"] + h * w])
+            if digest.hexdigest() != s["sha256"]: bad.append(s["id"])
+        if bad:
+            raise DataError(f"{len(bad)} of {len(self.records)} samples differ from what `prepare` wrote (first: "
+                            f"{', '.join(bad[:5])}): {CACHE_IMAGES} or {CACHE_LABELS} was changed or damaged; {_PREPARE_AGAIN}",
+                            self.root)
 
     @property
     def kind(self) -> str: return self.index.get("kind", "sunrgbd")
 
     def _maps(self):
         if self.__dict__.get("_himages") is None:
-            self._himages = np.memmap(self.root / CACHE_IMAGES, np.uint8, "r")
-            self._hlabels = np.memmap(self.root / CACHE_LABELS, np.uint8, "r")
+            empty = np.zeros(0, np.uint8)  # an empty file cannot be memory-mapped (a cache of no samples)
+            self._himages = np.memmap(self.root / CACHE_IMAGES, np.uint8, "r") if self.index["images_bytes"] else empty
+            self._hlabels = np.memmap(self.root / CACHE_LABELS, np.uint8, "r") if self.index["labels_bytes"] else empty
         return self._himages, self._hlabels
+
+    def image_size(self, rec): return rec.loc[2:]
 
     def label_source(self, rec): return f"{self.root / CACHE_LABELS} @ {rec.loc[1]} (sample {rec.id})"
     def read_image_chw(self, rec):
@@ -537,7 +677,8 @@ def __getitem__(self: SunRGBD, i: int) -> dict:
     target = self.reader.read_target(rec)
     if target.shape != image.shape[1:]:
         raise DataError(f"image is {image.shape[2]}x{image.shape[1]} but its label ({self.reader.label_source(rec)}) "
-                        f"is {target.shape[1]}x{target.shape[0]} (W x H): image and label must be the same size", rec.image_path)
+                        f"is {target.shape[1]}x{target.shape[0]} (W x H): image and label must be the same size. The label belongs "
+                        "to another image or was resized: restore both from the release", rec.image_path)
     # a training loop can keep targets uint8 until they are on the device (a quarter of the bytes to copy and
     # collate); numpy's cast, not torch's .long(): torch parallelises it over threads, slower in loader workers
     target = torch.from_numpy(target if self.target_dtype == torch.uint8 else target.astype(np.int64))
