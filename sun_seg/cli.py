@@ -10,35 +10,43 @@ from . import __version__
 from .core import SunSegError
 
 # %% auto #0
-__all__ = ['COMMAND_MODULES', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'COMMAND_MODULES', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #bcb7e9c9
-COMMAND_MODULES: tuple[str, ...] = (
-    "sun_seg.data.demo",       # demo-data
-    "sun_seg.data.download",   # download
-    "sun_seg.data.prepare",    # prepare
-    "sun_seg.data.analysis",   # data-summary
-    "sun_seg.train",           # train
-    "sun_seg.study",           # study
-    "sun_seg.report",          # report
-    "sun_seg.bench",           # bench
-)
+COMMANDS: dict[str, str] = {  # subcommand -> the module that adds it, in the order a study uses them
+    "demo-data": "sun_seg.data.demo",
+    "download": "sun_seg.data.download",
+    "prepare": "sun_seg.data.prepare",
+    "data-summary": "sun_seg.data.analysis",
+    "train": "sun_seg.train",
+    "study": "sun_seg.study",
+    "report": "sun_seg.report",
+    "bench": "sun_seg.bench",
+}
+COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
 
-def build_parser() -> argparse.ArgumentParser:
-    "The `sun-seg` parser with every subcommand."
+def build_parser(command: str | None = None, # import only this subcommand's module (None: all of them)
+                ) -> argparse.ArgumentParser:
+    "The `sun-seg` parser with every subcommand, or with `command` alone (a command starts seconds sooner)."
     parser = argparse.ArgumentParser(
         prog="sun-seg", description="Semantic segmentation of indoor scenes on SUN RGB-D: data, training, the study and its report.",
         epilog="Run `sun-seg COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"sun_seg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    modules = [COMMANDS[command]] if command in COMMANDS else COMMAND_MODULES
+    for name in modules:
         importlib.import_module(name).add_cli(sub)
     return parser
+
+def _command_in(argv: list[str]) -> str | None:
+    "The subcommand named in `argv` (its first word that is not an option), if any."
+    return next((a for a in argv if not a.startswith("-")), None)
 
 # %% ../nbs/90_cli.ipynb #cba26a29
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `sun-seg`: run a subcommand; errors sun_seg explains exit 2, Ctrl-C exits 130."
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
