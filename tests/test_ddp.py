@@ -45,11 +45,13 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # Training: one process accumulating two micro-batches of 2 sees the same BatchNorm groups as two processes
     # of 2 images each, so it trains the same way up to float rounding. (Evaluation then differs a little:
     # BatchNorm's running statistics are averaged over the processes but updated micro-batch after micro-batch
-    # by one process.)
+    # by one process.) Adam divides each step by the gradient's running scale, so rounding differences between
+    # an all-reduce and a local sum grow a little from step to step: exact at the start, within 0.2% after two epochs
+    # (the 4-image batch below differs by percents).
     same_groups = fit(tiny_params(data, tmp_path / "one", precision="fp32", epochs=2, micro_batch_size=2), progress=False)
     assert same_groups["run_id"] == run_ddp.name  # the process count is not part of the run's identity
     for a, b in zip(_rows(run_ddp), _rows(tmp_path / "one" / same_groups["run_id"])):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4), a["epoch"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4 if a["epoch"] == 1 else 2e-3), a["epoch"]
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=0.05), a["epoch"]
 
     # One process with the whole batch of 4 in one piece: BatchNorm statistics over 4 images instead of 2, so
