@@ -10,7 +10,7 @@ from .config import (TrainConfig, DEMO_PROFILE, MODELS, FINETUNE_DEPTHS, apply_p
                                   run_id, run_identity)
 from .runs import (HISTORY_COLUMNS, STATUSES, checkpoint_path, load_weights, read_history, read_metrics,
                                 run_status, save_weights)
-from .engine import (Callback, EarlyStopping, RunPlan, Trainer, build_run_model, evaluate, evaluate_run,
-                                  fit, load_run_model, plan_run, segmentation_loss)
+from .engine import (Callback, EarlyStopping, RunOutOfMemory, RunPlan, Trainer, build_run_model, evaluate,
+                                  evaluate_run, fit, load_run_model, plan_run, repeat_params, segmentation_loss)
 from .notebook import LivePlot, per_class_table, plot_history, results_table, save_notebook_copy
 from .cli import add_cli, main, parameters_from_pairs, run_notebook

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/30e_train.cli.ipynb #05416bf5
 from __future__ import annotations
-import argparse, json, os, signal, sys, tempfile
+import argparse, contextlib, json, os, signal, sys, tempfile, threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -42,6 +42,15 @@ def _add_parameter_option(parser: argparse.ArgumentParser) -> None:
 def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    "While it is held, SIGTERM raises `KeyboardInterrupt` (the run is recorded as interrupted)."
+    if threading.current_thread() is not threading.main_thread():
+        yield; return
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try: yield
+    finally: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
 def _init_distributed(config: TrainConfig) -> bool:
     "Join the torchrun process group when WORLD_SIZE > 1; True when this process did."
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()): return False
@@ -61,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = TrainConfig.from_params(parameters_from_pairs(args.parameters), source="command line")
         joined = _init_distributed(config)
-        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-        record = fit(config, progress=not args.quiet)
+        with _sigterm_interrupts(): record = fit(config, progress=not args.quiet)
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(json.dumps({k: record.get(k) for k in ("status", "run_dir", "best_epoch", "best_val_miou",
                                                          "epochs_completed", "wall_seconds")}), flush=True)
@@ -89,6 +97,39 @@ def _absolute_paths(params: dict) -> dict:
     if "out_dir" not in out: out["out_dir"] = str(Path(TrainConfig.out_dir).resolve())
     return out
 
+def _kernels(parent) -> list:
+    "The Jupyter kernels among `parent`'s child processes."
+    import psutil
+    found = []
+    for child in parent.children():
+        with contextlib.suppress(psutil.Error):
+            if any("ipykernel" in a for a in child.cmdline()): found.append(child)
+    return found
+
+@contextlib.contextmanager
+def _interrupts_to_kernel():
+    "While it is held, Ctrl-C and SIGTERM interrupt the notebook's kernel; a second one raises `KeyboardInterrupt` here."
+    if threading.current_thread() is not threading.main_thread():
+        yield []; return
+    import psutil
+    me, received = psutil.Process(), []
+    def forward(signum, frame):
+        kernels = _kernels(me)
+        if received or not kernels: raise KeyboardInterrupt
+        received.append(signum)
+        print("\nsun-seg train: interrupting the training; it records the run, then stops (Ctrl-C again: stop at once)",
+              file=sys.stderr, flush=True)
+        for kernel in kernels:
+            with contextlib.suppress(OSError):
+                group = os.getpgid(kernel.pid)
+                if group != os.getpgid(0): os.killpg(group, signal.SIGINT)  # the kernel and its data loaders
+                else: os.kill(kernel.pid, signal.SIGINT)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items(): signal.signal(s, handler)
+
 def run_notebook(params: dict, # training parameters
                  template: str | os.PathLike | None = None, # default `default_template()`
                  output: str | os.PathLike | None = None, # also write the executed notebook here
@@ -96,8 +137,9 @@ def run_notebook(params: dict, # training parameters
                 ) -> dict:
     "Run the training notebook with papermill; the executed notebook goes into the run folder. Returns the record."
     import papermill
+    from papermill.exceptions import PapermillExecutionError
     params = _absolute_paths(params)
-    plan = plan_run(TrainConfig.from_params(params, source="command line"))  # bad values fail before a kernel starts
+    plan = plan_run(TrainConfig.from_params(params, source="command line"), source="command line")  # before any kernel
     metrics = read_metrics(plan.run_dir)
     finished_before = bool(metrics) and metrics.get("status") == "completed"  # only its test is missing: keep its notebook
     if metrics and metrics.get("status") in ("completed", "diverged") and not (
@@ -112,9 +154,15 @@ def run_notebook(params: dict, # training parameters
         executed = Path(tmp) / "train.ipynb"
         os.environ[NOTEBOOK_OUTPUT_ENV] = str(executed)
         try:
-            papermill.execute_notebook(str(template), str(executed), parameters=params, progress_bar=False,
-                                       log_output=log_output, stdout_file=sys.stdout if log_output else None,
-                                       stderr_file=sys.stderr if log_output else None, cwd=str(template.parent))
+            with _interrupts_to_kernel() as interrupted:
+                try:
+                    papermill.execute_notebook(str(template), str(executed), parameters=params, progress_bar=False,
+                                               log_output=log_output, stdout_file=sys.stdout if log_output else None,
+                                               stderr_file=sys.stderr if log_output else None, cwd=str(template.parent))
+                except PapermillExecutionError: raise
+                except Exception:  # e.g. the kernel died of the interrupt while it was starting
+                    if interrupted: raise KeyboardInterrupt from None
+                    raise
         finally:
             os.environ.pop(NOTEBOOK_OUTPUT_ENV, None)
             if executed.is_file() and plan.run_dir.is_dir() and not finished_before:
@@ -124,10 +172,13 @@ def run_notebook(params: dict, # training parameters
     return {**(read_metrics(plan.run_dir) or {}), "run_dir": str(plan.run_dir)}
 
 # %% ../../nbs/30e_train.cli.ipynb #25ad8156
+_EXPLAINED = ("SunSegError", "ParameterError", "DataError", "RunOutOfMemory")  # errors whose message says what to do
+
 def _train_command(args) -> int:
     params = parameters_from_pairs(args.parameters)
     if args.no_notebook:
-        record = fit(TrainConfig.from_params(_absolute_paths(params), source="command line"))
+        config = TrainConfig.from_params(_absolute_paths(params), source="command line")
+        with _sigterm_interrupts(): record = fit(config)
     else:
         from papermill.exceptions import PapermillExecutionError
         try:
@@ -135,7 +186,7 @@ def _train_command(args) -> int:
         except PapermillExecutionError as e:
             if e.ename == "KeyboardInterrupt": raise KeyboardInterrupt from None
             print(f"sun-seg train: the notebook failed in cell {e.exec_count}: {e.ename}: {e.evalue}", file=sys.stderr)
-            return 2 if e.ename in ("ParameterError", "DataError") else 1
+            return 2 if e.ename in _EXPLAINED else 1
     print(f"{record.get('status')}: {record.get('run_dir')} (best val mIoU {record.get('best_val_miou')}"
           f" at epoch {record.get('best_epoch')})")
     return 0 if record.get("status") in ("completed", "diverged") else 1

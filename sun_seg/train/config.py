@@ -17,8 +17,8 @@ from ..data.transforms import parse_size
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['MODELS', 'FINETUNE_DEPTHS', 'DEFAULT_FINETUNE', 'SCHEDULERS', 'PRECISIONS', 'PROFILES', 'DEMO_PROFILE', 'TrainConfig',
-           'resolve_data_dir', 'apply_profile', 'run_identity', 'run_id']
+__all__ = ['MODELS', 'FINETUNE_DEPTHS', 'DEFAULT_FINETUNE', 'SCHEDULERS', 'PRECISIONS', 'PROFILES', 'DEVICE_TYPES', 'MIN_SIDE',
+           'MAX_SIDE', 'DEMO_PROFILE', 'TrainConfig', 'resolve_data_dir', 'apply_profile', 'run_identity', 'run_id']
 
 # %% ../../nbs/30a_train.config.ipynb #0e9a8b70
 MODELS = ("unet", "upernet")
@@ -27,6 +27,8 @@ DEFAULT_FINETUNE = "decoder"
 SCHEDULERS = ("none", "plateau")
 PRECISIONS = ("auto", "fp32", "bf16")
 PROFILES = ("auto", "full", "demo")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+MIN_SIDE, MAX_SIDE = 32, 4096  # image_size bounds
 
 @dataclass
 class TrainConfig:
@@ -94,8 +96,12 @@ def validate(self: TrainConfig) -> TrainConfig:
     _check_int("batch_size", self.batch_size, 1)
     if isinstance(self.image_size, int) and not isinstance(self.image_size, bool): self.image_size = str(self.image_size)
     h, w = parse_size(_check_str("image_size", self.image_size), "image_size")
+    if not (MIN_SIDE <= min(h, w) and max(h, w) <= MAX_SIDE):
+        raise ParameterError("image_size", f"got {h}x{w}; each side must be {MIN_SIDE}..{MAX_SIDE} pixels (the models"
+                             f" downsample by {MIN_SIDE}; SUN RGB-D's images are at most 730x530)")
     self.image_size = f"{h}x{w}"
     _check_int("seed", self.seed, 0)
+    if self.seed >= 2**63: raise ParameterError("seed", f"got {self.seed}; use a number below 2**63")
     for name in ("data_dir", "pretrained", "out_dir", "run_name"): _check_str(name, getattr(self, name))
     if self.model == "upernet" and not self.pretrained.strip():
         raise ParameterError("pretrained", "the UPerNet is fine-tuned from pretrained weights: give a hub id"
@@ -104,7 +110,11 @@ def validate(self: TrainConfig) -> TrainConfig:
     if self.run_name: safe_name(self.run_name, "run_name")
     check_choice("precision", self.precision, PRECISIONS)
     _check_str("device", self.device)
-    resolve_device(self.device)
+    device = resolve_device(self.device)
+    if device.type not in DEVICE_TYPES:
+        raise ParameterError("device", f"got {self.device!r}; train on {' or '.join(DEVICE_TYPES)} ('auto' picks)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ParameterError("device", f"got {self.device!r}, but this machine shows {torch.cuda.device_count()} CUDA GPU(s)")
     _check_int("num_workers", self.num_workers, -1)
     _check_int("micro_batch_size", self.micro_batch_size, 0)
     if self.micro_batch_size and self.batch_size % self.micro_batch_size:
@@ -132,7 +142,11 @@ def from_params(cls: TrainConfig, params: dict, # parameter name -> value, e.g. 
     for name in params:
         if name not in known:
             raise ParameterError(name, f"is not a training parameter; known: {', '.join(sorted(known))}", source)
-    return cls(**params).validate()
+    try:
+        return cls(**params).validate()
+    except ParameterError as e:  # say where the bad value came from
+        if source is None or e.source: raise
+        raise ParameterError(e.name, str(e).split(": ", 1)[1], source) from None
 
 @patch
 def to_dict(self: TrainConfig) -> dict:

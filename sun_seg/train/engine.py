@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from fastcore.basics import patch
 
 from ..core import (CLASS_NAMES, DEMO_NOTICE, IGNORE_INDEX, NUM_CLASSES, DataError, ParameterError,
-                          atomic_write_json, data_label, normalize_images, read_json, resolve_device,
+                          SunSegError, atomic_write_json, data_label, normalize_images, read_json, resolve_device,
                           resolve_precision, safe_child, seed_everything, stable_hash)
 from ..metrics import confusion_matrix, summarize
 from .config import (DEFAULT_FINETUNE, TrainConfig, apply_profile, resolve_data_dir, run_id,
@@ -29,9 +29,10 @@ from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, HISTORY, LAST_STATE, METRICS,
                                 weights_metadata, write_history, _unwrap)
 
 # %% auto #0
-__all__ = ['segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches', 'EvalBatches', 'EvalSamples', 'collate_pairs',
-           'jitter_on_device', 'evaluate', 'build_run_model', 'find_micro_batch_size', 'RunPlan', 'plan_run',
-           'EarlyStopping', 'Callback', 'Diverged', 'Trainer', 'fit', 'load_run_model', 'evaluate_run']
+__all__ = ['PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches', 'EvalBatches', 'EvalSamples',
+           'collate_pairs', 'jitter_on_device', 'evaluate', 'build_run_model', 'find_micro_batch_size', 'RunPlan',
+           'plan_run', 'EarlyStopping', 'Callback', 'Diverged', 'RunOutOfMemory', 'Trainer', 'fit', 'repeat_params',
+           'load_run_model', 'evaluate_run']
 
 # %% ../../nbs/30c_train.engine.ipynb #5095f59d
 def _loss_sum(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -321,11 +322,27 @@ def _open_split(plan_or_root, split: str, info: dict | None = None, target_dtype
     if kw.get("val_method") == "official": kw.pop("val_fraction", None); kw.pop("val_seed", None)
     return SunRGBD(root, split, target_dtype=target_dtype, **kw)
 
+def _check_out_dir(out_dir: Path) -> Path:
+    "Refuse an `out_dir` that is, or lies under, a file (it could never hold run folders)."
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ParameterError("out_dir", f"{str(out_dir)!r} cannot hold run folders: {existing} is a file; give a folder")
+    return out_dir
+
 def plan_run(config: TrainConfig | dict, # the run's parameters
              *, quiet: bool = False, # do not print the demo notice
+             source: str | None = None, # where the parameters came from, named in errors
             ) -> RunPlan:
     "Validate the parameters, find the data (the demo dataset when none is configured) and name the run folder."
+    try:
+        return _plan(config, quiet)
+    except ParameterError as e:
+        if source is None or e.source: raise
+        raise ParameterError(e.name, str(e).split(": ", 1)[1], source) from None
+
+def _plan(config: TrainConfig | dict, quiet: bool) -> RunPlan:
     asked = TrainConfig.from_params(config) if isinstance(config, dict) else replace(config).validate()
+    out_dir = _check_out_dir(Path(asked.out_dir).expanduser())
     root, source = resolve_data_dir(asked.data_dir)
     if root is None:
         from sun_seg.data.demo import demo_root
@@ -339,7 +356,9 @@ def plan_run(config: TrainConfig | dict, # the run's parameters
     if procs.distributed and device.type == "cuda": device = torch.device("cuda", procs.local_rank)
     dtype = resolve_precision(used.precision, device)
     rid = run_id(used, fit_split.info, dtype)
-    run_dir = safe_child(Path(used.out_dir).expanduser(), rid, "run_name")
+    run_dir = safe_child(out_dir, rid, "run_name")  # never outside out_dir (no `..`, no symlink leading out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ParameterError("run_name", f"{run_dir} is a file, not a run folder; choose another run_name or out_dir")
     return RunPlan(used, asked, changes, root, kind, source, fit_split.info, device, dtype, rid, run_dir)
 
 # %% ../../nbs/30c_train.engine.ipynb #9001d9eb
@@ -376,6 +395,27 @@ class Callback:
 # %% ../../nbs/30c_train.engine.ipynb #4220b1a2
 class Diverged(Exception):
     "The loss became NaN or infinite."
+
+class RunOutOfMemory(SunSegError, torch.cuda.OutOfMemoryError):
+    "A run ran out of (GPU or CPU) memory; the message says what to change. Still a `torch.OutOfMemoryError`."
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))  # the CPU allocator's message
+
+def _out_of_memory_reason(trainer: "Trainer", error: BaseException) -> str:
+    micro, smallest = trainer.micro, trainer.min_micro
+    what = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    head = (f"out of memory on {trainer.device} during epoch {trainer.epoch + 1} ({what}); the run is kept and resumes"
+            f" from epoch {trainer.epoch + 1}: ")
+    if micro > smallest:
+        smaller = max(d for d in _divisors(micro, smallest) if d < micro)
+        how = "chosen automatically" if not trainer.config.micro_batch_size else "as given"
+        return head + (f"run the same command again with a smaller micro_batch_size (it was {micro}, {how}; try"
+                       f" -p micro_batch_size {smaller}): a memory setting, so the same run continues, each batch of"
+                       f" {trainer.config.batch_size} in smaller pieces. Or lower image_size or batch_size (a new run)")
+    return head + (f"micro_batch_size is already {micro}, the smallest: lower image_size or batch_size (that makes a new"
+                   " run), or use a device with more memory")
 
 def _count(model: nn.Module, trainable: bool) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
@@ -542,31 +582,62 @@ def _state(self: Trainer) -> dict:
             "train_seconds": self.train_seconds, "train_images": self.train_images,
             "stopped_early": self.stopped_early, "rng": rng_state(), "identity": stable_hash(self.identity)}
 
+PENDING = ".pending"  # suffix of weights written for an epoch whose state is not saved yet
+
+def _pending(path: Path) -> Path: return path.with_name(path.name + PENDING)
+
+def _commit_pending(run_dir: Path, epoch: int, best_epoch: int | None) -> None:
+    "Move the pending weights of the saved `epoch` into place; drop pending weights of an epoch that was not saved."
+    for which in ("best", "last"):
+        final = checkpoint_path(run_dir, which)
+        pending = _pending(final)
+        if not pending.is_file(): continue
+        try: written = weights_metadata(pending).get("epoch")
+        except DataError: written = None  # torn pending files cannot exist (atomic writes), but never trust them
+        if written == str(epoch) and (which == "last" or best_epoch == epoch): os.replace(pending, final)
+        else: pending.unlink()
+
 @patch
 def save_epoch(self: Trainer, improved: bool) -> None:
     if not self.procs.main: return
-    folder = self.run_dir / CHECKPOINTS
+    best, last = checkpoint_path(self.run_dir, "best"), checkpoint_path(self.run_dir, "last")
     if improved:
-        save_weights(self.model, folder / "best.safetensors", epoch=self.epoch, val_miou=self.stopper.best, run_id=self.plan.run_id)
-    save_training_state(folder / LAST_STATE, self._state())
-    save_weights(self.model, folder / "last.safetensors", epoch=self.epoch, run_id=self.plan.run_id)
+        save_weights(self.model, _pending(best), epoch=self.epoch, val_miou=self.stopper.best, run_id=self.plan.run_id)
+    save_weights(self.model, _pending(last), epoch=self.epoch, run_id=self.plan.run_id)
+    save_training_state(self.run_dir / CHECKPOINTS / LAST_STATE, self._state())  # the commit
+    _commit_pending(self.run_dir, self.epoch, self.stopper.best_epoch)
     write_history(self.run_dir / HISTORY, self.history)
     self.write_metrics()
+
+_STATE_KEYS = {"epoch", "optimizer", "scheduler", "early_stopping", "history", "best_val", "rng", "identity",
+               "wall_seconds", "train_seconds", "train_images", "stopped_early"}
+_RESTART = "delete the run folder and run the same command again to train this run from the start"
 
 @patch
 def resume(self: Trainer) -> bool:
     "Continue from the folder's last checkpoint; False when there is none."
     state_path = self.run_dir / CHECKPOINTS / LAST_STATE
-    if not state_path.is_file(): return False
+    if not state_path.is_file():
+        if self.procs.main:  # weights of a first epoch that was never saved
+            for which in ("best", "last"): _pending(checkpoint_path(self.run_dir, which)).unlink(missing_ok=True)
+        _barrier()
+        return False
     state = load_training_state(state_path)
-    if state.get("identity") != stable_hash(self.identity):
-        raise DataError("the checkpoint belongs to a run with other parameters or data; use another run_name or"
-                        " out_dir, or delete this folder", state_path)
-    last = checkpoint_path(self.run_dir, "last")
-    if not last.is_file() or weights_metadata(last).get("epoch") != str(state["epoch"]):
-        raise DataError(f"last.safetensors is not from epoch {state['epoch']} like last_state.pt (the run was killed"
-                        " while saving): delete the run folder to start it again", last)
-    load_weights(self.model, last)
+    if not _STATE_KEYS <= set(state):
+        raise DataError(f"is not a complete sun_seg training state (it lacks {sorted(_STATE_KEYS - set(state))});"
+                        f" {_RESTART}", state_path)
+    if state["identity"] != stable_hash(self.identity):
+        raise DataError("the checkpoint belongs to a run with other parameters or data (copied from another run"
+                        f" folder?); use another run_name or out_dir, or {_RESTART}", state_path)
+    best_epoch = state["early_stopping"]["best_epoch"]
+    if self.procs.main: _commit_pending(self.run_dir, state["epoch"], best_epoch)  # a kill between commit and rename
+    _barrier()  # the other processes read the weights once they are in place
+    last, best = checkpoint_path(self.run_dir, "last"), checkpoint_path(self.run_dir, "best")
+    if weights_metadata(last).get("epoch") != str(state["epoch"]):
+        raise DataError(f"these weights are not from epoch {state['epoch']} like last_state.pt; {_RESTART}", last)
+    if best_epoch is not None and weights_metadata(best).get("epoch") != str(best_epoch):
+        raise DataError(f"these weights are not from epoch {best_epoch}, the best epoch in last_state.pt; {_RESTART}", best)
+    load_weights(self.model, last, run_id=self.plan.run_id)
     self.optimizer.load_state_dict(state["optimizer"])
     if self.scheduler and state["scheduler"]: self.scheduler.load_state_dict(state["scheduler"])
     self.stopper.load_state_dict(state["early_stopping"])
@@ -620,6 +691,7 @@ def write_start(self: Trainer, resumed: bool) -> None:
                            accumulation_steps=self.accumulation, batch_size=c.batch_size,
                            num_workers=self.num_workers, resumed=resumed, data_kind=plan.data_kind)
     atomic_write_json(self.run_dir / ENVIRONMENT, env)
+    if resumed: write_history(self.run_dir / HISTORY, self.history)  # the state's: the file may lag one epoch behind
     arch = _architecture(self.model)
     if arch is not None: atomic_write_json(self.run_dir / CHECKPOINTS / "model_config.json", arch)
 
@@ -637,7 +709,8 @@ def _epoch_row(self: Trainer, epoch: int, train: dict, val: dict, lr: float, sec
 @patch
 def run_epochs(self: Trainer) -> dict:
     c = self.config
-    for epoch in range(self.epoch + 1, c.epochs + 1):
+    first = self.epoch + 1 if not self.stopper.should_stop else c.epochs + 1  # resumed after stopping early: done
+    for epoch in range(first, c.epochs + 1):
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
         train = self.train_epoch(epoch)
@@ -724,8 +797,14 @@ def fit(config: TrainConfig | dict, # the run's parameters (a dict is checked li
     with _run_lock(plan.run_dir, procs.main):
         return _train(trainer)
 
+def _drop_stale_temporaries(run_dir: Path) -> None:
+    "Remove the temporary files of writes a killed process never finished (none of them is a record)."
+    for folder in (run_dir, run_dir / CHECKPOINTS):
+        for tmp in folder.glob(".*.tmp"): tmp.unlink(missing_ok=True)
+
 def _train(trainer: Trainer) -> dict:
     plan, procs = trainer.plan, trainer.procs
+    if procs.main: _drop_stale_temporaries(plan.run_dir)  # the lock is held: no other process is writing here
     resumed = trainer.resume()
     trainer.write_start(resumed)
     if procs.main and resumed: print(f"{plan.run_id}: resuming after epoch {trainer.epoch}", flush=True)
@@ -742,6 +821,10 @@ def _train(trainer: Trainer) -> dict:
         trainer.write_metrics()
         raise
     except BaseException as e:
+        if _is_out_of_memory(e):
+            trainer.status, trainer.reason = "failed", _out_of_memory_reason(trainer, e)
+            trainer.write_metrics()
+            raise RunOutOfMemory(trainer.reason) from e
         trainer.status, trainer.reason = "failed", f"{type(e).__name__}: {e}"
         trainer.write_metrics()
         raise
@@ -768,7 +851,7 @@ def _profile(model: nn.Module, image_size, existing: dict | None) -> tuple[int |
 
 def _test_best(trainer: Trainer) -> dict:
     "Score the best weights on the test split (the model is left with them)."
-    load_weights(trainer.model, checkpoint_path(trainer.run_dir, "best"))
+    load_weights(trainer.model, checkpoint_path(trainer.run_dir, "best"), run_id=trainer.plan.run_id)
     loader = trainer.eval_loader(_open_split(trainer.plan, "test", target_dtype=torch.uint8))
     return {**trainer.evaluate_split(loader, "test", progress="test"), "which": "best",
             "epoch": trainer.stopper.best_epoch, "original_size": trainer.config.eval_original_size}
@@ -778,6 +861,23 @@ def _config_of(run_dir: Path) -> TrainConfig:
     params = read_json(Path(run_dir) / PARAMS)
     names = {f for f in TrainConfig.__dataclass_fields__}
     return TrainConfig(**{k: v for k, v in params.items() if k in names}).validate()
+
+def repeat_params(run_dir: str | os.PathLike, # a run folder
+                  out_dir: str | os.PathLike | None = None, # where the repeat goes (default: the run's own out_dir)
+                  data_dir: str | os.PathLike | None = None, # the data, if it moved (the run id then changes, not the numbers)
+                 ) -> dict:
+    "The parameters that train a run again from its folder alone: `params.json`'s, with the precision `auto` resolved to."
+    run_dir = Path(run_dir)
+    for name in (PARAMS, DATA, ENVIRONMENT):
+        if not (run_dir / name).is_file(): raise DataError(f"not a run folder (no {name})", run_dir)
+    params = _config_of(run_dir).to_dict()  # data_dir as given: "" finds the data as it did ($SUN_SEG_DATA, or the demo)
+    used = read_json(run_dir / ENVIRONMENT).get("precision")
+    if used in _PRECISION_NAMES: params["precision"] = _PRECISION_NAMES[used]
+    if data_dir is not None: params["data_dir"] = str(data_dir)
+    if out_dir is not None: params["out_dir"] = str(out_dir)
+    return params
+
+_PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 
 def load_run_model(run_dir: str | os.PathLike, # a run folder
                    which: str = "best", # "best" or "last" weights
@@ -796,7 +896,7 @@ def load_run_model(run_dir: str | os.PathLike, # a run folder
     else:
         model = build_run_model(config)
     path = checkpoint_path(run_dir, which)
-    load_weights(model, path)
+    load_weights(model, path, run_id=read_json(run_dir / PARAMS).get("run_id"))
     return model.to(device).eval()
 
 def evaluate_run(run_dir: str | os.PathLike, # a run folder

@@ -4,13 +4,13 @@
 
 # %% ../../nbs/30b_train.runs.ipynb #b0033386
 from __future__ import annotations
-import csv, io, math, os, platform, random, socket, subprocess, sys
+import csv, hashlib, io, math, os, platform, random, socket, subprocess, sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 import sun_seg
@@ -18,8 +18,8 @@ from ..core import (CLASS_NAMES, DataError, atomic_path, atomic_write_json, atom
 
 # %% auto #0
 __all__ = ['PARAMS', 'DATA', 'ENVIRONMENT', 'HISTORY', 'METRICS', 'NOTEBOOK', 'CHECKPOINTS', 'BEST', 'LAST', 'LAST_STATE',
-           'STATUSES', 'HISTORY_COLUMNS', 'checkpoint_path', 'write_history', 'read_history', 'save_weights',
-           'weights_metadata', 'load_weights', 'rng_state', 'set_rng_state', 'save_training_state',
+           'STATUSES', 'HISTORY_COLUMNS', 'checkpoint_path', 'write_history', 'read_history', 'weights_digest',
+           'save_weights', 'weights_metadata', 'load_weights', 'rng_state', 'set_rng_state', 'save_training_state',
            'load_training_state', 'git_commit', 'environment_info', 'read_metrics', 'run_status']
 
 # %% ../../nbs/30b_train.runs.ipynb #f22b46cf
@@ -68,31 +68,87 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
         elif isinstance(model, torch.nn.parallel.DistributedDataParallel): model = model.module
         else: return model
 
+def _untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    "The state dict with each tied tensor once (safetensors refuses shared tensors)."
+    state, seen = {}, set()
+    for name, t in _unwrap(model).state_dict().items():
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+        if t.numel() and key in seen: continue
+        seen.add(key)
+        state[name] = t.detach()
+    return state
+
+def _stored_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    "What a weights file holds: the untied state dict made contiguous, as safetensors stores it."
+    return {name: t.contiguous() for name, t in _untied_state(model).items()}
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+def weights_digest(model: torch.nn.Module) -> str:
+    "SHA-256 of a model's weights and buffers (names, dtypes, shapes, values), whatever their memory layout."
+    return _digest(_stored_tensors(model))
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+_FILE_MODE = 0o666 & ~_umask()
+_RESTART = "delete the run folder and run the same command again to train this run from the start"
+
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, **metadata) -> Path:
-    "Save `model`'s weights (and buffers) to a safetensors file atomically; `metadata` values are stored as text."
+    "Save `model`'s weights (and buffers) to a safetensors file atomically, with their SHA-256; `metadata` is stored as text."
+    tensors = _stored_tensors(model)
+    metadata = {**{k: str(v) for k, v in metadata.items()}, "sha256": _digest(tensors)}
     with atomic_path(path) as tmp:
-        save_model(_unwrap(model), str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, _FILE_MODE)  # safetensors recreates the file owner-only; records get the usual permissions
     return Path(path)
 
 def weights_metadata(path: str | os.PathLike) -> dict:
-    "The text metadata of a safetensors file."
-    with safe_open(str(path), framework="pt") as f: return dict(f.metadata() or {})
-
-def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict:
-    "Load a safetensors file into `model` (strict); returns its metadata."
+    "The text metadata of a safetensors file (a `DataError` naming it when it is not a readable one)."
     path = Path(path)
-    if not path.is_file(): raise DataError("no such checkpoint", path)
-    target = _unwrap(model)
-    device = next(iter(target.parameters())).device
+    if not path.is_file(): raise DataError(f"no such checkpoint; {_RESTART}", path)
     try:
-        missing, unexpected = load_model(target, str(path), strict=False, device=str(device))
-    except RuntimeError as e:  # shapes differ
-        raise DataError(f"checkpoint does not fit the model ({str(e).splitlines()[-1].strip()}); was it written for"
-                        " another model or width?", path) from None
-    if missing or unexpected:
-        raise DataError(f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, unexpected "
-                        f"{sorted(unexpected)[:5]}; was it written for another model or width?", path)
-    return weights_metadata(path)
+        with safe_open(str(path), framework="pt") as f: return dict(f.metadata() or {})
+    except Exception as e:  # truncated, overwritten, not a safetensors file at all
+        raise DataError(f"not a readable safetensors checkpoint ({type(e).__name__}: {str(e)[:200]}); it is damaged or"
+                        f" not a checkpoint: {_RESTART}", path) from None
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike,
+                 run_id: str | None = None, # refuse a file written by another run
+                ) -> dict:
+    "Load a safetensors file into `model` (strict; the SHA-256 it was saved with is checked); returns its metadata."
+    path = Path(path)
+    metadata = weights_metadata(path)
+    if run_id is not None and metadata.get("run_id") not in (None, run_id):
+        raise DataError(f"this checkpoint belongs to run {metadata['run_id']!r}, not to {run_id!r} (copied from another"
+                        f" run folder?); put the right file back, or {_RESTART}", path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # the header is readable but the data is not (truncated, overwritten)
+        raise DataError(f"cannot read the weights ({type(e).__name__}: {str(e)[:200]}); the file is damaged: {_RESTART}",
+                        path) from None
+    if "sha256" in metadata and _digest(tensors) != metadata["sha256"]:
+        raise DataError(f"the weights do not match the SHA-256 they were saved with: the file was damaged or modified;"
+                        f" {_RESTART}", path)
+    target = _unwrap(model)
+    expected = _untied_state(target)
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in sorted(tensors.keys() & expected.keys())
+             if tensors[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise DataError(f"checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]}, other"
+                        f" shapes {wrong[:3]}); was it written for another model or width? Put the right file back,"
+                        f" or {_RESTART}", path)
+    target.load_state_dict(tensors, strict=False)  # tied names share their tensor: loaded through the kept name
+    return metadata
 
 # %% ../../nbs/30b_train.runs.ipynb #80315b6c
 def rng_state() -> dict:
@@ -119,13 +175,22 @@ def save_training_state(path: str | os.PathLike, state: dict) -> Path:
     with atomic_path(path) as tmp: torch.save(state, tmp)
     return Path(path)
 
+def _short(error: Exception) -> str:
+    "The telling line of a (long, multi-paragraph) load error."
+    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+    told = next((l for l in lines if "WeightsUnpickler error" in l), lines[0] if lines else "")
+    return f"{type(error).__name__}: {told[:300]}"
+
 def load_training_state(path: str | os.PathLike) -> dict:
-    "Load `last_state.pt` without unpickling arbitrary objects."
+    "Load `last_state.pt` with `weights_only=True`: tensors and plain containers only, never arbitrary objects or code."
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"cannot read the training state ({type(e).__name__}: {e}); delete the run folder to start"
-                        " this run again", path) from None
+        raise DataError(f"cannot be read as a training state ({_short(e)}); it is damaged or not a sun_seg checkpoint"
+                        f" (nothing in it was run: it is loaded with weights_only=True); {_RESTART}", path) from None
+    if not isinstance(state, dict):
+        raise DataError(f"holds a {type(state).__name__}, not a sun_seg training state; {_RESTART}", path)
+    return state
 
 # %% ../../nbs/30b_train.runs.ipynb #dcd490f4
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
