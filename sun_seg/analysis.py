@@ -17,13 +17,14 @@ from .study import (FINAL_STATUSES, GridRun, read_metrics, read_study_record, re
                            run_state, select_best)
 
 # %% auto #0
-__all__ = ['QUESTIONS', 'model_name', 'load_runs', 'load_history', 'class_iou', 'aggregate_entries', 'Column', 'StudyTable',
-           'format_value', 'display_frame', 'table_t1', 'table_t2', 'selections', 'table_t3', 'table_t4',
-           'training_flops', 'time_to_best', 'table_t5', 'best_run_ids', 'seconds_to_reach', 'research_answers',
-           'figure_runs', 'class_iou_frame', 'curves_frame', 'class_epochs_frame', 'data_summary', 'load_qualitative',
-           'plot_curves', 'plot_class_iou', 'plot_class_epochs', 'plot_void_share', 'plot_class_frequency',
-           'plot_predictions', 'footer', 'save_figure', 'markdown_table', 'write_table', 'build_tables', 'figure_data',
-           'build_figures', 'build_run_figures', 'build_analysis']
+__all__ = ['QUESTIONS', 'TITLE_SIZE', 'LABEL_SIZE', 'LEGEND_SIZE', 'model_name', 'load_runs', 'load_history', 'class_iou',
+           'aggregate_entries', 'Column', 'StudyTable', 'format_value', 'display_frame', 'table_t1', 'table_t2',
+           'selections', 'table_t3', 'table_t4', 'training_flops', 'time_to_best', 'table_t5', 'best_run_ids',
+           'seconds_to_reach', 'research_answers', 'figure_runs', 'class_iou_frame', 'curves_frame',
+           'class_epochs_frame', 'data_summary', 'load_qualitative', 'plot_curves', 'plot_class_iou',
+           'plot_class_epochs', 'plot_void_share', 'plot_class_frequency', 'plot_predictions', 'footer', 'save_figure',
+           'markdown_table', 'write_table', 'build_tables', 'figure_data', 'build_figures', 'build_run_figures',
+           'build_analysis']
 
 # %% ../nbs/50_analysis.ipynb #23cd7925
 def _num(value) -> float:
@@ -101,7 +102,7 @@ def aggregate_entries(runs: pd.DataFrame, # `load_runs`
                       columns: Iterable[str], # numeric columns to aggregate over seeds
                      ) -> pd.DataFrame:
     "Per entry (in grid order): `<col>` mean, `<col>_sd` (NaN for one seed), `n` results, `status`, `reason`."
-    rows = []
+    rows, columns = [], list(columns)
     for entry, group in runs.groupby("entry", sort=False):
         ok = group[group.status.isin(FINAL_STATUSES)]
         row = {"entry": entry, "n": len(ok), "seeds": len(group), "status": _status_of(list(group.status)),
@@ -111,7 +112,8 @@ def aggregate_entries(runs: pd.DataFrame, # `load_runs`
             row[c] = float(values.mean()) if values.notna().any() else math.nan
             row[f"{c}_sd"] = float(values.std(ddof=1)) if values.notna().sum() > 1 else math.nan
         rows.append(row)
-    return pd.DataFrame(rows)
+    # the columns even without rows: a study whose file fills no row of a table still gets the (empty) table
+    return pd.DataFrame(rows, columns=["entry", "n", "seeds", "status", "reason", *(x for c in columns for x in (c, f"{c}_sd"))])
 
 # %% ../nbs/50_analysis.ipynb #c341a549
 from dataclasses import dataclass, field
@@ -245,7 +247,8 @@ def table_t3(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
                          val_miou=float(tested.best_val_miou.mean()) if len(tested) else math.nan,
                          val_miou_sd=float(tested.best_val_miou.std(ddof=1)) if len(tested) > 1 else math.nan,
                          study_test_miou=_num(rep.get("test_miou")), study_val_miou=_num(rep.get("val_miou")), status=status))
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows, columns=["entry", "evaluation", "model", "row", "study_choice", "n", "test_miou", "test_miou_sd",
+                                        "val_miou", "val_miou_sd", "study_test_miou", "study_val_miou", "status"])  # none: empty
     frame["diff_test_miou"] = frame.test_miou - frame.study_test_miou
     frame["diff_val_miou"] = frame.val_miou - frame.study_val_miou
     frame["val_minus_test"] = frame.val_miou - frame.test_miou
@@ -287,7 +290,9 @@ def table_t4(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
                Column("Baseline val mIoU", "baseline_val_miou", "f4"), Column("Variant val mIoU", "variant_val_miou", "f4"),
                Column("Effect", "effect", "signed"), Column("Study: effect", "study_effect", "signed"),
                Column("Δ", "diff_effect", "signed"), Column("Status", "status", "text")]
-    return StudyTable("T4", record["tables"]["T4"]["title"], pd.DataFrame(rows), columns,
+    frame = pd.DataFrame(rows, columns=["effect_name", "baseline", "variant", "baseline_entry", "variant_entry", "baseline_val_miou",
+                                        "variant_val_miou", "effect", "study_effect", "diff_effect", "status"])  # no effects: empty
+    return StudyTable("T4", record["tables"]["T4"]["title"], frame, columns,
                       ["Effect: variant minus baseline, validation mIoU (means over seeds); the study rounds its effects to 0.01."])
 
 # %% ../nbs/50_analysis.ipynb #1acfb50b
@@ -400,7 +405,7 @@ def _rq2(out, t3, runs) -> list[str]:
         a, b = per_class.columns
         lines.append(f"Per class on the test split (F6): {b} is better than {a} on {int((both[b] > both[a]).sum())} of "
                      f"{len(both)} classes present in both.")
-    return lines
+    return lines or ["Not answered: the study file declares no test evaluations (T3)."]
 
 def _rq3(out, t3, t5, runs) -> list[str]:
     frame = t3.frame[t3.frame.evaluation != "difference"]
@@ -473,16 +478,17 @@ def figure_runs(out: str | os.PathLike, names: Iterable[str]) -> dict:
             label = f"{evals[name]['label']}: {_label(record, entry)}" if entry else evals[name]["label"]
             result[name] = (label, list(chosen[name]["run_ids"]))
         elif name in entries:
-            model = model_name(entries[name]["params"])
+            model = model_name(next((r.params for r in runs if r.entry == name), entries[name]["params"]))  # resolved
             result[name] = (f"{model}: {_label(record, name)}", [r.run_id for r in runs if r.entry == name])
         else:
             raise DataError(f"{name!r} is neither a run entry nor an evaluation of this study", Path(out) / "study.json")
     return result
 
 def class_iou_frame(out: str | os.PathLike, names: Iterable[str], split: str = "val") -> pd.DataFrame:
-    "IoU per class (rows `CLASS_NAMES`) on `split`, one column per name (mean over its seeds; NaN where unknown)."
+    "IoU per class (rows `CLASS_NAMES`) on `split`, one column per name (mean over its finished seeds; NaN where unknown)."
     cols = {}
     for name, (label, run_ids) in figure_runs(out, names).items():
+        run_ids = [r for r in run_ids if run_state(out, r)[0] in FINAL_STATUSES]  # as the tables: no partial results
         per_run = pd.concat([class_iou(out, r, split) for r in run_ids], axis=1) if run_ids else pd.DataFrame(index=list(CLASS_NAMES))
         cols[label] = per_run.mean(axis=1) if per_run.shape[1] else pd.Series(math.nan, index=list(CLASS_NAMES))
     return pd.DataFrame(cols, index=list(CLASS_NAMES))
@@ -531,92 +537,161 @@ import matplotlib, matplotlib.ticker
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+TITLE_SIZE, LABEL_SIZE, LEGEND_SIZE = 11, 9, 8  # points; the PNGs are 110 dpi, shown at about their size
+
 def _figure(width: float = 8, height: float = 3.6, ncols: int = 1, layout: str | None = "constrained") -> tuple[Figure, Any]:
     fig = Figure(figsize=(width, height), layout=layout)  # no pyplot: no global state, no GUI backend
     return fig, fig.subplots(1, ncols)
 
+def _text_width(text: str, fontsize: float, dpi: float = 110) -> float:
+    "Width in inches of one line of text at `fontsize` points as the PNG renderer draws it (hinting widens small text)."
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.font_manager import FontProperties
+    return RendererAgg(1, 1, dpi).get_text_width_height_descent(text, FontProperties(size=fontsize), ismath=False)[0] / dpi
+
+def _fill(text: str, width: float, fontsize: float) -> list[str]:
+    "Words of `text` in greedy lines no wider than `width` inches (a longer word stands alone)."
+    lines = []
+    for word in text.split():
+        if lines and _text_width(f"{lines[-1]} {word}", fontsize) <= width: lines[-1] += f" {word}"
+        else: lines.append(word)
+    return lines
+
+def _wrap(text: str, width: float, # inches the text may take
+          fontsize: float = TITLE_SIZE) -> str:
+    "`text` in lines that fit `width` inches at `fontsize` (a long `name: detail` label breaks after its colon first)."
+    if _text_width(text, fontsize) <= width: return text
+    head, sep, rest = text.partition(": ")  # "U-Net (best by val mIoU): Plateau + ...": the model, then its configuration
+    if sep and len(head) > 4 and (len(head) >= 12 or _text_width(rest, fontsize) <= width):  # not after "F3:"
+        return "\n".join(_fill(head + ":", width, fontsize) + _fill(rest, width, fontsize))
+    return "\n".join(_fill(text, width, fontsize))
+
+def _legend_beside(ax, **kw):
+    "The axes' legend outside it, to its right (constrained layout makes room): it never hides data."
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize=LEGEND_SIZE, frameon=False, **kw)
+
 def plot_curves(frame: pd.DataFrame, # `curves_frame`
                 title: str = "") -> Figure:
     "Loss (train and validation) and validation mIoU per epoch; several seeds: mean line and min-max band."
-    fig, (ax_loss, ax_miou) = _figure(ncols=2)
+    several = frame.label.nunique() > 1 if len(frame) else False
+    fig, (ax_loss, ax_miou) = _figure(width=9 if several else 8, ncols=2)
     for i, (label, group) in enumerate(frame.groupby("label", sort=False)):
         colour = f"C{i}"
         stats = group.groupby("epoch")[["train_loss", "val_loss", "val_miou"]].agg(["mean", "min", "max"])
         x = stats.index
         for col, style, ax in (("train_loss", "--", ax_loss), ("val_loss", "-", ax_loss), ("val_miou", "-", ax_miou)):
             name = {"train_loss": "train loss", "val_loss": "val loss", "val_miou": "val mIoU"}[col]
-            ax.plot(x, stats[col]["mean"], style, color=colour, marker=".", label=f"{label}: {name}" if frame.label.nunique() > 1 else name)
+            ax.plot(x, stats[col]["mean"], style, color=colour, marker=".", label=None if several else name)
             if group.run_id.nunique() > 1: ax.fill_between(x, stats[col]["min"], stats[col]["max"], color=colour, alpha=0.15)
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    for ax in (ax_loss, ax_miou): ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax_miou.set(xlabel="epoch", ylabel="mIoU", title="validation mIoU")
+    ax_loss.set_title("loss", fontsize=LABEL_SIZE + 1)
+    ax_miou.set_title("validation mIoU", fontsize=LABEL_SIZE + 1)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy")
+    ax_miou.set(xlabel="epoch", ylabel="mIoU")
     for ax in (ax_loss, ax_miou):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if ax.lines: ax.legend(fontsize=7)
+    if several:  # one legend for the figure: a colour per run, a line style per loss
+        from matplotlib.lines import Line2D
+        labels = list(dict.fromkeys(frame.label))
+        handles = [Line2D([], [], color=f"C{i}", marker=".", label=_wrap(l, 3.5, LEGEND_SIZE)) for i, l in enumerate(labels)]
+        handles += [Line2D([], [], color="0.3", linestyle="--", label="train loss"), Line2D([], [], color="0.3", label="val loss")]
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), fontsize=LEGEND_SIZE, frameon=False)
+    else:
+        for ax in (ax_loss, ax_miou):
+            if ax.lines: ax.legend(fontsize=LEGEND_SIZE)
     if frame.empty: ax_loss.text(0.5, 0.5, "no finished epoch yet", ha="center", transform=ax_loss.transAxes)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title, fig.get_figwidth() - 0.5), fontsize=TITLE_SIZE)
     return fig
 
 def plot_class_iou(frame: pd.DataFrame, # `class_iou_frame`
                    title: str = "") -> Figure:
     "Grouped bars of IoU per class, one colour per column; NaN (class absent) leaves a gap."
-    fig, ax = _figure(width=11, height=3.8)
+    fig, ax = _figure(width=11, height=4.2)
     n = max(frame.shape[1], 1)
     width = 0.8 / n
     x = np.arange(len(frame))
     for i, col in enumerate(frame.columns):
-        ax.bar(x + (i - (n - 1) / 2) * width, frame[col].fillna(0).where(frame[col].notna(), np.nan), width, label=col, color=f"C{i}")
-    ax.set_xticks(x, frame.index, rotation=70, fontsize=7, ha="right")
-    ax.set(ylabel="IoU", ylim=(0, 1), title=title)
+        label = str(col) + (" (no result)" if frame[col].isna().all() else "")  # a failed run: said, not drawn as zeros
+        ax.bar(x + (i - (n - 1) / 2) * width, frame[col].fillna(0).where(frame[col].notna(), np.nan), width,
+               label=_wrap(label, 3.8, LEGEND_SIZE), color=f"C{i}")
+    ax.set_xticks(x, frame.index, rotation=70, fontsize=LABEL_SIZE - 1, ha="right", rotation_mode="anchor")
+    ax.set(ylabel="IoU", ylim=(0, 1), xlim=(-0.6, len(frame) - 0.4))
     ax.grid(axis="y", alpha=0.3)
-    if frame.shape[1]: ax.legend(fontsize=7)
+    # the title on the left, the legend on the right, both above the bars: neither hides one
+    ax.set_title(_wrap(title, 6), fontsize=TITLE_SIZE, loc="left")
+    if frame.shape[1]:
+        ax.legend(loc="lower right", bbox_to_anchor=(1, 1.01), borderaxespad=0, fontsize=LEGEND_SIZE, frameon=False)
     return fig
 
 def plot_class_epochs(frame: pd.DataFrame, # `class_epochs_frame`
                       title: str = "") -> Figure:
     "Validation IoU of selected classes over epochs, in the classes' palette colours."
-    fig, ax = _figure(width=7, height=3.8)
+    fig, ax = _figure(width=7.5, height=3.8)
     for c in frame.columns:
         ax.plot(frame.index, frame[c], marker=".", label=c, color=PALETTE[CLASS_NAMES.index(c)] / 255)
-    ax.set(xlabel="epoch", ylabel="validation IoU", ylim=(0, 1), title=title)
+    ax.set(xlabel="epoch", ylabel="validation IoU", ylim=(0, 1))
+    ax.set_title(_wrap(title, 6), fontsize=TITLE_SIZE)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    if len(frame.columns): ax.legend(fontsize=7, ncols=2)
+    if len(frame.columns): _legend_beside(ax)
     return fig
 
 # %% ../nbs/50_analysis.ipynb #a748103e
+def _percent(value: float, _=None) -> str:
+    "A share as a percentage with as many decimals as it needs: 100%, 1%, 0.01%."
+    if value <= 0: return "0%"
+    return f"{value * 100:.{max(0, -math.floor(math.log10(value * 100) + 1e-9))}f}%"
+
+def _restyle(fig: Figure, ax, title: str, legend_loc: str | None = None) -> Figure:
+    "Our title instead of the data module's (which names the data: our footer does), our fonts, constrained layout."
+    ax.set_title(_wrap(title, fig.get_figwidth() - 1), fontsize=TITLE_SIZE)
+    ax.xaxis.label.set_size(LABEL_SIZE + 1); ax.yaxis.label.set_size(LABEL_SIZE + 1)
+    if legend_loc and ax.get_legend() is not None:
+        ax.legend(fontsize=LEGEND_SIZE, frameon=False, loc=legend_loc)
+    fig.set_layout_engine("constrained")  # the data module's tight_layout does not know our footer
+    return fig
+
 def plot_void_share(stats: pd.DataFrame, # per-image statistics (`data_summary(out)["image_statistics"]`)
                     title: str = "") -> Figure:
     "F11: histogram of the share of unlabeled (void) pixels per image (`sun_seg.data.analysis.plot_void_share`)."
     from sun_seg.data import analysis as data_analysis
     fig, ax = _figure(width=7, height=3.8, layout=None)  # it lays the figure out itself
-    data_analysis.plot_void_share(stats, title, ax=ax)
-    return fig
+    data_analysis.plot_void_share(stats, "", ax=ax)
+    return _restyle(fig, ax, title, legend_loc="best")
 
 def plot_class_frequency(classes: pd.DataFrame, # per-class statistics (`data_summary(out)["class_statistics"]`)
                          title: str = "") -> Figure:
     "F-imb: each class's share of the labelled pixels (`sun_seg.data.analysis.plot_class_frequency`)."
     from sun_seg.data import analysis as data_analysis
-    fig, ax = _figure(width=11, height=4.2, layout=None)
-    data_analysis.plot_class_frequency(classes, title, ax=ax)
+    fig, ax = _figure(width=11, height=4.4, layout=None)
+    data_analysis.plot_class_frequency(classes, "", ax=ax)
+    _restyle(fig, ax, "")
+    ax.set_title(_wrap(title, 5.5), fontsize=TITLE_SIZE, loc="left")  # the legend takes the right, above the dots
+    ax.legend(loc="lower right", bbox_to_anchor=(1, 1.01), borderaxespad=0, ncols=2, fontsize=LEGEND_SIZE, frameon=False)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_percent))
+    ax.tick_params(axis="x", labelsize=LABEL_SIZE - 1)
     return fig
 
-# %% ../nbs/50_analysis.ipynb #8def0eb8
+# %% ../nbs/50_analysis.ipynb #d6270260
 def plot_predictions(sample: dict, # `load_qualitative`
                      title: str = "") -> Figure:
     "Image, ground truth and each model's prediction in the 37-class palette, with a legend of the classes shown."
     panels = [("image", sample["image"]), ("ground truth", colorize(sample["target"]))]
     panels += [(label, colorize(pred)) for label, pred in sample["predictions"].items()]
-    fig, axes = _figure(width=3 * len(panels) + 2.2, height=3.4, ncols=len(panels))
-    for ax, (name, img) in zip(np.atleast_1d(axes), panels):
-        ax.imshow(img, interpolation="nearest")
-        ax.set_title(name, fontsize=8, wrap=True)
-        ax.set_axis_off()
     shown = np.unique(np.concatenate([sample["target"].ravel()] + [p.ravel() for p in sample["predictions"].values()]))
     handles = [Patch(color=PALETTE[c] / 255, label=CLASS_NAMES[c]) for c in shown if c < NUM_CLASSES]
     handles.append(Patch(color="black", label="void (not scored)"))
-    fig.legend(handles=handles, loc="outside right center", fontsize=7, frameon=False)
-    fig.suptitle(title, fontsize=10)
+    height, panel = 3.6, 3.0
+    rows = int((height - 0.9) * 72 / (LEGEND_SIZE * 1.75))  # legend rows that fit beside the panels
+    columns = math.ceil(len(handles) / rows)  # up to 38 classes: more columns, never a legend cut off
+    fig, axes = _figure(width=panel * len(panels) + 1.3 * columns + 0.2, height=height, ncols=len(panels))
+    for ax, (name, img) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(_wrap(name, panel - 0.2, LABEL_SIZE), fontsize=LABEL_SIZE)
+        ax.set_axis_off()
+    fig.legend(handles=handles, loc="outside right center", fontsize=LEGEND_SIZE, frameon=False, ncols=columns,
+               handlelength=1.2, columnspacing=0.8)
+    fig.suptitle(_wrap(title, fig.get_figwidth() - 0.5), fontsize=TITLE_SIZE)
     return fig
 
 # %% ../nbs/50_analysis.ipynb #7f83d610
@@ -628,11 +703,11 @@ def save_figure(fig: Figure, folder: str | os.PathLike, name: str, note: str | N
                 formats: Iterable[str] = ("png", "svg")) -> list[Path]:
     "Add the footer `note`, write `folder/name.<format>` atomically for each format; returns the paths."
     if note:
-        lines = math.ceil(len(note) / (19 * fig.get_figwidth()))  # about 19 characters per inch at 6 pt
-        margin = (0.1 + 0.11 * lines) / fig.get_figheight()  # the footer's height, kept clear by the layout
+        note = "\n".join(_fill(note, fig.get_figwidth() - 0.15, 7))  # 7 pt, within the figure's width
+        margin = (0.08 + 0.125 * (note.count("\n") + 1)) / fig.get_figheight()  # the footer's height, kept clear by the layout
         try: fig.get_layout_engine().set(rect=(0, margin, 1, 1 - margin))
         except (NotImplementedError, AttributeError): fig.tight_layout(rect=(0, margin, 1, 1 - margin))  # a figure laid out once already
-        fig.text(0.005, 0.004, note, fontsize=6, color="0.35", ha="left", va="bottom", wrap=True)
+        fig.text(0.005, 0.006, note, fontsize=7, color="0.35", ha="left", va="bottom")
     paths = []
     for fmt in formats:
         path = safe_child(folder, f"{name}.{fmt}", "figure name")
@@ -700,7 +775,7 @@ def _fingerprint(data: Any, *extra) -> str:
 def _code_version(plot: Callable) -> str:
     "A hash of the code that draws a figure: a figure is redrawn when its plotting code changed."
     import inspect
-    return stable_hash([inspect.getsource(f) for f in (plot, save_figure, _figure)])
+    return stable_hash([inspect.getsource(f) for f in (plot, save_figure, _figure, _wrap, _fill, _text_width, _legend_beside, _restyle, _percent)])
 
 def _cached(previous: dict, key: str, fingerprint: str, paths: Iterable[str]) -> bool:
     return previous.get(key) == fingerprint and all(Path(p).is_file() for p in paths)
@@ -726,8 +801,20 @@ def build_figures(out: str | os.PathLike, folder: str | os.PathLike, note: str, 
             if spec["kind"] == "predictions":
                 entry["caption"] = (f"{data['split']} image {data['image_id']} (pick: {data['pick']}); "
                                     + "; ".join(f"{k}: pixel accuracy {v:.3f}" for k, v in data.get("pixel_accuracy", {}).items()))
+            elif spec.get("runs"):
+                entry["caption"] = _without_result(out, spec["runs"])
         results.append(entry)
     return results
+
+def _without_result(out: Path, names: Iterable[str]) -> str | None:
+    "The figure's runs that have no result to show, with their status and reason (a missing curve is said, not hidden)."
+    parts = []
+    for name, (label, run_ids) in figure_runs(out, names).items():
+        if not run_ids: parts.append(f"{label}: no configuration selected yet")
+        for run_id in run_ids:
+            status, reason = run_state(out, run_id)
+            if status != "completed": parts.append(f"{label} ({status}{': ' + reason if reason else ''})")
+    return "Not shown or incomplete: " + "; ".join(parts) if parts else None
 
 def build_run_figures(out: str | os.PathLike, folder: str | os.PathLike, runs: pd.DataFrame, note: str,
                       previous: dict | None = None) -> dict:

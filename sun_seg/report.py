@@ -32,20 +32,24 @@ from html.parser import HTMLParser
 
 _REMOTE = re.compile(r"^\s*(?:[a-z][a-z0-9+.-]*:)?//", re.I)
 _CSS_REMOTE = re.compile(r"""(?:url\(\s*["']?|@import\s+["']?)\s*(?:[a-z][a-z0-9+.-]*:)?//""", re.I)
-_FETCHED = {"src", "srcset", "poster", "data", "background", "xlink:href", "formaction", "action"}
+_FETCHED = {"src", "srcset", "poster", "data", "background", "xlink:href", "formaction", "action", "href"}
+_ACTIVE = {"script", "iframe", "frame", "frameset", "object", "embed", "applet", "base", "form", "portal"}
+_CODE_URL = re.compile(r"^[\s\x00-\x1f]*(?:j[\s\x00-\x1f]*a[\s\x00-\x1f]*v[\s\x00-\x1f]*a[\s\x00-\x1f]*|vb)s[\s\x00-\x1f]*c[\s\x00-\x1f]*r[\s\x00-\x1f]*i[\s\x00-\x1f]*p[\s\x00-\x1f]*t[\s\x00-\x1f]*:", re.I)
 
 class _ResourceFinder(HTMLParser):
-    "Collects the references of real tags (not text) that a browser would fetch."
+    "Collects what real tags (not text) would fetch from outside, link to outside, or run."
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.found, self._style = [], False
 
     def handle_starttag(self, tag, attrs):
-        if tag == "script": self.found.append("<script>")
+        if tag in _ACTIVE: self.found.append(f"<{tag}>")
         if tag == "style": self._style = True
         for name, value in attrs:
+            if name.startswith("on"): self.found.append(f"<{tag} {name}=...>")  # an event handler is code
             if value is None: continue
-            if (name in _FETCHED or (name == "href" and tag in ("link", "image", "use"))) and _REMOTE.match(value):
+            if name in _FETCHED and _CODE_URL.match(value): self.found.append(f"<{tag} {name}={value!r}>")
+            elif name in _FETCHED and _REMOTE.match(value):
                 self.found.append(f"<{tag} {name}={value!r}>")
             elif name == "style" and _CSS_REMOTE.search(value): self.found.append(f"<{tag} style={value!r}>")
             elif tag == "meta" and name == "content" and re.search(r"url\s*=\s*(?:[a-z]+:)?//", value, re.I):
@@ -58,7 +62,7 @@ class _ResourceFinder(HTMLParser):
         if self._style: self.found += [f"<style> {data[m.start():m.end() + 30]!r}" for m in _CSS_REMOTE.finditer(data)]
 
 def offline_problems(site: str | os.PathLike) -> list[str]:
-    "Every `file: reference` in a built site that would make a browser fetch something from outside it."
+    "Every `file: reference` in a built site that would make a browser fetch or link outside it, or run code."
     problems = []
     for path in sorted(Path(site).rglob("*")):
         suffix = path.suffix.lower()
@@ -80,10 +84,20 @@ _ALLOWED_TAGS = {"a", "abbr", "b", "blockquote", "br", "caption", "code", "dd", 
                  "th", "thead", "tr", "u", "ul"}
 _PLAIN_ATTRS = {"class", "id", "title", "alt", "colspan", "rowspan", "align", "width", "height"}
 
+_RASTER = re.compile(r"^data:image/(?:png|jpeg|gif|webp);base64,[a-z0-9+/=\s]*$", re.I)  # not SVG: it can hold scripts
+
+def _local(value: str) -> bool:
+    "A reference within the site: no scheme (`http:`, `javascript:`, `data:`) and no `//host`."
+    from urllib.parse import urlsplit
+    value = re.sub(r"[\x00-\x20]", "", value)  # browsers ignore spaces and control characters inside a scheme
+    try: parts = urlsplit(value)
+    except ValueError: return False
+    return not parts.scheme and not parts.netloc and not value.startswith("//") and not _REMOTE.match(value)
+
 def _attribute_allowed(tag: str, name: str, value: str) -> bool:
     if name in _PLAIN_ATTRS: return True
-    if tag == "a" and name == "href": return True  # a link is fetched only when clicked
-    if tag == "img" and name == "src": return value.startswith("data:image/") or not _REMOTE.match(value) and ":" not in value.split("/")[0]
+    if tag == "a" and name == "href": return _local(value)  # an outside link is dropped: its text stays
+    if tag == "img" and name == "src": return bool(_RASTER.match(value)) or _local(value)
     return False
 
 def neutralize_html(text: str) -> str:
@@ -91,7 +105,7 @@ def neutralize_html(text: str) -> str:
     import bleach
     text = re.sub(r"<(script|style)\b.*?</\1\s*>", "", text, flags=re.I | re.S)  # their content is not text to show
     return bleach.clean(text, tags=_ALLOWED_TAGS, attributes=_attribute_allowed,
-                        protocols=["http", "https", "mailto", "data"], strip=True, strip_comments=True)
+                        protocols=["http", "https", "data"], strip=True, strip_comments=True)  # http(s): relative links pass
 
 # %% ../nbs/51_report.ipynb #00745cc0
 _PYGMENTS = HtmlFormatter(cssclass="highlight")
@@ -109,8 +123,8 @@ def executed_notebook_html(path: str | os.PathLike) -> Markup:
 _markdown = mistune.create_markdown(escape=True, plugins=["table", "strikethrough"])
 
 def markdown_html(text: str) -> Markup:
-    "Markdown (raw HTML escaped) as HTML."
-    return Markup(_markdown(text))
+    "Markdown (raw HTML escaped) as HTML; its links to outside the site become their text."
+    return Markup(neutralize_html(_markdown(text)))
 
 def code_html(code: str) -> Markup:
     "Python source highlighted by Pygments."

@@ -17,14 +17,14 @@ from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, SunSegEr
                           check_choice, data_label, read_json, safe_child, safe_name, stable_hash)
 
 # %% auto #0
-__all__ = ['TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'PRETRAIN_KEYS', 'FINAL_STATUSES', 'STUDY_RECORD', 'read_yaml',
-           'RunEntry', 'Evaluation', 'Effect', 'FigureSpec', 'Profile', 'Study', 'parse_study', 'load_study',
-           'default_study_path', 'GridRun', 'resolve_params', 'resolve_grid', 'parse_shard', 'select_runs',
-           'run_status', 'read_metrics', 'run_state', 'RunLock', 'run_grid', 'SimulatedTrainer', 'simulated_evaluate',
-           'select_best', 'run_evaluations', 'study_record', 'write_study_record', 'read_study_record', 'record_runs',
-           'record_evaluations', 'simulate_study', 'engine_identify', 'data_of', 'papermill_trainer',
-           'inprocess_trainer', 'pretrain_folder', 'pretrain_upernet', 'save_predictions', 'save_data_summary',
-           'default_out_dir', 'run_study', 'add_cli']
+__all__ = ['MAX_YAML_VALUES', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'PRETRAIN_KEYS', 'FINAL_STATUSES',
+           'STUDY_RECORD', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect', 'FigureSpec', 'Profile', 'Study',
+           'parse_study', 'load_study', 'default_study_path', 'GridRun', 'resolve_params', 'resolve_grid',
+           'parse_shard', 'select_runs', 'run_status', 'read_metrics', 'run_state', 'RunLock', 'run_grid',
+           'SimulatedTrainer', 'simulated_evaluate', 'select_best', 'run_evaluations', 'study_record',
+           'write_study_record', 'read_study_record', 'record_runs', 'record_evaluations', 'simulate_study',
+           'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer', 'pretrain_folder',
+           'pretrain_upernet', 'save_predictions', 'save_data_summary', 'default_out_dir', 'run_study', 'add_cli']
 
 # %% ../nbs/40_study.ipynb #0106750d
 class _StrictLoader(yaml.SafeLoader):
@@ -43,15 +43,36 @@ def _construct_mapping(loader, node, deep=False):
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
+MAX_YAML_VALUES = 100_000  # a study file has hundreds; anchors and aliases could make billions (the "billion laughs")
+
+def _count_values(data: Any, limit: int) -> int:
+    "Values in `data` with every alias expanded, counting up to just past `limit` (shared subtrees count each time)."
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict): stack += [*value.keys(), *value.values()]
+        elif isinstance(value, list): stack += value
+    return count
+
 def read_yaml(path: str | os.PathLike) -> Any:
-    "Read a YAML data file safely (no Python objects, no duplicate keys), naming the file in every error."
+    "Read a YAML data file safely (no Python objects, no duplicate keys, bounded size), naming the file in every error."
     path = Path(path)
+    if path.is_dir(): raise DataError("is a folder; pass the study file itself with --study FILE (e.g. reports/study.yaml)", path)
     if not path.is_file():
         raise DataError("study file not found; pass --study FILE (the repository's is reports/study.yaml)", path)
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
+        with open(path, encoding="utf-8") as f:  # a file object: YAML's error marks name the file
+            data = yaml.load(f, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         raise DataError(f"not a valid study file: {e}", path) from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"not a text file in UTF-8 ({e}); a study file is YAML text", path) from None
+    if data is None: raise DataError("is empty; a study file declares `study:`, `seeds:`, `profiles:` and `runs:`", path)
+    if _count_values(data, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise DataError(f"expands to more than {MAX_YAML_VALUES:,} values (YAML anchors and aliases repeated inside "
+                        "each other?); write the study out plainly", path)
+    return data
 
 # %% ../nbs/40_study.ipynb #4d9addc6
 @dataclass(frozen=True)
@@ -366,6 +387,13 @@ def resolve_params(study: Study, profile: Profile, entry: RunEntry, seed: int, #
     return params
 
 # %% ../nbs/40_study.ipynb #5015a89e
+def _origin(study: Study, profile: Profile, i: int, entry: RunEntry, name: str) -> str:
+    "Where in the study file a training parameter of entry `i` was set: the entry, the profile or the defaults."
+    if name in entry.params: return f"runs[{i}] ({entry.name}).params.{name}"
+    if name in profile.params: return f"profiles.{profile.name}.params.{name} (for runs[{i}] ({entry.name}))"
+    if name in study.defaults: return f"defaults.{name} (for runs[{i}] ({entry.name}))"
+    return f"runs[{i}] ({entry.name}).params.{name}"
+
 def resolve_grid(study: Study, # the parsed study file
                  profile: str | Profile, # a profile name of the study, or a `Profile`
                  identify: Callable[[dict], str], # resolved parameters -> run id (validates them too)
@@ -385,7 +413,7 @@ def resolve_grid(study: Study, # the parsed study file
             try:
                 run_id = identify(params)
             except ParameterError as e:
-                raise ParameterError(f"runs[{i}] ({entry.name}).params.{e.name}", str(e).split(": ", 1)[-1],
+                raise ParameterError(_origin(study, profile, i, entry, e.name), str(e).split(": ", 1)[-1],
                                      f"{study.path}, profile {profile.name}") from None
             if run_id in seen:
                 raise ParameterError(f"runs[{i}] ({entry.name})",
@@ -404,6 +432,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
         i, n = (int(x) for x in str(text).split("/"))
     except ValueError:
         raise ParameterError("shard", f"got {text!r}; write i/n, e.g. 2/4 for the second of four slices") from None
+    if n < 1: raise ParameterError("shard", f"got {text!r}; n, the number of slices, must be at least 1")
     if not 1 <= i <= n: raise ParameterError("shard", f"got {text!r}; i must be between 1 and n")
     return i, n
 
@@ -555,9 +584,12 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
                 status, reason = "failed", reason or f"the training ended with status {status!r}"
         except KeyboardInterrupt:
             seconds = time.monotonic() - start
-            _write_record(grid_dir, run, status="interrupted", reason="interrupted (Ctrl-C or a stop signal)",
-                          seconds=seconds, finished=time.time(), attempts=record["attempts"] + 1)
-            outcome.update(status="interrupted", action=action, seconds=seconds, reason="interrupted")
+            done = read_metrics(run_dir).get("epochs_completed") if run_dir.is_dir() else None
+            why = (f"interrupted (Ctrl-C or a stop signal){'' if done is None else f' after {done} finished epoch(s)'}; "
+                   "run the same command again to resume it")
+            _write_record(grid_dir, run, status="interrupted", reason=why, seconds=seconds, finished=time.time(),
+                          attempts=record["attempts"] + 1)
+            outcome.update(status="interrupted", action=action, seconds=seconds, reason=why)
             log(f"{head}: interrupted after {_fmt_seconds(seconds)}; run the same command again to resume it")
             raise
         except Exception as e:  # a failed run is a result of the grid, not the end of it
@@ -948,7 +980,8 @@ def _run_label(name: str, record: dict, selections: dict) -> str:
     evaluations = {e["name"]: e for e in record["evaluations"]}
     entry = selections[name]["entry"] if name in evaluations else name
     row = None if entry is None else (entries[entry]["tables"].get("T2") or next(iter(entries[entry]["tables"].values())))
-    model = {"unet": "U-Net", "upernet": "ConvNeXt"}.get(entries[entry]["params"].get("model")) if entry else None
+    params = next((r["params"] for r in record["runs"] if r["entry"] == entry), {})  # as resolved: defaults included
+    model = {"unet": "U-Net", "upernet": "ConvNeXt"}.get(params.get("model")) if entry else None
     return f"{evaluations[name]['label']}: {row}" if name in evaluations else f"{model}: {row}"
 
 # %% ../nbs/40_study.ipynb #cbe6f8ee
@@ -1082,7 +1115,7 @@ def default_out_dir(profile: Profile) -> Path:
     "`reports/demo` for the demo profile, `reports/sunrgbd` for the study's own (`full`), else `reports/<profile>`."
     return Path("reports") / {"demo": "demo", "full": "sunrgbd"}.get(profile.name, profile.name)
 
-def _profile_data(profile: Profile, data_dir: str | os.PathLike | None, log) -> str:
+def _profile_data(profile: Profile, data_dir: str | os.PathLike | None, log, source: str | None = None) -> str:
     "The dataset folder of a profile: the demo dataset (generated on first use) or SUN RGB-D from --data / $SUN_SEG_DATA."
     from sun_seg.core import DATA_ENV
     if profile.data == "demo":
@@ -1091,7 +1124,7 @@ def _profile_data(profile: Profile, data_dir: str | os.PathLike | None, log) -> 
         try:
             return str(demo_root(**profile.demo_data))
         except TypeError as e:
-            raise ParameterError(f"profiles.{profile.name}.demo_data", f"{e}; see sun_seg.data.demo.demo_root") from None
+            raise ParameterError(f"profiles.{profile.name}.demo_data", f"{e}; see sun_seg.data.demo.demo_root", source) from None
     root = data_dir or os.environ.get(DATA_ENV)
     if not root:
         raise ParameterError("data", f"profile {profile.name!r} runs on SUN RGB-D: pass --data DIR (any supported form) or set "
@@ -1117,6 +1150,16 @@ def _pretrain(profile: Profile, device: str | None, log, make: bool = True) -> t
     return str(folder), record
 
 # %% ../nbs/40_study.ipynb #47fdd496
+def _check_out(out: Path) -> Path:
+    "Refuse an output folder that is, or lies under, a file, before anything is written."
+    existing = next((p for p in (out.absolute(), *out.absolute().parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ParameterError("out", f"{str(out)!r} cannot be the study's output folder: {existing} is a file; pass a folder with --out")
+    return out
+
+def _number(value) -> float:
+    return math.nan if value is None or isinstance(value, bool) else float(value)
+
 def _summary_table(out: Path, runs: list[GridRun], outcomes: list[dict]) -> str:
     import pandas as pd
     acted = {o["run_id"]: o for o in outcomes}
@@ -1126,8 +1169,8 @@ def _summary_table(out: Path, runs: list[GridRun], outcomes: list[dict]) -> str:
         status, reason = run_state(out, r.run_id)
         o = acted.get(r.run_id, {})
         rows.append({"entry": r.entry, "seed": r.seed, "status": status, "this time": o.get("action", "not in slice"),
-                     "best epoch": m.get("best_epoch"), "val mIoU": m.get("best_val_miou"),
-                     "test mIoU": (m.get("test") or {}).get("miou"),
+                     "best epoch": _number(m.get("best_epoch")), "val mIoU": _number(m.get("best_val_miou")),
+                     "test mIoU": _number((m.get("test") or {}).get("miou")),
                      "minutes": round(o["seconds"] / 60, 1) if o.get("seconds") else None,
                      "why": (reason or "")[:60] if status not in ("completed",) else ""})
     frame = pd.DataFrame(rows)
@@ -1154,8 +1197,8 @@ def run_study(study: str | os.PathLike | Study | None = None, # the study file (
     if profile not in study.profiles:
         raise ParameterError("profile", f"got {profile!r}; {study.path} defines {', '.join(study.profiles)}")
     prof = study.profiles[profile]
-    out = Path(out) if out else default_out_dir(prof)
-    root = _profile_data(prof, data_dir, log)
+    out = _check_out(Path(out) if out else default_out_dir(prof)).resolve()  # `a/../b` must not create `a`
+    root = _profile_data(prof, data_dir, log, str(study.path))
     pretrain_dir, _ = _pretrain(prof, device, log, make=False)
     runs = resolve_grid(study, prof, engine_identify(out / "runs"), data_dir=root, pretrain_dir=pretrain_dir)  # validates: before any training
     data = data_of({**runs[0].params, "out_dir": str(out / "runs")})
@@ -1200,7 +1243,12 @@ def _sigterm_as_interrupt(signum, frame):
 
 def _study_command(args) -> int:
     import signal
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a cluster's stop: record the run as interrupted, resume later
+    # a cluster's stop (SIGTERM) as Ctrl-C: the current run is recorded as interrupted and resumes later
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try: return _study(args)
+    finally: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+def _study(args) -> int:
     shard = parse_shard(args.shard)
     profile = "demo" if args.demo else args.profile
     start = time.time()
@@ -1217,7 +1265,9 @@ def _study_command(args) -> int:
         from sun_seg.report import build_site  # the command goes on to the report; the library never imports it
         site = build_site(result["out"])
         print(f"report: {site / 'index.html'}")
-    print(f"sun-seg study: {len(result['outcomes'])} runs in this invocation, {len(failed)} not finished; "
+    retry = (f" ({', '.join(o['entry'] + ': ' + o['status'] for o in failed)}; the same command again retries them)"
+             if failed else "")
+    print(f"sun-seg study: {len(result['outcomes'])} runs in this invocation, {len(failed)} not finished{retry}; "
           f"total {time.time() - start:.0f} s")
     return 1 if failed else 0
 
