@@ -22,21 +22,10 @@ from .sunrgbd import (CacheReader, SampleRecord, SunRGBD, SunRGBDReader, _probe_
                                   open_reader)
 
 # %% auto #0
-__all__ = ['STAT_COLUMNS', 'parse_size', 'resize_pair', 'prepare_sample', 'stats_row', 'image_statistics', 'prepare', 'add_cli']
+__all__ = ['STAT_COLUMNS', 'resize_pair', 'prepare_sample', 'stats_row', 'image_statistics', 'prepare', 'add_cli']
 
 # %% ../../nbs/01b_data.prepare.ipynb #c20ee188
-def parse_size(size, name: str = "size") -> tuple[int, int] | None:
-    "None, an (H, W) pair, one int or an 'HxW' string as `(H, W)` (None keeps every image's own size)."
-    if size is None: return None
-    if isinstance(size, str):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", size)
-        if not m: raise ParameterError(name, f"got {size!r}; write it as HxW (height x width), e.g. 240x320")
-        size = (int(m[1]), int(m[2] or m[1]))
-    elif isinstance(size, int) and not isinstance(size, bool): size = (size, size)
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in size)):
-        raise ParameterError(name, f"got {size!r}; expected None, (H, W) with positive ints, or 'HxW'")
-    return int(size[0]), int(size[1])
+from .transforms import parse_size  # one reading of sizes for the whole library: "HxW", int or (H, W)
 
 # %% ../../nbs/01b_data.prepare.ipynb #808a3448
 def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -280,7 +269,7 @@ def prepare(src: str | os.PathLike, # SUN RGB-D in any form (official, preproces
             progress: bool = True, # show a progress bar
            ) -> Path:
     "Decode, check and store every sample of `src` in a memory-mapped cache at `out`; returns `out`."
-    size = parse_size(size)
+    size = None if size is None else parse_size(size)  # None keeps every image's own size
     if workers is None: workers = min(os.cpu_count() or 1, 8)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ParameterError("workers", f"got {workers!r}; expected an int >= 0")
