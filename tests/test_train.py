@@ -266,6 +266,24 @@ def test_cuda_run(data, tmp_path, extra):
     assert next(model.parameters()).is_cuda
 
 
+@pytest.mark.slow
+def test_compiled_run_on_cpu_matches_eager(data, tmp_path):
+    """`compile=True` on the CPU (inductor, C++ kernels): the same run folder contract and, up to the rounding of fused
+    kernels, the same numbers as eager mode; its checkpoints load into a plain model."""
+    eager = fit(tiny_params(data, tmp_path / "eager", precision="fp32", epochs=2), progress=False)
+    compiled = fit(tiny_params(data, tmp_path / "compiled", precision="fp32", epochs=2, compile=True), progress=False)
+    assert compiled["status"] == "completed" and compiled["run_id"] == eager["run_id"]  # compile is not part of a run's identity
+    run = tmp_path / "compiled" / compiled["run_id"]
+    assert json.loads((run / "environment.json").read_text())["compile"] is True
+    for a, b in zip(_history_numbers(tmp_path / "eager" / eager["run_id"]), _history_numbers(run)):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3), a["epoch"]
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-2), a["epoch"]
+    plain = load_run_model(run)  # keys saved without torch.compile's `_orig_mod.` prefix
+    assert not any(k.startswith("_orig_mod") for k in plain.state_dict())
+    assert evaluate_run(run, split="val", which="best", device="cpu", progress=False)["miou"] == \
+        pytest.approx(compiled["best_val_miou"], abs=1e-6)
+
+
 def test_weighted_loss_uses_the_training_split_weights(data, tmp_path):
     from sun_seg.data.analysis import class_weights
     from sun_seg.data.sunrgbd import SunRGBD
