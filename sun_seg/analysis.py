@@ -431,6 +431,7 @@ def _rq3(out, t3, t5, runs) -> list[str]:
         verdict = f"Justified: {b.model} is better and reached its best in less training time than {a.model}."
     elif gain > 0:
         verdict = (f"{b.model} is better by {_f(gain)} mIoU and costs {_f(ratio, 'f2')}x the training time to its best epoch: "
+                   f"{_f(cb.device_hours - ca.device_hours, 'sci')} extra device-hours, i.e. "
                    f"{_f(gain / max(cb.device_hours - ca.device_hours, 1e-12), 'sci')} mIoU per extra device-hour.")
     else:
         verdict = f"Not justified on these runs: {b.model} is not better than {a.model} on the test split."
