@@ -21,9 +21,9 @@ __all__ = ['DTYPES', 'DTYPE_NAMES', 'BASELINE', 'EAGER_CONFIGS', 'TARGETS', 'SEC
            'SECTION_FIELDS', 'synchronize', 'time_alternating', 'time_calls', 'median', 'PeakMemory', 'state_bytes',
            'count_flops', 'measure_ceilings', 'find_ceiling', 'machine_info', 'Quietness', 'bench_dataset',
            'bench_data', 'StepConfig', 'engine_default_config', 'precision_choice', 'engine_trainer', 'bare_epoch',
-           'bench_train', 'bench_data_wait', 'per_class_loop_iou', 'engine_iou', 'torchmetrics_iou', 'bench_eval',
-           'largest_batch', 'bench_largest_batch', 'Target', 'evaluate_targets', 'render_markdown', 'bench_settings',
-           'check_record', 'run_bench', 'write_report', 'add_cli', 'latest_report']
+           'profile_step', 'bench_train', 'bench_data_wait', 'per_class_loop_iou', 'engine_iou', 'torchmetrics_iou',
+           'bench_eval', 'largest_batch', 'bench_largest_batch', 'Target', 'evaluate_targets', 'render_markdown',
+           'bench_settings', 'check_record', 'run_bench', 'write_report', 'add_cli', 'latest_report']
 
 # %% ../nbs/60_bench.ipynb #a2d996bb
 def synchronize(device: torch.device) -> None:
@@ -384,6 +384,22 @@ def bare_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     synchronize(device)
 
 # %% ../nbs/60_bench.ipynb #e485e875
+def profile_step(trainer, # an engine `Trainer` whose batches are in memory (see `bench_train`)
+                 device: torch.device,
+                 top: int = 6, # operators to keep
+                ) -> dict:
+    "Where one warm training epoch of `trainer` spends its time: torch.profiler's self time per operator, largest first."
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        trainer.train_epoch(1)
+        synchronize(device)
+    def self_time(e): return e.self_device_time_total if cuda else e.self_cpu_time_total
+    events = sorted(((e.key, self_time(e)) for e in prof.key_averages() if self_time(e) > 0), key=lambda kv: -kv[1])
+    total = sum(t for _, t in events)
+    return {"clock": "GPU" if cuda else "CPU", "steps": len(trainer.batches),
+            "ops": [{"op": name, "share": t / total} for name, t in events[:top]]}
+
 def bench_train(model: str, # "unet" or "upernet"
                 configs: list[StepConfig], # configurations to compare (the first is the baseline)
                 size: tuple[int, int], batch: int, device: torch.device,
@@ -393,6 +409,7 @@ def bench_train(model: str, # "unet" or "upernet"
                 warmup: int = 1, # untimed calls before the memory-measuring call (at least one)
                 repeats: int = 3,
                 bare_of: StepConfig | None = None, # also time the bare loop on this configuration's model
+                profile_of: StepConfig | None = None, # also profile this configuration's step (where its time goes)
                 options: dict | None = None, # other `TrainConfig` parameters (e.g. a narrow `unet_width` in tests)
                 log: Callable[[str], None] = lambda s: None,
                ) -> tuple[list[dict], dict | None]:
@@ -455,6 +472,7 @@ def bench_train(model: str, # "unet" or "upernet"
         loop = {"model": model, "config": bare_of.name, "steps": steps, "repeats": repeats,
                 "engine_seconds_per_step": engine_s, "bare_seconds_per_step": bare_s,
                 "overhead": engine_s / bare_s - 1, "seconds": {"engine": seconds[bare_of.name], "bare": seconds["bare"]}}
+    if profile_of in trainers: rows[profile_of]["profile"] = profile_step(trainers[profile_of], device)
     del trainers, fns
     gc.collect()
     if device.type == "cuda": torch.cuda.empty_cache()
@@ -776,6 +794,12 @@ def _md_train(result: dict) -> list[str]:
                  f"steps (so a change of load hits both). Peak "
                  f"memory: weights, gradients and optimizer state + the peak above them during a step "
                  f"({train['memory_method']}).")
+    for r in train["rows"]:
+        if not r.get("profile"): continue
+        p = r["profile"]
+        lines += ["", f"Where the {r['model']} {r['config']} step's time goes (torch.profiler, self {p['clock']} time "
+                      f"per operator over {p['steps']} steps; the largest {len(p['ops'])}):", ""]
+        lines += _table(["operator", "share of the step"], [[f"`{o['op']}`", _pct(o["share"])] for o in p["ops"]])
     return lines
 
 # %% ../nbs/60_bench.ipynb #68351bf0
@@ -955,6 +979,7 @@ def _train_section(result: dict, settings: dict, device: torch.device, cache_roo
                                  work_dir, tuple(settings["conv_shape"]), steps=settings["steps_per_timing"],
                                  warmup=settings["warmup"], repeats=settings["repeats"],
                                  bare_of=default if model == loop_model else None,
+                                 profile_of=default if model == loop_model else None,
                                  options=settings["model_options"].get(model), log=log)
         train["rows"] += rows
         if loop: result["loop"] = loop

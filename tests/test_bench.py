@@ -59,6 +59,11 @@ def test_train_rows_come_from_the_engine(tiny_run):
     assert tiny_run["train"]["precision_choice_correct"] is True
     loop = tiny_run["loop"]
     assert loop["config"] == tiny_run["train"]["engine_default"] and math.isfinite(loop["overhead"])
+    profiled = [r for r in rows if r.get("profile")]  # the engine default's step only
+    assert [r["config"] for r in profiled] == [tiny_run["train"]["engine_default"]]
+    shares = [o["share"] for o in profiled[0]["profile"]["ops"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert any("conv" in o["op"] for o in profiled[0]["profile"]["ops"])  # a U-Net step is mostly convolutions
 
 
 def test_data_and_eval_sections(tiny_run):
@@ -80,6 +85,7 @@ def test_targets_and_report(tiny_run):
     md = render_markdown(tiny_run)
     assert tiny_run["command"] in md and "native bf16" in md and "unet (unet_width=8" in md
     assert "Not measured (compile): torch.compile was not measured" in md
+    assert f"Where the unet {tiny_run['train']['engine_default']} step's time goes" in md
 
 
 def test_failed_section_is_recorded_not_raised(small_data):
