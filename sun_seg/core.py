@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #31fd143e
 from __future__ import annotations
-import contextlib, hashlib, json, os, platform, random, re, tempfile
+import contextlib, functools, hashlib, json, os, platform, random, re, tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -100,9 +100,13 @@ def normalize_images(images: torch.Tensor, # uint8 (N, 3, H, W) or (3, H, W) in 
     "uint8 images to float, scaled to 0..1 and normalised with `IMAGENET_MEAN` / `IMAGENET_STD`."
     x = images.float().div_(255)
     shape = (-1, 1, 1) if x.ndim == 3 else (1, -1, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(shape)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(shape)
-    return x.sub_(mean).div_(std)
+    mean, std = _mean_std(x.device)
+    return x.sub_(mean.view(shape)).div_(std.view(shape))
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: a fresh host-to-GPU copy on every batch would make the CPU wait for the GPU each step
+    return (torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device))
 
 # %% ../nbs/00_core.ipynb #ca79df5c
 def check_choice(name: str, value: Any, choices, source: str | None = None):

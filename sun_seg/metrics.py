@@ -36,9 +36,10 @@ def confusion_matrix(pred: torch.Tensor, # predicted classes (N, H, W), or logit
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}:"
                          " upsample the logits to the labels' size first")
-    if target.dtype == torch.uint8 and num_classes <= 256:
+    if target.dtype == torch.uint8 and num_classes <= 256 and ignore_index >= num_classes:
         # fast path (what the engine's loaders give): one index pass and one histogram. A uint8 target is 0..255,
-        # so every void or out-of-range label lands at index >= C*C and is cut off with the padding bins
+        # so every void or out-of-range label (the ignored one included, as it is >= C) lands at index >= C*C and
+        # is cut off with the padding bins
         # int32 arithmetic is enough (256 * C < 2**31) and halves the memory traffic of int64
         pred = pred.reshape(-1).to(device=target.device, dtype=torch.int32)
         if pred.device.type == "cpu":  # on the CPU a range check costs no host sync: refuse bad class ids

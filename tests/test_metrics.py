@@ -133,3 +133,12 @@ def test_fast_path_refuses_predicted_classes_out_of_range():
     with pytest.raises(ValueError, match="outside 0..36"):
         confusion_matrix(torch.full((2, 4, 4), 37), target)
     assert confusion_matrix(torch.zeros(0, 4, 4, dtype=torch.int64), torch.zeros(0, 4, 4, dtype=torch.uint8)).sum() == 0
+
+
+def test_uint8_target_with_an_ignored_class_inside_the_range():
+    """An `ignore_index` below `num_classes` (e.g. class 1 of 3 left out) is honoured for uint8 targets too."""
+    target = torch.tensor([[[0, 1, 2, 1]]])
+    pred = torch.tensor([[[0, 1, 2, 2]]])
+    general = confusion_matrix(pred, target, num_classes=3, ignore_index=1)
+    assert int(general.sum()) == 2
+    assert torch.equal(confusion_matrix(pred, target.to(torch.uint8), num_classes=3, ignore_index=1), general)
