@@ -13,7 +13,7 @@ import torch
 
 from ..core import (CLASS_NAMES, NUM_CLASSES, DataError, ParameterError, atomic_write_json, check_choice,
                           data_label, read_json, stable_hash, sun_seg_home)
-from .formats import write_error
+from .formats import cache_checksum, write_error
 from .prepare import STAT_COLUMNS, image_statistics
 from .sunrgbd import SunRGBD
 
@@ -151,15 +151,12 @@ def weights_cache_path(dataset: SunRGBD) -> Path:
     key = _weights_key(dataset)
     return sun_seg_home() / "class_weights" / f"{key['fingerprint'][:16]}-{key['split']}-{stable_hash(key, 10)}.json"
 
-def _record_checksum(record: dict) -> str:
-    return stable_hash({k: v for k, v in record.items() if k != "checksum"}, 64)
-
 def _cached_classes(path: Path, key: dict) -> pd.DataFrame | None:
     "The class statistics cached for `key`, or None when absent, damaged, edited or foreign (they are then recomputed)."
     if not path.is_file(): return None
     try:
         record = read_json(path)
-        if not isinstance(record, dict) or record.get("key") != key or record.get("checksum") != _record_checksum(record):
+        if not isinstance(record, dict) or record.get("key") != key or record.get("checksum") != cache_checksum(record):
             return None
         classes = pd.DataFrame(record["classes"]).set_index("class")
     except (DataError, ValueError, KeyError, TypeError): return None  # not JSON, not text, not the expected table
@@ -167,7 +164,7 @@ def _cached_classes(path: Path, key: dict) -> pd.DataFrame | None:
 
 def _cache_classes(path: Path, record: dict) -> None:
     "Write the record with its checksum; a folder that cannot be written is only a warning (the weights are recomputed next time)."
-    record["checksum"] = _record_checksum(record)
+    record["checksum"] = cache_checksum(record)
     try: atomic_write_json(path, record)
     except OSError as e:
         warnings.warn(f"class weights are not cached: {write_error(e, path.parent)}", stacklevel=3)

@@ -16,7 +16,7 @@ from fastcore.basics import patch
 from PIL import Image
 
 from ..core import (NUM_CLASSES, CLASS_NAMES, DATA_ENV, DataError, ParameterError, check_choice,
-                          raw_to_target, target_to_raw)
+                          raw_to_target, stable_hash, target_to_raw)
 from .formats import (
     FORMS, CACHE_FORMAT, CACHE_VERSION, CACHE_INDEX, CACHE_IMAGES, CACHE_LABELS, DEMO_MARKER, IMAGE_NAME, LABEL_NAME,
     LABELS_DIR, TEST_IMAGES_DIR, TEST_LIST, TRAIN_IMAGES_DIR, cache_checksum, detect_form, frame_key, official_files,
@@ -186,10 +186,6 @@ def _names_and_sizes(paths) -> list:
         except OSError: out.append([str(p), None])
     return out
 
-def _hash_json(obj) -> str:
-    import json
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
 # %% ../../nbs/01a_data.sunrgbd.ipynb #0a28bba5
 _NUMBERED = re.compile(r"^img-(\d{6})\.(jpg|png)$")
 
@@ -266,9 +262,9 @@ class PreprocessedReader(SunRGBDReader):
 
     def _compute_fingerprint(self):
         files = [Path(r.image_path) for r in self.records] + [Path(r.loc) for r in self.records]
-        return _hash_json({"form": self.form, "n_test": self.n_test,
+        return stable_hash({"form": self.form, "n_test": self.n_test,
                            "files": [[str(Path(p).relative_to(self.root)), s] for p, s in _names_and_sizes(files)],
-                           "lists": {k: _sha256_file(self.files[k]) if self.files[k] else None for k in ("train_list", "test_list")}})
+                           "lists": {k: _sha256_file(self.files[k]) if self.files[k] else None for k in ("train_list", "test_list")}}, 64)
 
 def _check_unique(records, root):
     seen = {}
@@ -429,10 +425,10 @@ class OfficialReader(SunRGBDReader):
 
     def _compute_fingerprint(self):
         frames = self.files["frames"]
-        return _hash_json({"form": self.form,
+        return stable_hash({"form": self.form,
                            "images": [[str(Path(p).relative_to(frames)), s] for p, s in _names_and_sizes(r.image_path for r in self.records)],
                            "seg": _sha256_file(self.files["seg"]), "meta": _sha256_file(self.files["meta"]),
-                           "split": _sha256_file(self.files["split"])})
+                           "split": _sha256_file(self.files["split"])}, 64)
 
 # %% ../../nbs/01a_data.sunrgbd.ipynb #cb19849d
 _PREPARE_AGAIN = "prepare the cache again from its source (`sun-seg prepare SRC OUT --overwrite`)"
