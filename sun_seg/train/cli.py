@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 
 import sun_seg
-from ..core import ParameterError, SunSegError, atomic_path
+from ..core import ParameterError, SunSegError, atomic_write_bytes
 from .config import TrainConfig
 from .engine import fit, plan_run
 from .notebook import NOTEBOOK_OUTPUT_ENV, save_notebook_copy
-from .runs import read_metrics
+from .runs import NOTEBOOK, read_metrics
 
 # %% auto #0
 __all__ = ['parse_value', 'parameters_from_pairs', 'main', 'default_template', 'run_notebook', 'add_cli']
@@ -144,7 +144,7 @@ def run_notebook(params: dict, # training parameters
     finished_before = bool(metrics) and metrics.get("status") == "completed"  # only its test is missing: keep its notebook
     if metrics and metrics.get("status") in ("completed", "diverged") and not (
             plan.config.test and metrics["status"] == "completed" and not metrics.get("test")):
-        print(f"{plan.run_id}: already {metrics['status']}; its notebook is {plan.run_dir / 'train.ipynb'}")
+        print(f"{plan.run_id}: already {metrics['status']}; its notebook is {plan.run_dir / NOTEBOOK}")
         return {**metrics, "run_dir": str(plan.run_dir)}
     template = Path(template) if template else default_template()
     if not template.is_file():
@@ -168,7 +168,7 @@ def run_notebook(params: dict, # training parameters
             if executed.is_file() and plan.run_dir.is_dir() and not finished_before:
                 save_notebook_copy(plan.run_dir, executed)
                 if output:
-                    with atomic_path(Path(output)) as t: t.write_bytes(executed.read_bytes())
+                    atomic_write_bytes(output, executed.read_bytes())
     return {**(read_metrics(plan.run_dir) or {}), "run_dir": str(plan.run_dir)}
 
 # %% ../../nbs/30e_train.cli.ipynb #25ad8156

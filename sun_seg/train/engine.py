@@ -26,7 +26,7 @@ from .config import (DEFAULT_FINETUNE, TrainConfig, apply_profile, resolve_data_
 from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, HISTORY, LAST_STATE, METRICS, PARAMS,
                                 checkpoint_path, environment_info, load_training_state, load_weights, read_history,
                                 read_metrics, rng_state, save_training_state, save_weights, set_rng_state,
-                                weights_metadata, write_history, _unwrap)
+                                weights_metadata, write_history, _RESTART, _unwrap)
 
 # %% auto #0
 __all__ = ['PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches', 'EvalBatches', 'EvalSamples',
@@ -348,18 +348,18 @@ def _plan(config: TrainConfig | dict, quiet: bool) -> RunPlan:
         from sun_seg.data.demo import demo_root
         if not quiet and _processes().main: print(DEMO_NOTICE, flush=True)
         root = Path(demo_root())
-    fit_split = _open_split(root, "fit")
-    kind = fit_split.info["kind"]
+    data_info = _open_split(root, "fit").info  # a property that counts every split: read it once
+    kind = data_info["kind"]
     used, changes = apply_profile(asked, kind)
     device = resolve_device(used.device)
     procs = _processes()
     if procs.distributed and device.type == "cuda": device = torch.device("cuda", procs.local_rank)
     dtype = resolve_precision(used.precision, device)
-    rid = run_id(used, fit_split.info, dtype)
+    rid = run_id(used, data_info, dtype)
     run_dir = safe_child(out_dir, rid, "run_name")  # never outside out_dir (no `..`, no symlink leading out)
     if run_dir.exists() and not run_dir.is_dir():
         raise ParameterError("run_name", f"{run_dir} is a file, not a run folder; choose another run_name or out_dir")
-    return RunPlan(used, asked, changes, root, kind, source, fit_split.info, device, dtype, rid, run_dir)
+    return RunPlan(used, asked, changes, root, kind, source, data_info, device, dtype, rid, run_dir)
 
 # %% ../../nbs/30c_train.engine.ipynb #9001d9eb
 @dataclass
@@ -611,7 +611,6 @@ def save_epoch(self: Trainer, improved: bool) -> None:
 
 _STATE_KEYS = {"epoch", "optimizer", "scheduler", "early_stopping", "history", "best_val", "rng", "identity",
                "wall_seconds", "train_seconds", "train_images", "stopped_early"}
-_RESTART = "delete the run folder and run the same command again to train this run from the start"
 
 @patch
 def resume(self: Trainer) -> bool:
@@ -774,7 +773,7 @@ def fit(config: TrainConfig | dict, # the run's parameters (a dict is checked li
     "Train (or resume, or report) one run; returns its `metrics.json` record plus `run_dir` and `trained` (False: it was finished already)."
     plan = plan or plan_run(config)
     procs = _processes()
-    existing = read_metrics(plan.run_dir) if (plan.run_dir / METRICS).is_file() else None
+    existing = read_metrics(plan.run_dir)
     if existing and (plan.run_dir / PARAMS).is_file():
         old = read_json(plan.run_dir / PARAMS)
         if old.get("identity") not in (None, stable_hash(run_identity(plan.config, plan.data_info, plan.dtype))):
@@ -842,10 +841,7 @@ def _profile(model: nn.Module, image_size, existing: dict | None) -> tuple[int |
     "Counted forward and training-step FLOPs per image (kept from the run's record when resuming)."
     if existing and existing.get("flops_per_image"):
         return existing["flops_per_image"], existing.get("train_flops_per_image")
-    try:
-        from sun_seg.models.profile import model_profile
-    except ImportError:
-        return None, None
+    from sun_seg.models.profile import model_profile
     p = model_profile(model, image_size)
     return p["flops_per_image"], p["train_flops_per_image"]
 

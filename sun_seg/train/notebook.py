@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..core import CLASS_NAMES, atomic_path
 from .engine import Callback
-from .runs import NOTEBOOK, read_history
+from .runs import HISTORY, NOTEBOOK, read_history
 
 # %% auto #0
 __all__ = ['NOTEBOOK_OUTPUT_ENV', 'plot_history', 'LivePlot', 'results_table', 'per_class_table', 'papermill_output_path',
@@ -75,7 +75,7 @@ class LivePlot(Callback):
     def on_fit_end(self, trainer, record: dict) -> None:
         if trainer is None and record and self.handle is None:  # a finished run: show what it recorded
             run_dir = record.get("run_dir")
-            if run_dir and (Path(run_dir) / "history.csv").is_file(): self._show(read_history(Path(run_dir) / "history.csv"))
+            if run_dir and (Path(run_dir) / HISTORY).is_file(): self._show(read_history(Path(run_dir) / HISTORY))
 
 # %% ../../nbs/30d_train.notebook.ipynb #f3138bd8
 def results_table(record: dict) -> pd.DataFrame:

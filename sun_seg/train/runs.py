@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 import sun_seg
-from ..core import (CLASS_NAMES, DataError, atomic_path, atomic_write_json, atomic_write_text, read_json)
+from ..core import (CLASS_NAMES, DataError, atomic_path, atomic_write_json, atomic_write_text, read_json,
+                          _FILE_MODE)
 
 # %% auto #0
 __all__ = ['PARAMS', 'DATA', 'ENVIRONMENT', 'HISTORY', 'METRICS', 'NOTEBOOK', 'CHECKPOINTS', 'BEST', 'LAST', 'LAST_STATE',
@@ -94,12 +95,6 @@ def weights_digest(model: torch.nn.Module) -> str:
     "SHA-256 of a model's weights and buffers (names, dtypes, shapes, values), whatever their memory layout."
     return _digest(_stored_tensors(model))
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-_FILE_MODE = 0o666 & ~_umask()
 _RESTART = "delete the run folder and run the same command again to train this run from the start"
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, **metadata) -> Path:
