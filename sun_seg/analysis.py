@@ -346,7 +346,7 @@ def _best(frame: pd.DataFrame, col: str) -> pd.Series | None:
     ok = frame[frame[col].notna()]
     return None if ok.empty else ok.loc[ok[col].idxmax()]
 
-def _rq1(record, runs, t1, t2, t4) -> list[str]:
+def _rq1(runs, t1, t2, t4) -> list[str]:
     lines = []
     p = runs.groupby("entry", sort=False).first()
     t1f = t1.frame.assign(lr=[p.loc[e, "lr"] for e in t1.frame.entry], scheduler=[p.loc[e, "scheduler"] for e in t1.frame.entry])
@@ -384,7 +384,7 @@ def _rq1(record, runs, t1, t2, t4) -> list[str]:
     return lines or ["No finished runs yet."]
 
 # %% ../nbs/50_analysis.ipynb #773abae8
-def _rq2(out, t3, runs) -> list[str]:
+def _rq2(out, t3) -> list[str]:
     frame = t3.frame
     models = frame[frame.evaluation != "difference"]
     lines = []
@@ -421,7 +421,7 @@ def _rq3(out, t3, t5, runs) -> list[str]:
     ratio = cb.time_to_best / ca.time_to_best if ca.time_to_best else math.nan
     lines.append(f"{b.model} minus {a.model}: {_f(gain, 'signed')} test mIoU for {_f(ratio, 'f2')}x the training time to the best epoch "
                  f"and {_f(cb.training_pflop / ca.training_pflop if ca.training_pflop else math.nan, 'f2')}x the training compute.")
-    reach = seconds_to_reach(out, runs.set_index("run_id"), best_run_ids(t3, runs, b.evaluation), a.val_miou)
+    reach = seconds_to_reach(out, best_run_ids(t3, runs, b.evaluation), a.val_miou)
     if not math.isnan(reach):
         lines.append(f"{b.model} first reached {a.model}'s best validation mIoU ({_f(a.val_miou)}) after {_f(reach, 'f1')} s of "
                      f"training, against {_f(ca.time_to_best, 'f1')} s for {a.model} to reach it.")
@@ -443,7 +443,7 @@ def best_run_ids(t3: StudyTable, runs: pd.DataFrame, evaluation: str) -> list[st
     entry = t3.frame.set_index("evaluation").loc[evaluation, "entry"]
     return list(runs[runs.entry == entry].run_id)
 
-def seconds_to_reach(out, runs: pd.DataFrame, run_ids: list[str], target: float) -> float:
+def seconds_to_reach(out, run_ids: list[str], target: float) -> float:
     "Mean over runs of the training seconds until validation mIoU first reached `target` (NaN if never)."
     times = []
     for run_id in run_ids:
@@ -459,10 +459,10 @@ QUESTIONS = {
 
 def research_answers(out: str | os.PathLike, tables: dict, runs: pd.DataFrame | None = None) -> list[dict]:
     "RQ1-RQ3: `[{'id', 'question', 'answer': [sentences], 'evidence': [table and figure ids]}]`."
-    record, runs = read_study_record(out), load_runs(out) if runs is None else runs
-    return [dict(id="RQ1", question=QUESTIONS["RQ1"], answer=_rq1(record, runs, tables["T1"], tables["T2"], tables["T4"]),
+    runs = load_runs(out) if runs is None else runs
+    return [dict(id="RQ1", question=QUESTIONS["RQ1"], answer=_rq1(runs, tables["T1"], tables["T2"], tables["T4"]),
                  evidence=["T1", "T2", "T4", "Fa", "Fb", "F3", "F5"]),
-            dict(id="RQ2", question=QUESTIONS["RQ2"], answer=_rq2(out, tables["T3"], runs), evidence=["T3", "F6", "F8", "F9"]),
+            dict(id="RQ2", question=QUESTIONS["RQ2"], answer=_rq2(out, tables["T3"]), evidence=["T3", "F6", "F8", "F9"]),
             dict(id="RQ3", question=QUESTIONS["RQ3"], answer=_rq3(out, tables["T3"], tables["T5"], runs), evidence=["T5", "T3", "F-top"])]
 
 # %% ../nbs/50_analysis.ipynb #ab2dbdcd

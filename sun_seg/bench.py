@@ -18,12 +18,12 @@ from .core import (IGNORE_INDEX, NUM_CLASSES, ParameterError, atomic_write_json,
 
 # %% auto #0
 __all__ = ['DTYPES', 'DTYPE_NAMES', 'BASELINE', 'EAGER_CONFIGS', 'TARGETS', 'SECTIONS', 'SCHEMA', 'RECORD_FIELDS',
-           'SECTION_FIELDS', 'synchronize', 'time_alternating', 'time_calls', 'median', 'PeakMemory', 'state_bytes',
-           'count_flops', 'measure_ceilings', 'find_ceiling', 'machine_info', 'Quietness', 'bench_dataset',
-           'bench_data', 'StepConfig', 'engine_default_config', 'precision_choice', 'engine_trainer', 'bare_epoch',
-           'profile_step', 'bench_train', 'bench_data_wait', 'per_class_loop_iou', 'engine_iou', 'torchmetrics_iou',
-           'bench_eval', 'largest_batch', 'bench_largest_batch', 'Target', 'evaluate_targets', 'render_markdown',
-           'bench_settings', 'check_record', 'run_bench', 'write_report', 'add_cli', 'latest_report']
+           'SECTION_FIELDS', 'synchronize', 'time_alternating', 'median', 'PeakMemory', 'state_bytes', 'count_flops',
+           'measure_ceilings', 'machine_info', 'Quietness', 'bench_dataset', 'bench_data', 'StepConfig',
+           'engine_default_config', 'precision_choice', 'engine_trainer', 'bare_epoch', 'profile_step', 'bench_train',
+           'bench_data_wait', 'per_class_loop_iou', 'engine_iou', 'torchmetrics_iou', 'bench_eval', 'largest_batch',
+           'bench_largest_batch', 'Target', 'evaluate_targets', 'render_markdown', 'bench_settings', 'check_record',
+           'run_bench', 'write_report', 'add_cli', 'latest_report']
 
 # %% ../nbs/60_bench.ipynb #a2d996bb
 def synchronize(device: torch.device) -> None:
@@ -61,11 +61,6 @@ def time_alternating(fns: dict[str, Callable[[], Any]], # name -> function to ti
         for name in names[r % len(names):] + names[:r % len(names)]:
             seconds[name].append(_seconds_per_call(fns[name], device, number))
     return seconds
-
-def time_calls(fn: Callable[[], Any], device: torch.device = torch.device("cpu"), warmup: int = 1, repeats: int = 5,
-               number: int = 1) -> list[float]:
-    "Seconds per call of `fn` over `repeats` timings, after `warmup` calls."
-    return time_alternating({"fn": fn}, device, warmup, repeats, number)["fn"]
 
 def median(seconds: list[float]) -> float:
     "The median of timings (NaN for none)."
@@ -166,10 +161,6 @@ def measure_ceilings(device: torch.device, # where to measure
     return [{"kind": kind, "dtype": d, "layout": layout, "shape": cases[key][1], "flops": flops[key],
              "seconds": seconds[key], "flops_per_second": flops[key] / median(seconds[key])}
             for key in cases for kind, d, layout in [key]]
-
-def find_ceiling(ceilings: list[dict], dtype: str, layout: str | None, kind: str = "conv") -> dict | None:
-    "The ceiling measured for `kind` in `dtype` and `layout` (None when it was not measured)."
-    return next((c for c in ceilings if (c["kind"], c["dtype"], c["layout"]) == (kind, dtype, layout)), None)
 
 # %% ../nbs/60_bench.ipynb #baf80c99
 def _cpu_model() -> str:

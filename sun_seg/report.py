@@ -20,7 +20,7 @@ from pygments.lexers import PythonLexer
 import sun_seg
 from .core import CLASS_NAMES, DEMO_NOTICE, DataError, atomic_write_text, read_json, safe_child
 from .analysis import build_analysis, display_frame, format_value, load_history
-from .study import read_study_record, record_runs, run_state
+from .study import read_metrics, read_study_record, record_runs, run_state
 
 # %% auto #0
 __all__ = ['SITE_CSS', 'NAV', 'offline_problems', 'neutralize_html', 'executed_notebook_html', 'markdown_html', 'code_html',
@@ -493,10 +493,11 @@ def _shown(value: Any) -> Any:
 
 def _run_pages(site: _Site, analysis: dict, notebooks: bool):
     out, runs = site.out, analysis["runs"]
+    grid_runs = {x.run_id: x for x in record_runs(site.record)}
     for r in runs.itertuples():
-        run = next(x for x in record_runs(site.record) if x.run_id == r.run_id)
+        run = grid_runs[r.run_id]
         run_dir = safe_child(out / "runs", r.run_id, "run_id")
-        metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+        metrics = read_metrics(run_dir)
         results = {k: metrics.get(k) for k in ("status", "reason", "best_epoch", "best_val_miou", "epochs_completed", "stopped_early",
                                                "trainable_params", "total_params", "flops_per_image", "wall_seconds",
                                                "train_images_per_second", "device", "precision") if k in metrics}

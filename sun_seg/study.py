@@ -20,7 +20,7 @@ from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, SunSegEr
 __all__ = ['MAX_YAML_VALUES', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'PRETRAIN_KEYS', 'FINAL_STATUSES',
            'STUDY_RECORD', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect', 'FigureSpec', 'Profile', 'Study',
            'parse_study', 'load_study', 'default_study_path', 'GridRun', 'resolve_params', 'resolve_grid',
-           'parse_shard', 'select_runs', 'run_status', 'read_metrics', 'run_state', 'RunLock', 'run_grid',
+           'parse_shard', 'select_runs', 'read_metrics', 'run_status', 'run_state', 'RunLock', 'run_grid',
            'SimulatedTrainer', 'simulated_evaluate', 'select_best', 'run_evaluations', 'study_record',
            'write_study_record', 'read_study_record', 'record_runs', 'record_evaluations', 'simulate_study',
            'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer', 'pretrain_folder',
@@ -460,16 +460,16 @@ def select_runs(runs: list[GridRun], # the resolved grid
 # %% ../nbs/40_study.ipynb #5ccf1c22
 FINAL_STATUSES = ("completed", "diverged")
 
-def run_status(run_dir: str | os.PathLike) -> str:
-    "The status in a run folder's `metrics.json`, or `absent` when it has none yet."
-    path = Path(run_dir) / "metrics.json"
-    if not path.is_file(): return "absent"
-    return str(read_json(path).get("status") or "absent")
-
+# the study reads run folders without importing the training package (torch data loaders, transformers): these two
+# mirror `sun_seg.train.runs.read_metrics` / `run_status` with "nothing yet" as {} and "absent"
 def read_metrics(run_dir: str | os.PathLike) -> dict:
     "A run folder's `metrics.json` ({} when absent)."
     path = Path(run_dir) / "metrics.json"
     return read_json(path) if path.is_file() else {}
+
+def run_status(run_dir: str | os.PathLike) -> str:
+    "The status in a run folder's `metrics.json`, or `absent` when it has none yet."
+    return str(read_metrics(run_dir).get("status") or "absent")
 
 def run_state(out: str | os.PathLike, # the study's output folder
               run_id: str) -> tuple[str, str | None]:
@@ -576,8 +576,8 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
         start = time.monotonic()
         try:
             trainer(run, runs_dir)
-            status, metrics = run_status(run_dir), read_metrics(run_dir)
-            reason = metrics.get("reason")
+            metrics = read_metrics(run_dir)
+            status, reason = str(metrics.get("status") or "absent"), metrics.get("reason")
             if status == "absent":
                 status, reason = "failed", f"the trainer wrote no run folder {run.run_id} (run ids of the study and the engine disagree?)"
             elif status not in FINAL_STATUSES and status != "failed":
@@ -987,10 +987,16 @@ def _run_label(name: str, record: dict, selections: dict) -> str:
 # %% ../nbs/40_study.ipynb #cbe6f8ee
 class _Predictor:
     "Loads each run's best model once and predicts each (run, split) once, for all the figures of one call."
-    def __init__(self, out: Path, device: str, scan: int, log):
+    def __init__(self, out: Path, device: str, scan: int):
         from sun_seg.core import resolve_device
-        self.out, self.dev, self.scan, self.log = out, resolve_device(device), scan, log
-        self.samples, self.preds = {}, {}
+        self.out, self.dev, self.scan = out, resolve_device(device), scan
+        self.samples, self.preds, self.models = {}, {}, {}
+
+    def model(self, run_id: str):
+        "The run's best model, loaded once (a run can serve figures of both splits)."
+        from sun_seg.train import load_run_model
+        if run_id not in self.models: self.models[run_id] = load_run_model(self.out / "runs" / run_id, "best", self.dev)
+        return self.models[run_id]
 
     def split(self, run_id: str, split: str) -> tuple[list, list, list]:
         "(images HWC uint8, targets, sample ids) of the first `scan` images of `split`, at the run's image size."
@@ -1011,10 +1017,9 @@ class _Predictor:
         "The run's best model's predictions (uint8 class maps) on the scanned images of `split`."
         import torch
         from sun_seg.core import normalize_images, resolve_precision
-        from sun_seg.train import load_run_model
         if (run_id, split) not in self.preds:
             images = self.split(run_id, split)[0]
-            model = load_run_model(self.out / "runs" / run_id, "best", self.dev)
+            model = self.model(run_id)
             dtype = resolve_precision(read_json(self.out / "runs" / run_id / "params.json").get("precision", "auto"), self.dev)
             preds = []
             for i in range(0, len(images), 8):
@@ -1034,7 +1039,7 @@ def save_predictions(out: str | os.PathLike, # the study's output folder
     runs = record_runs(record)
     selections = {e.name: select_best(e, runs, out) for e in record_evaluations(record)}
     scan = int(record.get("qualitative_scan") or 200)
-    folder, done, predictor = out / "qualitative", {}, _Predictor(out, device, scan, log)
+    folder, done, predictor = out / "qualitative", {}, _Predictor(out, device, scan)
     for spec in [f for f in record["figures"] if f["kind"] == "predictions"]:
         fid, names = spec["id"], spec["runs"]
         ids = [(_figure_run_ids(n, runs, selections) or [None])[0] for n in names]
@@ -1115,7 +1120,7 @@ def default_out_dir(profile: Profile) -> Path:
     "`reports/demo` for the demo profile, `reports/sunrgbd` for the study's own (`full`), else `reports/<profile>`."
     return Path("reports") / {"demo": "demo", "full": "sunrgbd"}.get(profile.name, profile.name)
 
-def _profile_data(profile: Profile, data_dir: str | os.PathLike | None, log, source: str | None = None) -> str:
+def _profile_data(profile: Profile, data_dir: str | os.PathLike | None, source: str | None = None) -> str:
     "The dataset folder of a profile: the demo dataset (generated on first use) or SUN RGB-D from --data / $SUN_SEG_DATA."
     from sun_seg.core import DATA_ENV
     if profile.data == "demo":
@@ -1198,7 +1203,7 @@ def run_study(study: str | os.PathLike | Study | None = None, # the study file (
         raise ParameterError("profile", f"got {profile!r}; {study.path} defines {', '.join(study.profiles)}")
     prof = study.profiles[profile]
     out = _check_out(Path(out) if out else default_out_dir(prof)).resolve()  # `a/../b` must not create `a`
-    root = _profile_data(prof, data_dir, log, str(study.path))
+    root = _profile_data(prof, data_dir, str(study.path))
     pretrain_dir, _ = _pretrain(prof, device, log, make=False)
     runs = resolve_grid(study, prof, engine_identify(out / "runs"), data_dir=root, pretrain_dir=pretrain_dir)  # validates: before any training
     data = data_of({**runs[0].params, "out_dir": str(out / "runs")})
