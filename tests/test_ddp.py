@@ -50,6 +50,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # (the 4-image batch below differs by percents).
     same_groups = fit(tiny_params(data, tmp_path / "one", precision="fp32", epochs=2, micro_batch_size=2), progress=False)
     assert same_groups["run_id"] == run_ddp.name  # the process count is not part of the run's identity
+    assert len(_rows(run_ddp)) == len(_rows(tmp_path / "one" / same_groups["run_id"])) == 2
     for a, b in zip(_rows(run_ddp), _rows(tmp_path / "one" / same_groups["run_id"])):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4 if a["epoch"] == 1 else 2e-3), a["epoch"]
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=0.05), a["epoch"]
@@ -57,6 +58,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # One process with the whole batch of 4 in one piece: BatchNorm statistics over 4 images instead of 2, so
     # close rather than equal.
     whole = fit(tiny_params(data, tmp_path / "whole", precision="fp32", epochs=2), progress=False)
+    assert len(_rows(tmp_path / "whole" / whole["run_id"])) == 2
     for a, b in zip(_rows(run_ddp), _rows(tmp_path / "whole" / whole["run_id"])):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.05)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=0.05)

@@ -203,8 +203,11 @@ def _rgb_16bit_image(root):
     return rgb  # the high byte
 
 def _cmyk_jpeg_image(root):
-    Image.fromarray(_rgb_of(root, 1)).convert("CMYK").save(_train(root, 1), "JPEG", quality=100)
-    return np.array(Image.open(_train(root, 1)).convert("RGB"))
+    rgb = _rgb_of(root, 1)
+    Image.fromarray(rgb).convert("CMYK").save(_train(root, 1), "JPEG", quality=100)
+    converted = np.array(Image.open(_train(root, 1)).convert("RGB"))
+    assert np.abs(converted.astype(int) - rgb).max() <= 2  # the expected value is the colours written, not any output
+    return converted
 
 def _palette_label(root):
     im = Image.fromarray(LABEL.astype(np.uint8), "P")

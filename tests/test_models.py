@@ -172,6 +172,7 @@ def test_pretrained_with_matching_classes_keeps_heads(tmp_path):
     model = build_upernet(None, finetune="encoder+decoder", **TINY)
     model.net.save_pretrained(tmp_path)
     again = build_upernet(tmp_path, finetune="classifier")
+    assert model.state_dict().keys() == again.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 

@@ -161,6 +161,7 @@ def test_gradient_accumulation_matches_one_piece(data, tmp_path, monkeypatch):
     env = json.loads((tmp_path / "acc" / acc["run_id"] / "environment.json").read_text())
     assert (env["micro_batch_size"], env["accumulation_steps"]) == (2, 2)
     rows_one, rows_acc = _history_numbers(tmp_path / "one" / one["run_id"]), _history_numbers(tmp_path / "acc" / acc["run_id"])
+    assert len(rows_one) == len(rows_acc) == 2
     for a, b in zip(rows_one, rows_acc):  # the same optimisation up to float rounding
         for key in ("train_loss", "val_loss", "val_miou"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
@@ -275,7 +276,9 @@ def test_compiled_run_on_cpu_matches_eager(data, tmp_path):
     assert compiled["status"] == "completed" and compiled["run_id"] == eager["run_id"]  # compile is not part of a run's identity
     run = tmp_path / "compiled" / compiled["run_id"]
     assert json.loads((run / "environment.json").read_text())["compile"] is True
-    for a, b in zip(_history_numbers(tmp_path / "eager" / eager["run_id"]), _history_numbers(run)):
+    rows_eager, rows_compiled = _history_numbers(tmp_path / "eager" / eager["run_id"]), _history_numbers(run)
+    assert len(rows_eager) == len(rows_compiled) == 2
+    for a, b in zip(rows_eager, rows_compiled):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3), a["epoch"]
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-2), a["epoch"]
     plain = load_run_model(run)  # keys saved without torch.compile's `_orig_mod.` prefix
