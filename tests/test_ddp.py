@@ -8,11 +8,7 @@ import pytest
 
 from sun_seg.train import evaluate_run, fit, read_history
 
-from train_fixtures import tiny_params, write_tiny_release
-
-
-def _pairs(params: dict) -> list[str]:
-    return [x for k, v in params.items() for x in ("-p", k, str(v))]
+from train_fixtures import param_pairs, tiny_params, write_tiny_release
 
 
 def _rows(run_dir):
@@ -24,7 +20,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     params = tiny_params(data, tmp_path / "ddp", precision="fp32", epochs=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "sun_seg.train", "--quiet", *_pairs(params)],
+                           "-m", "sun_seg.train", "--quiet", *param_pairs(params)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])  # rank 0 prints the record's summary

@@ -3,7 +3,6 @@ checksum and size mismatches, safe unpacking, and the whole chain download -> un
 import dataclasses
 import hashlib
 import io
-import os
 import tarfile
 import threading
 import zipfile
@@ -13,9 +12,11 @@ import numpy as np
 import pytest
 
 from sun_seg.core import DataError
-from sun_seg.data.download import ARCHIVES, URL_ENV, Archive, download, extract, fetch
-from sun_seg.data.formats import SENSORS, detect_form, example_frame_path, write_official_release, write_preprocessed_release
+from sun_seg.data.download import ARCHIVES, URL_ENV, download, extract, fetch
+from sun_seg.data.formats import detect_form, write_official_release, write_preprocessed_release
 from sun_seg.data.sunrgbd import SunRGBD
+
+from data_fixtures import make_frames
 
 
 class Mirror(BaseHTTPRequestHandler):
@@ -162,9 +163,7 @@ def test_extract_is_complete_or_absent(tmp_path):
 
 # ---------------------------------------------------------------- the whole chain
 def frames(n, start):
-    rng = np.random.default_rng(start)
-    return [(rng.integers(0, 256, (8, 10, 3), dtype=np.uint8), rng.integers(0, 38, (8, 10), dtype=np.uint8),
-             example_frame_path(SENSORS[i % 4], i)) for i in range(start, start + n)]
+    return make_frames(n, start, size=(8, 10))
 
 
 def zip_folder(folder, arcroot):

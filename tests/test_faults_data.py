@@ -20,7 +20,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import warnings
 import zlib
 from pathlib import Path
 
@@ -32,10 +31,11 @@ from PIL import Image
 import importlib
 from sun_seg.core import DataError, raw_to_target
 from sun_seg.data.formats import (CACHE_IMAGES, CACHE_INDEX, CACHE_LABELS, CACHE_VERSION, LABELS_DIR, META_MAT, SEG_MAT,
-                                  SENSORS, SPLIT_MAT, TEST_IMAGES_DIR, TEST_LIST, TRAIN_IMAGES_DIR, cache_checksum,
-                                  detect_form, example_frame_path, format_bytes, write_official_release,
-                                  write_preprocessed_release)
+                                  SPLIT_MAT, TEST_IMAGES_DIR, TRAIN_IMAGES_DIR, cache_checksum, detect_form,
+                                  format_bytes, write_official_release, write_preprocessed_release)
 from sun_seg.data.sunrgbd import CacheReader, SunRGBD
+
+from data_fixtures import make_frames
 
 prep = importlib.import_module("sun_seg.data.prepare")  # the module (`sun_seg.data.prepare` the attribute is the function)
 analysis = importlib.import_module("sun_seg.data.analysis")
@@ -43,12 +43,6 @@ demo = importlib.import_module("sun_seg.data.demo")
 
 SUN_SEG = Path(sys.executable).parent / "sun-seg"
 N_TRAIN, N_TEST = 10, 6  # labels 1..6 are the test images', 7..16 the train images' (train i -> label 6 + i)
-
-
-def make_frames(n, start=0, size=(12, 16)):
-    rng = np.random.default_rng(start)
-    return [(rng.integers(0, 256, (*size, 3), dtype=np.uint8), rng.integers(0, 38, size, dtype=np.uint8),
-             example_frame_path(SENSORS[i % 4], i)) for i in range(start, start + n)]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from sun_seg.train.cli import parameters_from_pairs, parse_value
 from sun_seg.train.runs import load_training_state, save_weights, weights_metadata
 
 from conftest import ROOT
-from train_fixtures import tiny_params, write_tiny_release
+from train_fixtures import InterruptAt, param_pairs, tiny_params, weights_of, write_tiny_release
 
 TIMING = {"seconds", "train_images_per_second", "wall_seconds"}  # the only numbers a resume may change
 
@@ -113,10 +113,6 @@ def injector(tmp_path_factory) -> Path:
     return folder
 
 
-def _pairs(params: dict) -> list[str]:
-    return [x for k, v in params.items() for x in ("-p", k, str(v))]
-
-
 def _env(injector: Path, fault: str | None = None, log: Path | None = None, where: str = "any") -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(injector), *filter(None, [os.environ.get("PYTHONPATH")])]),
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "SUN_SEG_FAULT_IN": where}
@@ -128,7 +124,7 @@ def _env(injector: Path, fault: str | None = None, log: Path | None = None, wher
 def _train(params: dict, injector: Path, fault: str | None = None, log: Path | None = None, timeout=300,
            **popen) -> subprocess.CompletedProcess:
     """`python -m sun_seg.train -p ...` in a fresh process (one thread, like every run compared with it)."""
-    return subprocess.run([sys.executable, "-m", "sun_seg.train", "--quiet", *_pairs(params)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sun_seg.train", "--quiet", *param_pairs(params)], capture_output=True,
                           text=True, env=_env(injector, fault, log), timeout=timeout, **popen)
 
 
@@ -154,11 +150,6 @@ def _numbers(run_dir: Path) -> tuple[list[dict], dict]:
     return rows, metrics
 
 
-def _weights(path: Path) -> dict:
-    from safetensors.torch import load_file
-    return load_file(str(path))
-
-
 def assert_same_run(run_dir: Path, reference: Path) -> None:
     """Every recorded number, and both checkpoints, identical to the reference run's (timings aside)."""
     rows, metrics = _numbers(run_dir)
@@ -171,7 +162,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
             if not _same(metrics.get(k), ref_metrics.get(k))}
     assert not diff, f"metrics.json differs: {diff}"
     for which in ("best.safetensors", "last.safetensors"):
-        wa, wb = _weights(run_dir / "checkpoints" / which), _weights(reference / "checkpoints" / which)
+        wa, wb = weights_of(run_dir / "checkpoints" / which), weights_of(reference / "checkpoints" / which)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), which
         assert weights_metadata(run_dir / "checkpoints" / which) == weights_metadata(reference / "checkpoints" / which)
     leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.endswith((".tmp", ".pending"))]
@@ -346,7 +337,7 @@ def test_sun_seg_train_refuses_bad_parameter(data, tmp_path, capsys, name, stage
     params = {**_params(data, tmp_path / "runs"), **overrides}
     if overrides.get("device") == "cuda:7" and torch.cuda.device_count() > 7: pytest.skip("this machine has a cuda:7")
     before = _tree(tmp_path)
-    assert main(["train", *_pairs(params)]) == 2
+    assert main(["train", *param_pairs(params)]) == 2
     err = capsys.readouterr().err
     assert f"sun-seg train: error: parameter `{name}`" in err, err
     assert _tree(tmp_path) == before
@@ -354,7 +345,7 @@ def test_sun_seg_train_refuses_bad_parameter(data, tmp_path, capsys, name, stage
 
 def test_sun_seg_train_command_refuses_before_writing(data, tmp_path):
     """The real command, in its own process: exit code 2, the parameter and its source named, nothing written."""
-    done = subprocess.run([*SUN_SEG, "train", *_pairs(_params(data, tmp_path / "runs", lr="fast"))],
+    done = subprocess.run([*SUN_SEG, "train", *param_pairs(_params(data, tmp_path / "runs", lr="fast"))],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "parameter `lr` (in command line): got 'fast'" in done.stderr
@@ -387,7 +378,7 @@ def test_notebook_refuses_bad_parameter_in_its_first_cell(data, tmp_path, name, 
 @pytest.mark.slow
 def test_sun_seg_train_refuses_in_the_kernel_what_only_the_data_can_tell(data, tmp_path):
     """A batch larger than the data is seen when the kernel sets the run up: still exit 2, named, nothing written."""
-    done = subprocess.run([*SUN_SEG, "train", *_pairs(_params(data, tmp_path / "runs", batch_size=1000))],
+    done = subprocess.run([*SUN_SEG, "train", *param_pairs(_params(data, tmp_path / "runs", batch_size=1000))],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "ParameterError: parameter `batch_size`: 1000 is larger than the 27 training images" in done.stderr
@@ -491,7 +482,7 @@ def test_sigkill_at_seeded_random_times(data, injector, reference, tmp_path, see
     whole = time.perf_counter() - start
     out = tmp_path / "runs"
     params = _params(data, out)
-    command = [sys.executable, "-m", "sun_seg.train", "--quiet", *_pairs(params)]
+    command = [sys.executable, "-m", "sun_seg.train", "--quiet", *param_pairs(params)]
     kills = 0
     for _ in range(3):
         process = subprocess.Popen(command, env=_env(injector), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -559,7 +550,7 @@ def test_ctrl_c_to_sun_seg_train_interrupts_the_kernel(data, injector, reference
     params = _params(data, out, epochs=3)
     # the kernel sends the terminal's SIGINT to the command's process group at its 4th step (epoch 2)
     env = _env(injector, "step@4:int-parent", log, where="kernel")
-    done = subprocess.run([*SUN_SEG, "train", *_pairs(params)], capture_output=True, text=True, env=env, timeout=600,
+    done = subprocess.run([*SUN_SEG, "train", *param_pairs(params)], capture_output=True, text=True, env=env, timeout=600,
                           cwd=tmp_path, start_new_session=True)
     assert "int-parent" in log.read_text()
     assert done.returncode == 130, done.stdout[-2000:] + done.stderr[-3000:]
@@ -570,7 +561,7 @@ def test_ctrl_c_to_sun_seg_train_interrupts_the_kernel(data, injector, reference
     assert "run the same command again to resume" in metrics["reason"]
     assert (run_dir / "train.ipynb").is_file()  # the executed notebook, up to the interrupt, kept with the run
     assert_intact(run_dir)
-    again = subprocess.run([*SUN_SEG, "train", *_pairs(params)], capture_output=True, text=True, env=_env(injector),
+    again = subprocess.run([*SUN_SEG, "train", *param_pairs(params)], capture_output=True, text=True, env=_env(injector),
                            timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert "resuming after epoch" in again.stdout
@@ -704,12 +695,6 @@ def test_run_is_repeated_from_its_folder_alone(data, tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 # Damaged, tampered and foreign checkpoints: a DataError naming the file and what to do; never code run.
 
-class InterruptAt(Callback):
-    def __init__(self, epoch, step): self.epoch, self.step = epoch, step
-    def after_step(self, trainer, epoch, step):
-        if (epoch, step) == (self.epoch, self.step): raise KeyboardInterrupt
-
-
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
     """A finished run, an interrupted one (after epoch 1) and a finished one of another seed."""
@@ -797,7 +782,7 @@ def test_checkpoints_of_another_run_are_refused(data, runs, tmp_path):
         _resume(data, run_dir)
     # only its weights: their epoch matches, their run does not
     run_dir = _copy(runs["stopped"], tmp_path / "b")
-    foreign = _weights(other / "checkpoints" / "last.safetensors")
+    foreign = weights_of(other / "checkpoints" / "last.safetensors")
     meta = weights_metadata(other / "checkpoints" / "last.safetensors")
     from safetensors.torch import save_file
     save_file(foreign, str(run_dir / "checkpoints" / "last.safetensors"), metadata={**meta, "epoch": "1"})

@@ -12,20 +12,16 @@ from PIL import Image
 
 import importlib
 from sun_seg.core import DataError, ParameterError
-from sun_seg.data.formats import (CACHE_IMAGES, CACHE_INDEX, CACHE_LABELS, DEMO_MARKER, LABELS_DIR, SEG_MAT, SENSORS,
-                                  TEST_IMAGES_DIR, TRAIN_IMAGES_DIR, detect_form, example_frame_path,
-                                  write_official_release, write_preprocessed_release)
+from sun_seg.data.formats import (CACHE_IMAGES, CACHE_INDEX, CACHE_LABELS, DEMO_MARKER, LABELS_DIR, SEG_MAT,
+                                  TEST_IMAGES_DIR, TRAIN_IMAGES_DIR, detect_form, write_official_release,
+                                  write_preprocessed_release)
 from sun_seg.data.prepare import STAT_COLUMNS, image_statistics, prepare
 from sun_seg.data.sunrgbd import SunRGBD
 
+from data_fixtures import make_frames
+
 # the module itself: `sun_seg.data.prepare` as an attribute is the re-exported function
 prep = importlib.import_module("sun_seg.data.prepare")
-
-
-def make_frames(n, start=0, size=(12, 16)):
-    rng = np.random.default_rng(start)
-    return [(rng.integers(0, 256, (*size, 3), dtype=np.uint8), rng.integers(0, 38, size, dtype=np.uint8),
-             example_frame_path(SENSORS[i % 4], i)) for i in range(start, start + n)]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from sun_seg.train import (HISTORY_COLUMNS, Callback, TrainConfig, evaluate_run,
                            read_history)
 from sun_seg.train.runs import load_training_state
 
-from train_fixtures import tiny_params, write_tiny_release
+from train_fixtures import InterruptAt, tiny_params, weights_of, write_tiny_release
 
 TIMING_COLUMNS = {"seconds", "train_images_per_second"}
 
@@ -35,17 +35,6 @@ def _assert_same_rows(rows_a, rows_b):
         diff = {k: (ra[k], rb[k]) for k in ra if not _same(ra[k], rb[k])}
         assert not diff, f"epoch {ra['epoch']} differs: {diff}"
 
-
-def _weights(path):
-    from safetensors.torch import load_file
-    return load_file(str(path))
-
-
-class InterruptAt(Callback):
-    """Raise KeyboardInterrupt (as Ctrl-C would) after a given optimizer step of a given epoch."""
-    def __init__(self, epoch, step): self.epoch, self.step = epoch, step
-    def after_step(self, trainer, epoch, step):
-        if (epoch, step) == (self.epoch, self.step): raise KeyboardInterrupt
 
 
 def test_run_folder_contract(data, tmp_path):
@@ -119,7 +108,7 @@ def test_resume_equals_uninterrupted_and_same_seed_same_numbers(data, tmp_path):
     _assert_same_rows(_history_numbers(run_a), _history_numbers(run_c))
     assert resumed["best_val_miou"] == whole["best_val_miou"] and resumed["best_epoch"] == whole["best_epoch"]
     for which in ("last.safetensors", "best.safetensors"):
-        wa, wc = _weights(run_a / "checkpoints" / which), _weights(run_c / "checkpoints" / which)
+        wa, wc = weights_of(run_a / "checkpoints" / which), weights_of(run_c / "checkpoints" / which)
         assert wa.keys() == wc.keys() and all(torch.equal(wa[k], wc[k]) for k in wa), which
     assert json.loads((run_c / "environment.json").read_text())["resumed"] is True
 
@@ -287,7 +276,7 @@ def test_compiled_run_on_cpu_matches_eager(data, tmp_path):
         pytest.approx(compiled["best_val_miou"], abs=1e-6)
 
 
-def test_weighted_loss_uses_the_training_split_weights(data, tmp_path):
+def test_weighted_loss_uses_the_training_splitweights_of(data, tmp_path):
     from sun_seg.data.analysis import class_weights
     from sun_seg.data.sunrgbd import SunRGBD
     plain = fit(tiny_params(data, tmp_path, epochs=1), progress=False)

@@ -16,7 +16,7 @@ from sun_seg.core import DATA_ENV, DEMO_NOTICE
 from sun_seg.train import HISTORY_COLUMNS, TrainConfig, read_history
 
 from conftest import ROOT
-from train_fixtures import tiny_params, write_tiny_release
+from train_fixtures import param_pairs, tiny_params, write_tiny_release
 
 TEMPLATE = ROOT / "nbs" / "train.ipynb"
 
@@ -51,7 +51,7 @@ def test_tiny_run_on_demo_data(tmp_path):
     """`papermill train.ipynb out.ipynb -p ...` from nbs/, as a user runs it, without SUN RGB-D configured."""
     env = {k: v for k, v in os.environ.items() if k != DATA_ENV}  # no SUN RGB-D: the demo dataset
     out = tmp_path / "out.ipynb"
-    pairs = [x for k, v in _tiny(tmp_path / "runs", test=True).items() for x in ("-p", k, str(v))]
+    pairs = param_pairs(_tiny(tmp_path / "runs", test=True))
     done = subprocess.run([str(Path(sys.executable).parent / "papermill"), TEMPLATE.name, str(out), *pairs,
                            "--no-progress-bar"], cwd=TEMPLATE.parent, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -96,7 +96,7 @@ def test_sun_seg_train_command(tmp_path):
     """`sun-seg train` runs the notebook through papermill and keeps the executed notebook in the run folder."""
     data = write_tiny_release(tmp_path / "data")
     params = tiny_params(data, tmp_path / "runs", epochs=1)
-    pairs = [x for k, v in params.items() for x in ("-p", k, str(v))]
+    pairs = param_pairs(params)
     cli = [sys.executable, "-c", "import sys; from sun_seg.cli import main; sys.exit(main())"]
     done = subprocess.run([*cli, "train", *pairs, "--output", str(tmp_path / "copy.ipynb")], capture_output=True,
                           text=True, timeout=600, cwd=tmp_path)

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 
 from sun_seg.data.formats import SENSORS, example_frame_path, write_preprocessed_release
+from sun_seg.train import Callback
 
 
 def _frames(n: int, start: int, size=(32, 40), seed=0):
@@ -34,3 +35,21 @@ def tiny_params(data_dir, out_dir, **overrides) -> dict:
                   epochs=3, patience=0, max_train_batches=3, num_workers=0, device="cpu", profile="full", lr=0.01)
     params.update(overrides)
     return params
+
+
+def param_pairs(params: dict) -> list[str]:
+    """`-p name value` command-line pairs (papermill's and `sun-seg train`'s form) of a parameter dict."""
+    return [x for k, v in params.items() for x in ("-p", k, str(v))]
+
+
+def weights_of(path) -> dict:
+    """The tensors of a safetensors checkpoint."""
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+class InterruptAt(Callback):
+    """Raise KeyboardInterrupt (as Ctrl-C would) after a given optimizer step of a given epoch."""
+    def __init__(self, epoch, step): self.epoch, self.step = epoch, step
+    def after_step(self, trainer, epoch, step):
+        if (epoch, step) == (self.epoch, self.step): raise KeyboardInterrupt
