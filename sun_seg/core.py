@@ -68,7 +68,7 @@ class DataError(SunSegError):
 class ParameterError(SunSegError, ValueError):
     "A parameter has a wrong type or value; `name` is the parameter."
     def __init__(self, name: str, message: str, source: str | None = None):
-        self.name, self.source = name, source
+        self.name, self.message, self.source = name, message, source  # message kept apart: callers re-raise with a source
         where = f" (in {source})" if source else ""
         super().__init__(f"parameter `{name}`{where}: {message}")
 

@@ -174,7 +174,7 @@ def _string(value, where: str, path, safe: bool = False) -> str:
         raise ParameterError(where, f"expected a non-empty string, got {value!r}", str(path))
     if safe:
         try: safe_name(value, where)
-        except ParameterError as e: raise ParameterError(where, str(e).split(": ", 1)[1], str(path)) from None
+        except ParameterError as e: raise ParameterError(where, e.message, str(path)) from None
     return value
 
 def _positive_int(value, where: str, path) -> int:
@@ -413,7 +413,7 @@ def resolve_grid(study: Study, # the parsed study file
             try:
                 run_id = identify(params)
             except ParameterError as e:
-                raise ParameterError(_origin(study, profile, i, entry, e.name), str(e).split(": ", 1)[-1],
+                raise ParameterError(_origin(study, profile, i, entry, e.name), e.message,
                                      f"{study.path}, profile {profile.name}") from None
             if run_id in seen:
                 raise ParameterError(f"runs[{i}] ({entry.name})",

@@ -146,7 +146,7 @@ def from_params(cls: TrainConfig, params: dict, # parameter name -> value, e.g. 
         return cls(**params).validate()
     except ParameterError as e:  # say where the bad value came from
         if source is None or e.source: raise
-        raise ParameterError(e.name, str(e).split(": ", 1)[1], source) from None
+        raise ParameterError(e.name, e.message, source) from None
 
 @patch
 def to_dict(self: TrainConfig) -> dict:

@@ -338,7 +338,7 @@ def plan_run(config: TrainConfig | dict, # the run's parameters
         return _plan(config, quiet)
     except ParameterError as e:
         if source is None or e.source: raise
-        raise ParameterError(e.name, str(e).split(": ", 1)[1], source) from None
+        raise ParameterError(e.name, e.message, source) from None
 
 def _plan(config: TrainConfig | dict, quiet: bool) -> RunPlan:
     asked = TrainConfig.from_params(config) if isinstance(config, dict) else replace(config).validate()
