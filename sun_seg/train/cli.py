@@ -16,7 +16,7 @@ from ..core import ParameterError, SunSegError, atomic_write_bytes
 from .config import TrainConfig
 from .engine import fit, plan_run
 from .notebook import NOTEBOOK_OUTPUT_ENV, save_notebook_copy
-from .runs import NOTEBOOK, read_metrics
+from .runs import FINAL_STATUSES, NOTEBOOK, only_test_missing, read_metrics
 
 # %% auto #0
 __all__ = ['parse_value', 'parameters_from_pairs', 'main', 'default_template', 'run_notebook', 'add_cli']
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(json.dumps({k: record.get(k) for k in ("status", "run_dir", "best_epoch", "best_val_miou",
                                                          "epochs_completed", "wall_seconds")}), flush=True)
-        return 0 if record.get("status") in ("completed", "diverged") else 1
+        return 0 if record.get("status") in FINAL_STATUSES else 1
     except SunSegError as e:
         print(f"sun_seg.train: error: {e}", file=sys.stderr)
         return 2
@@ -142,8 +142,7 @@ def run_notebook(params: dict, # training parameters
     plan = plan_run(TrainConfig.from_params(params, source="command line"), source="command line")  # before any kernel
     metrics = read_metrics(plan.run_dir)
     finished_before = bool(metrics) and metrics.get("status") == "completed"  # only its test is missing: keep its notebook
-    if metrics and metrics.get("status") in ("completed", "diverged") and not (
-            plan.config.test and metrics["status"] == "completed" and not metrics.get("test")):
+    if metrics and metrics.get("status") in FINAL_STATUSES and not only_test_missing(metrics, plan.config.test):
         print(f"{plan.run_id}: already {metrics['status']}; its notebook is {plan.run_dir / NOTEBOOK}")
         return {**metrics, "run_dir": str(plan.run_dir)}
     template = Path(template) if template else default_template()
@@ -189,7 +188,7 @@ def _train_command(args) -> int:
             return 2 if e.ename in _EXPLAINED else 1
     print(f"{record.get('status')}: {record.get('run_dir')} (best val mIoU {record.get('best_val_miou')}"
           f" at epoch {record.get('best_epoch')})")
-    return 0 if record.get("status") in ("completed", "diverged") else 1
+    return 0 if record.get("status") in FINAL_STATUSES else 1
 
 def add_cli(subparsers) -> None:
     "Add `sun-seg train`."

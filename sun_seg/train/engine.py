@@ -23,8 +23,9 @@ from ..core import (CLASS_NAMES, DEMO_NOTICE, IGNORE_INDEX, NUM_CLASSES, DataErr
 from ..metrics import confusion_matrix, summarize
 from .config import (DEFAULT_FINETUNE, TrainConfig, apply_profile, resolve_data_dir, run_id,
                                   run_identity)
-from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, HISTORY, LAST_STATE, METRICS, PARAMS,
-                                checkpoint_path, environment_info, load_training_state, load_weights, read_history,
+from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST_STATE, METRICS, PARAMS,
+                                checkpoint_path, environment_info, load_training_state, load_weights, only_test_missing,
+                                read_history,
                                 read_metrics, rng_state, save_training_state, save_weights, set_rng_state,
                                 weights_metadata, write_history, _RESTART, _unwrap)
 
@@ -780,8 +781,8 @@ def fit(config: TrainConfig | dict, # the run's parameters (a dict is checked li
             raise ParameterError("run_name", f"{plan.run_dir} holds a run with other parameters or data; choose another"
                                  " run_name or out_dir")
     _barrier()  # every process has read the folder before rank 0 writes into it
-    if existing and existing.get("status") in ("completed", "diverged"):
-        if plan.config.test and existing["status"] == "completed" and not existing.get("test"):
+    if existing and existing.get("status") in FINAL_STATUSES:
+        if only_test_missing(existing, plan.config.test):
             evaluate_run(plan.run_dir, "test", progress=progress)
             existing = read_metrics(plan.run_dir)
         if procs.main: print(f"{plan.run_dir.name}: already {existing['status']}; nothing to train", flush=True)

@@ -19,9 +19,10 @@ from ..core import (CLASS_NAMES, DataError, atomic_path, atomic_write_json, atom
 
 # %% auto #0
 __all__ = ['PARAMS', 'DATA', 'ENVIRONMENT', 'HISTORY', 'METRICS', 'NOTEBOOK', 'CHECKPOINTS', 'BEST', 'LAST', 'LAST_STATE',
-           'STATUSES', 'HISTORY_COLUMNS', 'checkpoint_path', 'write_history', 'read_history', 'weights_digest',
-           'save_weights', 'weights_metadata', 'load_weights', 'rng_state', 'set_rng_state', 'save_training_state',
-           'load_training_state', 'git_commit', 'environment_info', 'read_metrics', 'run_status']
+           'STATUSES', 'FINAL_STATUSES', 'HISTORY_COLUMNS', 'only_test_missing', 'checkpoint_path', 'write_history',
+           'read_history', 'weights_digest', 'save_weights', 'weights_metadata', 'load_weights', 'rng_state',
+           'set_rng_state', 'save_training_state', 'load_training_state', 'git_commit', 'environment_info',
+           'read_metrics', 'run_status']
 
 # %% ../../nbs/30b_train.runs.ipynb #f22b46cf
 PARAMS, DATA, ENVIRONMENT, HISTORY, METRICS = "params.json", "data.json", "environment.json", "history.csv", "metrics.json"
@@ -29,6 +30,11 @@ NOTEBOOK = "train.ipynb"
 CHECKPOINTS = "checkpoints"
 BEST, LAST, LAST_STATE = "best.safetensors", "last.safetensors", "last_state.pt"
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
+FINAL_STATUSES = ("completed", "diverged")  # a run in one of these is never trained again (a diverged run stays diverged)
+
+def only_test_missing(metrics: dict | None, test: bool) -> bool:
+    "True when a finished run lacks nothing but the test evaluation that `test` asks for."
+    return bool(metrics) and test and metrics.get("status") == "completed" and not metrics.get("test")
 
 def checkpoint_path(run_dir: str | os.PathLike, which: str = "best") -> Path:
     "`checkpoints/best.safetensors` or `checkpoints/last.safetensors` of a run."
