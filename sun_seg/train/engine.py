@@ -27,7 +27,8 @@ from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST
                                 checkpoint_path, environment_info, load_training_state, load_weights, only_test_missing,
                                 read_history,
                                 read_metrics, rng_state, save_training_state, save_weights, set_rng_state,
-                                weights_metadata, write_history, _RESTART, _unwrap)
+                                weights_metadata, write_history, _RESTART, _digest, _save_tensors, _stored_tensors,
+                                _unwrap)
 
 # %% auto #0
 __all__ = ['PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches', 'EvalBatches', 'EvalSamples',
@@ -602,9 +603,11 @@ def _commit_pending(run_dir: Path, epoch: int, best_epoch: int | None) -> None:
 def save_epoch(self: Trainer, improved: bool) -> None:
     if not self.procs.main: return
     best, last = checkpoint_path(self.run_dir, "best"), checkpoint_path(self.run_dir, "last")
+    tensors = {k: t.cpu() for k, t in _stored_tensors(self.model).items()}  # gathered, copied and hashed once
+    digest = _digest(tensors)
     if improved:
-        save_weights(self.model, _pending(best), epoch=self.epoch, val_miou=self.stopper.best, run_id=self.plan.run_id)
-    save_weights(self.model, _pending(last), epoch=self.epoch, run_id=self.plan.run_id)
+        _save_tensors(tensors, digest, _pending(best), epoch=self.epoch, val_miou=self.stopper.best, run_id=self.plan.run_id)
+    _save_tensors(tensors, digest, _pending(last), epoch=self.epoch, run_id=self.plan.run_id)
     save_training_state(self.run_dir / CHECKPOINTS / LAST_STATE, self._state())  # the commit
     _commit_pending(self.run_dir, self.epoch, self.stopper.best_epoch)
     write_history(self.run_dir / HISTORY, self.history)

@@ -106,7 +106,11 @@ _RESTART = "delete the run folder and run the same command again to train this r
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, **metadata) -> Path:
     "Save `model`'s weights (and buffers) to a safetensors file atomically, with their SHA-256; `metadata` is stored as text."
     tensors = _stored_tensors(model)
-    metadata = {**{k: str(v) for k, v in metadata.items()}, "sha256": _digest(tensors)}
+    return _save_tensors(tensors, _digest(tensors), path, **metadata)
+
+def _save_tensors(tensors: dict[str, torch.Tensor], digest: str, path: str | os.PathLike, **metadata) -> Path:
+    "`save_weights` for tensors already gathered and hashed (one model saved to several files is hashed once)."
+    metadata = {**{k: str(v) for k, v in metadata.items()}, "sha256": digest}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, _FILE_MODE)  # safetensors recreates the file owner-only; records get the usual permissions
