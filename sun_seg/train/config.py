@@ -17,8 +17,9 @@ from ..data.transforms import parse_size
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['MODELS', 'FINETUNE_DEPTHS', 'DEFAULT_FINETUNE', 'SCHEDULERS', 'PRECISIONS', 'PROFILES', 'DEVICE_TYPES', 'MIN_SIDE',
-           'MAX_SIDE', 'DEMO_PROFILE', 'TrainConfig', 'resolve_data_dir', 'apply_profile', 'run_identity', 'run_id']
+__all__ = ['MODELS', 'FINETUNE_DEPTHS', 'DEFAULT_FINETUNE', 'SCHEDULERS', 'PRECISIONS', 'PROFILES', 'EVAL_SIZES', 'DEVICE_TYPES',
+           'MIN_SIDE', 'MAX_SIDE', 'DEMO_PROFILE', 'TrainConfig', 'resolve_data_dir', 'apply_profile', 'run_identity',
+           'run_id']
 
 # %% ../../nbs/30a_train.config.ipynb #0e9a8b70
 MODELS = ("unet", "upernet")
@@ -27,6 +28,7 @@ DEFAULT_FINETUNE = "decoder"
 SCHEDULERS = ("none", "plateau")
 PRECISIONS = ("auto", "fp32", "bf16")
 PROFILES = ("auto", "full", "demo")
+EVAL_SIZES = ("original", "train")  # where scores are computed: each image's own size, or the training size
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 MIN_SIDE, MAX_SIDE = 32, 4096  # image_size bounds
 
@@ -55,8 +57,10 @@ class TrainConfig:
     micro_batch_size: int = 0  # images per forward/backward per process (0 = auto: all of it on CPU, the largest that fits on CUDA)
     max_train_batches: int = 0  # quick runs: at most this many optimizer steps per epoch (0 = all)
     max_eval_batches: int = 0  # quick runs: at most this many batches per evaluation (0 = all)
+    max_micro_batches: int = 0  # rehearsals: at most this many micro-batches per optimizer step, the loss still scaled as the whole batch's (0 = all)
     test: bool = False  # at the end, evaluate the best checkpoint on the test split
-    eval_original_size: bool = False  # score validation/test at each image's original size (logits upsampled to it)
+    eval_original_size: bool = False  # the old name of eval_size="original" (True asks for it; kept in step with eval_size)
+    eval_size: str = "original"  # original | train: score val/test against each image's own label (logits resized to it), or at image_size
     profile: str = "auto"  # auto | full | demo (auto = demo on the demo dataset: caps epochs and image size)
     run_name: str = ""  # folder name under out_dir ("" = derived from the parameters)
     unet_width: int = 64  # unet only: channels of the first level (64 = the study's 31,039,973-parameter U-Net)
@@ -86,6 +90,11 @@ def validate(self: TrainConfig) -> TrainConfig:
     check_choice("scheduler", self.scheduler, SCHEDULERS)
     for name in ("weighted_loss", "augment", "channels_last", "compile", "test", "eval_original_size"):
         setattr(self, name, check_bool(name, getattr(self, name)))
+    check_choice("eval_size", self.eval_size, EVAL_SIZES)
+    if self.eval_original_size and self.eval_size != "original":
+        raise ParameterError("eval_original_size", f"is True (the old name of eval_size='original') but eval_size is"
+                             f" {self.eval_size!r}: give only eval_size")
+    self.eval_original_size = self.eval_size == "original"  # the old name, kept in step
     _check_str("finetune", self.finetune)
     if self.model == "unet" and self.finetune:
         raise ParameterError("finetune", f"got {self.finetune!r}, but the U-Net is trained from scratch, all of it;"
@@ -122,6 +131,7 @@ def validate(self: TrainConfig) -> TrainConfig:
                              " (the study's batch is reached with equal micro-batches)")
     _check_int("max_train_batches", self.max_train_batches, 0)
     _check_int("max_eval_batches", self.max_eval_batches, 0)
+    _check_int("max_micro_batches", self.max_micro_batches, 0)
     check_choice("profile", self.profile, PROFILES)
     _check_int("unet_width", self.unet_width, 1)
     if self.model != "unet" and self.unet_width != 64:
@@ -169,7 +179,8 @@ def resolve_data_dir(data_dir: str = "", # the `data_dir` parameter
     return root, source
 
 # %% ../../nbs/30a_train.config.ipynb #ea0270de
-DEMO_PROFILE = dict(epochs=3, max_train_batches=12, patience=2, image_size=(64, 80), batch_size=8, plateau_patience=1)
+DEMO_PROFILE = dict(epochs=3, max_train_batches=12, patience=2, image_size=(64, 80), batch_size=8, plateau_patience=1,
+                    eval_size="train")
 
 def _cap(value: int, cap: int) -> int:
     "min(value, cap) where 0 means no limit."
@@ -188,9 +199,11 @@ def apply_profile(config: TrainConfig, # a validated config
                patience=min(config.patience, caps["patience"]) if config.patience else 0,
                image_size=f"{min(h, caps['image_size'][0])}x{min(w, caps['image_size'][1])}",
                batch_size=min(config.batch_size, caps["batch_size"]),
-               plateau_patience=min(config.plateau_patience, caps["plateau_patience"]))
+               plateau_patience=min(config.plateau_patience, caps["plateau_patience"]),
+               eval_size=caps["eval_size"])
     if config.micro_batch_size and new["batch_size"] % config.micro_batch_size: new["micro_batch_size"] = 0
     changes = {k: [getattr(config, k), v] for k, v in new.items() if getattr(config, k) != v}
+    new["eval_original_size"] = new["eval_size"] == "original"  # the old name follows (not listed as a change)
     return dataclasses.replace(config, **new).validate(), changes
 
 # %% ../../nbs/30a_train.config.ipynb #d5bf48fb
@@ -208,6 +221,9 @@ def run_identity(config: TrainConfig, # the config as used (after `apply_profile
         for k in ("pretrained", "aux_loss_weight"): params.pop(k)
     if config.scheduler != "plateau":
         for k in ("plateau_factor", "plateau_patience"): params.pop(k)
+    # eval_size enters under its old name (the same two values), so runs scored at the training size keep their ids
+    params["eval_original_size"] = params.pop("eval_size") == "original"
+    if not params["max_micro_batches"]: params.pop("max_micro_batches")  # 0 = all: as before the parameter existed
     params["precision"] = str(precision or resolve_precision(config.precision, resolve_device(config.device))).replace("torch.", "")
     data = {k: data_info.get(k) for k in _DATA_IDENTITY}
     return {"params": params, "data": data}

@@ -31,10 +31,11 @@ from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST
                                 _unwrap)
 
 # %% auto #0
-__all__ = ['PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches', 'EvalBatches', 'EvalSamples',
-           'collate_pairs', 'jitter_on_device', 'evaluate', 'build_run_model', 'find_micro_batch_size', 'RunPlan',
-           'plan_run', 'EarlyStopping', 'Callback', 'Diverged', 'RunOutOfMemory', 'Trainer', 'fit', 'repeat_params',
-           'load_run_model', 'evaluate_run']
+__all__ = ['MAX_EVAL_MICRO_BATCH', 'PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches',
+           'EvalBatches', 'EvalSamples', 'collate_pairs', 'jitter_on_device', 'evaluate', 'eval_micro_batch_size',
+           'check_original_labels', 'build_run_model', 'find_micro_batch_size', 'RunPlan', 'plan_run', 'EarlyStopping',
+           'Callback', 'Diverged', 'RunOutOfMemory', 'Trainer', 'fit', 'repeat_params', 'load_run_model',
+           'evaluate_run']
 
 # %% ../../nbs/30c_train.engine.ipynb #5095f59d
 def _loss_sum(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -242,6 +243,29 @@ def _progress_bar(iterable, progress: bool | str, total: int | None = None, **kw
     return _tqdm()(iterable, total=total, desc=progress if isinstance(progress, str) else None, leave=False,
                    dynamic_ncols=True, mininterval=1.0, **kw)
 
+# %% ../../nbs/30c_train.engine.ipynb #a10e0004
+MAX_EVAL_MICRO_BATCH = 16  # images per evaluation forward at most (the logits at 730x530 are 57 MB an image)
+
+def eval_micro_batch_size(micro: int = 0, # the training micro-batch (0: unknown)
+                         ) -> int:
+    "Images per evaluation forward: the training micro-batch, at most `MAX_EVAL_MICRO_BATCH`."
+    return min(micro, MAX_EVAL_MICRO_BATCH) if micro > 0 else MAX_EVAL_MICRO_BATCH
+
+def check_original_labels(dataset, # a `SunRGBD` dataset (any split of the data)
+                          eval_size: str, # the run's `eval_size`
+                         ) -> None:
+    "Refuse `eval_size='original'` on a cache prepared at a fixed `--size` (it keeps no original-size labels)."
+    if eval_size != "original" or dataset.form != "cache": return
+    resized = [r for r in dataset.reader.records if r.source_size and tuple(r.source_size) != tuple(r.loc[2:])]
+    if not resized: return
+    index = dataset.reader.index
+    source = index.get("source", {}).get("root", "SRC")
+    raise DataError(f"was prepared at --size {'x'.join(map(str, index.get('size') or resized[0].loc[2:]))}: its labels are"
+                    f" resized ({len(resized)} of {len(dataset.reader.records)} samples), so eval_size='original' cannot score"
+                    " each image at its own size. Prepare the cache again keeping each image's size: `sun-seg prepare"
+                    f" {source} {dataset.root} --overwrite` (no --size; training still resizes to image_size), or pass"
+                    " -p eval_size train to score at the training size", dataset.root)
+
 # %% ../../nbs/30c_train.engine.ipynb #1cf733e2
 def _pretrained_source(config: TrainConfig) -> str | None:
     return None if config.pretrained.strip().lower() in ("none", "null", "random") else config.pretrained
@@ -350,9 +374,11 @@ def _plan(config: TrainConfig | dict, quiet: bool) -> RunPlan:
         from sun_seg.data.demo import demo_root
         if not quiet and _processes().main: print(DEMO_NOTICE, flush=True)
         root = Path(demo_root())
-    data_info = _open_split(root, "fit").info  # a property that counts every split: read it once
+    fit_split = _open_split(root, "fit")
+    data_info = fit_split.info  # a property that counts every split: read it once
     kind = data_info["kind"]
     used, changes = apply_profile(asked, kind)
+    check_original_labels(fit_split, used.eval_size)
     device = resolve_device(used.device)
     procs = _processes()
     if procs.distributed and device.type == "cuda": device = torch.device("cuda", procs.local_rank)
@@ -545,6 +571,8 @@ def train_epoch(self: Trainer, epoch: int) -> dict:
             denominator = _all_reduce(_loss_denominator(y, self.class_weights)).clamp(min=1.0)
             step_loss = torch.zeros((), dtype=torch.float32, device=device)
             parts = _chunks(len(x), self.micro)
+            # a rehearsal steps through the first micro-batches only, each scaled by the whole batch's denominator
+            if c.max_micro_batches: parts = parts[:c.max_micro_batches]
             for i, part in enumerate(parts):
                 sync = i == len(parts) - 1 or not self.procs.distributed
                 with (contextlib.nullcontext() if sync else model.no_sync()):
@@ -560,7 +588,7 @@ def train_epoch(self: Trainer, epoch: int) -> dict:
             self.optimizer.zero_grad(set_to_none=True)
             loss_total += step_loss
             steps += 1
-            images += len(x) * self.procs.world
+            images += sum(part.stop - part.start for part in parts) * self.procs.world
             if steps % check_every == 0 or steps == len(self.batches):
                 total = _all_reduce(loss_total.clone())
                 if not torch.isfinite(total):
@@ -665,6 +693,7 @@ def record(self: Trainer) -> dict:
             "train_images_per_second": self.train_images / self.train_seconds if self.train_seconds else math.nan,
             "device": str(self.device), "precision": str(self.dtype).replace("torch.", ""),
             "world_size": self.procs.world, "micro_batch_size": self.micro, "accumulation_steps": self.accumulation,
+            "eval_size": self.config.eval_size, "eval_micro_batch_size": eval_micro_batch_size(self.micro),
             "val": self.best_val, **({"test": self.test_result} if self.test_result else {})}
 
 @patch
@@ -742,7 +771,7 @@ def run_epochs(self: Trainer) -> dict:
 @patch
 def evaluate_split(self: Trainer, loader, split: str, progress=False) -> dict:
     result = evaluate(self.eval_model, loader, device=self.device, dtype=self.dtype, class_weights=self.class_weights,
-                      micro_batch_size=self.micro, channels_last=self.config.channels_last,
+                      micro_batch_size=eval_micro_batch_size(self.micro), channels_last=self.config.channels_last,
                       progress=progress if self.progress else False)
     return {**result, "split": split}
 
@@ -854,12 +883,15 @@ def _test_best(trainer: Trainer) -> dict:
     load_weights(trainer.model, checkpoint_path(trainer.run_dir, "best"), run_id=trainer.plan.run_id)
     loader = trainer.eval_loader(_open_split(trainer.plan, "test", target_dtype=torch.uint8))
     return {**trainer.evaluate_split(loader, "test", progress="test"), "which": "best",
-            "epoch": trainer.stopper.best_epoch, "original_size": trainer.config.eval_original_size}
+            "epoch": trainer.stopper.best_epoch, "original_size": trainer.config.eval_size == "original",
+            "eval_size": trainer.config.eval_size}
 
 # %% ../../nbs/30c_train.engine.ipynb #42f255fb
 def _config_of(run_dir: Path) -> TrainConfig:
     params = read_json(Path(run_dir) / PARAMS)
     names = {f for f in TrainConfig.__dataclass_fields__}
+    # a run folder from before eval_size: its eval_original_size said the protocol (False: at the training size)
+    if "eval_size" not in params: params = {**params, "eval_size": "original" if params.get("eval_original_size") else "train"}
     return TrainConfig(**{k: v for k, v in params.items() if k in names}).validate()
 
 def repeat_params(run_dir: str | os.PathLike, # a run folder
@@ -899,12 +931,18 @@ def load_run_model(run_dir: str | os.PathLike, # a run folder
     load_weights(model, path, run_id=read_json(run_dir / PARAMS).get("run_id"))
     return model.to(device).eval()
 
+def _eval_micro_of(run_dir: Path, config: TrainConfig) -> int:
+    "The run's evaluation micro-batch: its recorded training micro-batch (or the one given), at most MAX_EVAL_MICRO_BATCH."
+    recorded = read_metrics(run_dir) or {}
+    return eval_micro_batch_size(config.micro_batch_size or int(recorded.get("micro_batch_size") or 0))
+
 def evaluate_run(run_dir: str | os.PathLike, # a run folder
                  split: str = "test", # "test" or "val"
                  which: str = "best", # "best" or "last" weights
                  *, original_size: bool | None = None, # score at each image's original size (default: as trained)
                  device: str = "auto", # where to run
                  max_batches: int | None = None, # limit (default: the run's max_eval_batches)
+                 micro_batch_size: int | None = None, # images per forward (default: the run's micro-batch, at most MAX_EVAL_MICRO_BATCH)
                  data_dir: str | None = None, # the data folder, if it moved (its fingerprint must match)
                  progress: bool = True,
                 ) -> dict:
@@ -923,7 +961,8 @@ def evaluate_run(run_dir: str | os.PathLike, # a run folder
     model = load_run_model(run_dir, which, dev)
     if config.channels_last: model = model.to(memory_format=torch.channels_last)
     size = parse_size(config.image_size, "image_size")
-    original = config.eval_original_size if original_size is None else original_size
+    original = config.eval_size == "original" if original_size is None else original_size
+    check_original_labels(split_data, "original" if original else "train")
     limit = config.max_eval_batches if max_batches is None else max_batches
     procs = _processes()
     loader = DataLoader(EvalSamples(split_data, eval_transform(size), original),
@@ -932,10 +971,11 @@ def evaluate_run(run_dir: str | os.PathLike, # a run folder
     weights = data.get("class_weights")
     result = evaluate(model, loader, device=dev, dtype=dtype, channels_last=config.channels_last,
                       class_weights=None if weights is None else torch.tensor(weights),
-                      micro_batch_size=config.micro_batch_size or 0, progress=f"{split}" if progress else False)
+                      micro_batch_size=micro_batch_size or _eval_micro_of(run_dir, config),
+                      progress=f"{split}" if progress else False)
     meta = weights_metadata(checkpoint_path(run_dir, which))
     result.update(split=split, which=which, epoch=int(meta["epoch"]) if "epoch" in meta else None,
-                  original_size=original)
+                  original_size=original, eval_size="original" if original else "train")
     if split == "test" and procs.main:
         metrics = read_json(run_dir / METRICS)
         atomic_write_json(run_dir / METRICS, {**metrics, "test": result})
