@@ -17,14 +17,14 @@ from .study import (FINAL_STATUSES, GridRun, read_metrics, read_study_record, re
                            run_state, select_best)
 
 # %% auto #0
-__all__ = ['QUESTIONS', 'TITLE_SIZE', 'LABEL_SIZE', 'LEGEND_SIZE', 'model_name', 'load_runs', 'load_history', 'class_iou',
-           'aggregate_entries', 'Column', 'StudyTable', 'format_value', 'display_frame', 'table_t1', 'table_t2',
-           'selections', 'table_t3', 'table_t4', 'training_flops', 'time_to_best', 'table_t5', 'best_run_ids',
-           'seconds_to_reach', 'research_answers', 'figure_runs', 'class_iou_frame', 'curves_frame',
+__all__ = ['QUESTIONS', 'TITLE_SIZE', 'LABEL_SIZE', 'LEGEND_SIZE', 'PROTOCOLS', 'model_name', 'eval_protocol', 'load_runs',
+           'load_history', 'class_iou', 'aggregate_entries', 'Column', 'StudyTable', 'format_value', 'display_frame',
+           'table_t1', 'table_t2', 'selections', 'table_t3', 'table_t4', 'training_flops', 'time_to_best', 'table_t5',
+           'best_run_ids', 'seconds_to_reach', 'research_answers', 'figure_runs', 'class_iou_frame', 'curves_frame',
            'class_epochs_frame', 'data_summary', 'load_qualitative', 'plot_curves', 'plot_class_iou',
            'plot_class_epochs', 'plot_void_share', 'plot_class_frequency', 'plot_predictions', 'footer', 'save_figure',
-           'markdown_table', 'write_table', 'build_tables', 'figure_data', 'build_figures', 'build_run_figures',
-           'build_analysis']
+           'markdown_table', 'write_table', 'protocol_note', 'build_tables', 'figure_data', 'build_figures',
+           'build_run_figures', 'build_analysis']
 
 # %% ../nbs/50_analysis.ipynb #23cd7925
 def _num(value) -> float:
@@ -44,6 +44,14 @@ def model_name(params: dict) -> str:
     return {"unet": "U-Net", "upernet": "ConvNeXt"}.get(params.get("model"), str(params.get("model")))
 
 # %% ../nbs/50_analysis.ipynb #1137eecd
+def eval_protocol(metrics: dict, # a run's metrics.json ({} when not run yet)
+                  params: dict, # its parameters
+                 ) -> str:
+    "Where a run's scores are computed: `original` (each image's own size) or `train` (the training size)."
+    if metrics.get("eval_size"): return metrics["eval_size"]
+    if metrics: return "original" if params.get("eval_original_size") else "train"  # written before eval_size existed
+    return params.get("eval_size") or ("original" if params.get("eval_original_size", True) else "train")
+
 def load_runs(out: str | os.PathLike, # a study's output folder
              ) -> pd.DataFrame:
     "One row per run of the study's grid: entry, seed, run_id, status, reason, parameters and recorded numbers."
@@ -74,7 +82,8 @@ def load_runs(out: str | os.PathLike, # a study's output folder
             train_images_per_second=_num(metrics.get("train_images_per_second")),
             device=metrics.get("device") or env.get("device_name"), device_name=env.get("device_name"),
             precision=metrics.get("precision"), world_size=_num(metrics.get("world_size", env.get("world_size", 1))),
-            train_images=_num(data.get("size")), data_fingerprint=metrics.get("data_fingerprint")))
+            train_images=_num(data.get("size")), data_fingerprint=metrics.get("data_fingerprint"),
+            eval_size=eval_protocol(metrics, p)))
     return pd.DataFrame(rows)
 
 # %% ../nbs/50_analysis.ipynb #213e2d91
@@ -734,10 +743,23 @@ def write_table(table: StudyTable, folder: str | os.PathLike, note: str) -> dict
     atomic_write_text(md_path, f"## {table.id}: {table.title}\n\n{markdown_table(display_frame(table))}\n{note}\n{notes}\n")
     return {"csv": str(csv_path), "md": str(md_path)}
 
+PROTOCOLS = {"original": "at each image's own size (the logits resized, bilinear, to the label; the label never resized:"
+                         " mmsegmentation's protocol)",
+             "train": "at the training image size (the labels resized to it, nearest)"}
+
+def protocol_note(runs: pd.DataFrame) -> str:
+    "The note every table with a score carries: the evaluation protocol of its runs (`eval_size`)."
+    sizes = list(dict.fromkeys(runs.eval_size.dropna())) if "eval_size" in runs else []
+    if not sizes: return "Scores: no run has been evaluated yet."
+    if len(sizes) == 1: return f"Scores (mIoU, accuracies, losses) computed {PROTOCOLS[sizes[0]]}: eval_size={sizes[0]}."
+    return "Scores computed under mixed protocols: " + "; ".join(f"eval_size={s}: {PROTOCOLS[s]}" for s in sizes) + "."
+
 def build_tables(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> dict:
-    "Every table `{id: StudyTable}`."
+    "Every table `{id: StudyTable}`, each noting the evaluation protocol of its scores."
     runs = load_runs(out) if runs is None else runs
-    return {t.id: t for t in (table_t1(out, runs), table_t2(out, runs), table_t3(out, runs), table_t4(out, runs), table_t5(out, runs))}
+    tables = {t.id: t for t in (table_t1(out, runs), table_t2(out, runs), table_t3(out, runs), table_t4(out, runs), table_t5(out, runs))}
+    for table in tables.values(): table.notes.append(protocol_note(runs))
+    return tables
 
 # %% ../nbs/50_analysis.ipynb #2369b9a7
 def figure_data(out: str | os.PathLike, spec: dict) -> tuple[Any, str | None]:
