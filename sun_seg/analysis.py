@@ -19,12 +19,12 @@ from .study import (FINAL_STATUSES, GridRun, read_metrics, read_study_record, re
 # %% auto #0
 __all__ = ['QUESTIONS', 'TITLE_SIZE', 'LABEL_SIZE', 'LEGEND_SIZE', 'PROTOCOLS', 'model_name', 'eval_protocol', 'load_runs',
            'load_history', 'class_iou', 'aggregate_entries', 'Column', 'StudyTable', 'format_value', 'display_frame',
-           'table_t1', 'table_t2', 'selections', 'table_t3', 'table_t4', 'training_flops', 'time_to_best', 'table_t5',
-           'best_run_ids', 'seconds_to_reach', 'research_answers', 'figure_runs', 'class_iou_frame', 'curves_frame',
-           'class_epochs_frame', 'data_summary', 'load_qualitative', 'plot_curves', 'plot_class_iou',
-           'plot_class_epochs', 'plot_void_share', 'plot_class_frequency', 'plot_predictions', 'footer', 'save_figure',
-           'markdown_table', 'write_table', 'protocol_note', 'build_tables', 'figure_data', 'build_figures',
-           'build_run_figures', 'build_analysis']
+           'table_t1', 'table_t2', 'selections', 'table_t3', 'table_t4', 'training_flops', 'time_to_best',
+           'projected_hours', 'table_t5', 'best_run_ids', 'seconds_to_reach', 'research_answers', 'figure_runs',
+           'class_iou_frame', 'curves_frame', 'class_epochs_frame', 'data_summary', 'load_qualitative', 'plot_curves',
+           'plot_class_iou', 'plot_class_epochs', 'plot_void_share', 'plot_class_frequency', 'plot_predictions',
+           'footer', 'save_figure', 'markdown_table', 'write_table', 'protocol_note', 'build_tables', 'figure_data',
+           'build_figures', 'build_run_figures', 'build_analysis']
 
 # %% ../nbs/50_analysis.ipynb #23cd7925
 def _num(value) -> float:
@@ -320,6 +320,26 @@ def time_to_best(out: str | os.PathLike, run_id: str, best_epoch: float) -> floa
     if history.empty or "seconds" not in history or math.isnan(_num(best_epoch)): return math.nan
     return float(history.loc[history.epoch <= best_epoch, "seconds"].sum())
 
+def projected_hours(out: str | os.PathLike, # a rehearsal's output folder
+                    run_id: str, # one of its runs
+                    full_epochs: float, # the full profile's epoch budget of the run's entry
+                    sizes: dict, # the full study's split sizes: {"fit", "val"}
+                   ) -> float:
+    "Device-hours the run would take in the full study (at most: no early stop), from its measured throughput."
+    run_dir = safe_child(Path(out) / "runs", run_id, "run_id")
+    params, data = _read_optional(run_dir / "params.json"), _read_optional(run_dir / "data.json")
+    metrics, history = read_metrics(run_dir), load_history(out, run_id)
+    if history.empty or not params or not metrics.get("micro_batch_size"): return math.nan
+    batch, used = params["batch_size"], data.get("splits_used") or {}
+    steps = used.get("fit", 0) // batch
+    if params.get("max_train_batches"): steps = min(steps, params["max_train_batches"])
+    per_step = min(batch, params["max_micro_batches"] * metrics["micro_batch_size"]) if params.get("max_micro_batches") else batch
+    train_seconds = steps * per_step / history.train_images_per_second  # per epoch
+    eval_seconds = (history.seconds - train_seconds).clip(lower=1e-9)  # the rest of the epoch: validation and saving
+    train_ips, val_ips = (steps * per_step / train_seconds).mean(), (used.get("val", 0) / eval_seconds).mean()
+    epoch = sizes["fit"] / train_ips + sizes["val"] / val_ips
+    return float(full_epochs * epoch / 3600 * _num(metrics.get("world_size", 1)))
+
 def table_t5(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyTable:
     "T5, the training cost of every configuration beside the mIoU it reached (RQ3)."
     record, runs = read_study_record(out), load_runs(out) if runs is None else runs
@@ -330,6 +350,12 @@ def table_t5(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
     runs["training_pflop"] = training_flops(runs) / 1e15
     cols = ["trainable_params", "epochs_completed", "best_epoch", "wall_seconds", "time_to_best", "device_hours",
             "train_images_per_second", "gflops_per_image", "training_pflop", "best_val_miou", "test_miou"]
+    rehearsal = record.get("rehearsal")
+    if rehearsal:  # a rehearsal: project the full study from each run's measured throughput
+        full = rehearsal["full_epochs"]
+        runs["projected_hours"] = [projected_hours(out, r.run_id, full.get(r.entry, math.nan), rehearsal["full_split_sizes"])
+                                   for r in runs.itertuples()]
+        cols.append("projected_hours")
     agg = aggregate_entries(runs, cols)
     first = runs.groupby("entry", sort=False).first()
     agg.insert(0, "model", [first.loc[e, "model"] for e in agg.entry])
@@ -344,9 +370,19 @@ def table_t5(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
                Column("Device", "device", "text"), Column("Images/s (training)", "train_images_per_second", "f1"),
                Column("GFLOPs/image (forward)", "gflops_per_image", "f2"), Column("Training PFLOP", "training_pflop", "f4"),
                Column("Val mIoU", "best_val_miou", "f3"), Column("Test mIoU", "test_miou", "f3"), Column("Status", "status", "text")]
-    return StudyTable("T5", record["tables"]["T5"]["title"], agg, columns,
-                      ["Training PFLOP = counted training FLOPs per image (forward + backward) x images per epoch x epochs run (validation not counted).",
-                       "Device-hours = wall time x processes (GPUs) / 3600. The study reports no cost numbers: no study column."])
+    notes = ["Training PFLOP = counted training FLOPs per image (forward + backward) x images per epoch x epochs run (validation not counted).",
+             "Device-hours = wall time x processes (GPUs) / 3600. The study reports no cost numbers: no study column."]
+    if rehearsal:
+        columns.insert(-3, Column("Projected device-hours (full study)", "projected_hours", "f2"))
+        total = float(agg.projected_hours.sum(min_count=1) * max(len(record.get("seeds") or [1]), 1))
+        notes.append(f"REHEARSAL - projected: each run's measured training and validation images/s on {rehearsal['device']}"
+                     f" ({', '.join(sorted(set(map(str, agg.device.dropna()))))}) x the full study's {rehearsal['full_split_sizes']['fit']:,}"
+                     f" training and {rehearsal['full_split_sizes']['val']:,} validation images per epoch x the full profile's epoch"
+                     f" budget of the row (at most: early stopping shortens runs; the test evaluations are not counted)."
+                     f" Projected total: {_f(total, 'f1')} device-hours. The measured times are those of the rehearsal's"
+                     " native-size demo images; on a CPU the loader prepares whole batches of 64 while a step trains only"
+                     " its capped micro-batches, so a CPU projection overstates the training time.")
+    return StudyTable("T5", record["tables"]["T5"]["title"], agg, columns, notes)
 
 # %% ../nbs/50_analysis.ipynb #2cd92b22
 def _f(x: float, fmt: str = "f3") -> str: return format_value(x, fmt)

@@ -25,7 +25,7 @@ from .study import read_metrics, read_study_record, record_runs, run_state
 # %% auto #0
 __all__ = ['SITE_CSS', 'NAV', 'offline_problems', 'neutralize_html', 'executed_notebook_html', 'markdown_html', 'code_html',
            'symbol_docs', 'notebook_doc', 'library_notebooks', 'site_environment', 'table_view', 'frame_view',
-           'settings_line', 'pretrain_note', 'build_site', 'add_cli']
+           'settings_line', 'pretrain_note', 'rehearsal_line', 'build_site', 'add_cli']
 
 # %% ../nbs/51_report.ipynb #274ffc66
 from html.parser import HTMLParser
@@ -234,6 +234,7 @@ nav a { color:#c9d5ee; text-decoration:none; margin-right:1rem; font-size:.95rem
 nav a.active, nav a:hover { color:#fff; text-decoration:underline; }
 .data-banner { padding:.55rem 1.5rem; font-size:.88rem; border-bottom:1px solid var(--line); }
 .data-banner.demo { background:#fff4d6; } .data-banner.sunrgbd { background:#e5f3e8; }
+.data-banner.rehearsal { background:#fde2e2; }
 main { max-width:1200px; margin:0 auto; padding:1rem 1.5rem 3rem; }
 footer { color:var(--muted); font-size:.8rem; padding:1rem 1.5rem; border-top:1px solid var(--line); }
 h1 { font-size:1.6rem; margin:.6rem 0 .3rem; } h2 { font-size:1.25rem; margin-top:2rem; border-bottom:1px solid var(--line); }
@@ -275,6 +276,9 @@ _BASE = """<!doctype html>
 <nav>{% for href, name in nav %}<a href="{{ root }}{{ href }}"{% if name == section %} class="active"{% endif %}>{{ name }}</a>{% endfor %}</nav></header>
 <div class="data-banner {{ data.kind }}" id="data-banner"><strong>Data:</strong> {{ data.label }}<br>
 <strong>Settings:</strong> {{ settings }}</div>
+{% if rehearsal %}<div class="data-banner rehearsal" id="rehearsal-banner"><strong>REHEARSAL</strong> of the full profile on
+{{ rehearsal.device }}: its settings, with only the amount of work capped - {{ rehearsal_caps }}. Not a result: it proves the
+full profile's code paths run end to end; it says nothing of SUN RGB-D or of the published weights.</div>{% endif %}
 <main>{% block main %}{% endblock %}</main>
 <footer>Built {{ built }} by sun_seg {{ version }} from the study file {{ study.file }}{% if study.sha256 %} (sha256 {{ study.sha256[:12] }}){% endif %}
 and the run folders in {{ out }}. Rebuild: <code>sun-seg report --out {{ out }}</code>.</footer>
@@ -465,13 +469,28 @@ def pretrain_note(record: dict) -> str:
     return "No pretrained weights are used in this study."
 
 # %% ../nbs/51_report.ipynb #e57ec658
+def rehearsal_line(record: dict) -> str | None:
+    "The caps of a rehearsal (`sun-seg study --rehearse`) in one line, or None for a study."
+    r = record.get("rehearsal")
+    if not r: return None
+    caps, data = dict(r.get("caps") or {}), r.get("demo_data") or {}
+    budgets = ", ".join(f"{k}->{v}" for k, v in (r.get("epochs") or {}).items())
+    micro = (f"each optimizer step {caps['max_micro_batches']} micro-batches of {caps['micro_batch_size']} images, the loss scaled"
+             " as the whole batch's" if caps.get("max_micro_batches") else "full global batches")
+    return (f"epoch budgets {budgets}; at most {caps.get('max_train_batches')} optimizer step(s) per epoch, {micro};"
+            f" demo data at the sensors' native sizes ({data.get('n_train')} train of which 10% validate,"
+            f" {data.get('n_test')} test); the UPerNet's weights from {(r.get('pretrain') or {}).get('epochs')} epoch(s) of"
+            f" pretraining on {(r.get('pretrain') or {}).get('images')} demo images; qualitative picks among"
+            f" {r.get('qualitative_scan')} images")
+
 class _Site:
     "Writes the pages of one site build (a small helper for `build_site`)."
     def __init__(self, out: Path, folder: Path, record: dict):
         self.out, self.folder, self.record, self.env = out, folder, record, site_environment()
         self.common = dict(study=record["study"], data=record["data"], profile=record["profile"], settings=settings_line(record),
                            nav=NAV, built=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), version=sun_seg.__version__,
-                           out=str(out), demo_notice=DEMO_NOTICE)
+                           out=str(out), demo_notice=DEMO_NOTICE, rehearsal=record.get("rehearsal"),
+                           rehearsal_caps=rehearsal_line(record))
         self.pages = []
 
     def page(self, name: str, template: str, title: str, section: str, **context) -> Path:

@@ -18,13 +18,15 @@ from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, SunSegEr
 
 # %% auto #0
 __all__ = ['MAX_YAML_VALUES', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'PRETRAIN_KEYS', 'FINAL_STATUSES',
-           'STUDY_RECORD', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect', 'FigureSpec', 'Profile', 'Study',
+           'STUDY_RECORD', 'REHEARSAL_CAPS', 'REHEARSAL_DATA', 'REHEARSAL_PRETRAIN', 'REHEARSAL_SCAN',
+           'FULL_SPLIT_SIZES', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect', 'FigureSpec', 'Profile', 'Study',
            'parse_study', 'load_study', 'default_study_path', 'GridRun', 'resolve_params', 'resolve_grid',
            'parse_shard', 'select_runs', 'read_metrics', 'run_status', 'run_state', 'RunLock', 'run_grid',
            'SimulatedTrainer', 'simulated_evaluate', 'select_best', 'run_evaluations', 'study_record',
            'write_study_record', 'read_study_record', 'record_runs', 'record_evaluations', 'simulate_study',
            'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer', 'pretrain_folder',
-           'pretrain_upernet', 'save_predictions', 'save_data_summary', 'default_out_dir', 'run_study', 'add_cli']
+           'pretrain_upernet', 'save_predictions', 'save_data_summary', 'default_out_dir', 'rehearsal_profile',
+           'rehearsal_record', 'run_study', 'add_cli']
 
 # %% ../nbs/40_study.ipynb #0106750d
 class _StrictLoader(yaml.SafeLoader):
@@ -1184,6 +1186,44 @@ def _summary_table(out: Path, runs: list[GridRun], outcomes: list[dict]) -> str:
            "minutes": lambda x: "-" if x is None or x != x else f"{x:.1f}"}
     return frame.to_string(index=False, formatters=fmt, na_rep="-")
 
+# %% ../nbs/40_study.ipynb #a10e0011
+REHEARSAL_CAPS = {  # the only changes a rehearsal makes to the full profile's training parameters: the amount of work
+    "cpu": dict(epochs=2, max_train_batches=1, micro_batch_size=2, max_micro_batches=2),
+    "cuda": dict(epochs=2, max_train_batches=2),
+}
+REHEARSAL_DATA = {  # demo data at the sensors' native sizes: 10% of the train split validates (8 or 15 images)
+    "cpu": dict(n_train=80, n_test=16, scale=1.0), "cuda": dict(n_train=150, n_test=16, scale=1.0)}
+REHEARSAL_PRETRAIN = dict(num_labels=150, images=16, image_size="64x80", epochs=1, batch_size=8, lr=5e-4, seed=0)
+REHEARSAL_SCAN = 16  # images the qualitative picks look at
+FULL_SPLIT_SIZES = {"fit": 4756, "val": 529, "test": 5050}  # SUN RGB-D under the default seeded 10% validation split
+
+def _device_kind(device: str | None) -> str:
+    kind = (device or "cpu").split(":")[0]
+    if kind not in REHEARSAL_CAPS: raise ParameterError("device", f"got {device!r}; rehearse on cpu or cuda")
+    return kind
+
+def rehearsal_profile(study: Study, # the parsed study file (its `full` profile is rehearsed)
+                      device: str | None = "cpu", # cpu | cuda (cuda:N)
+                     ) -> Profile:
+    "The `full` profile with only the amount of work capped, on native-size demo data."
+    if "full" not in study.profiles: raise ParameterError("profile", f"{study.path} has no `full` profile to rehearse")
+    full, kind = study.profiles["full"], _device_kind(device)
+    caps = dict(REHEARSAL_CAPS[kind])
+    epochs = caps.pop("epochs")
+    budgets = {e.params.get("epochs", study.defaults.get("epochs", 100)) for e in study.runs}
+    return Profile(name="rehearsal", description=f"REHEARSAL of the full profile on {kind}: its settings, little work",
+                   data="demo", params={**full.params, **caps}, epochs={b: min(b, epochs) for b in sorted(budgets)},
+                   pretrained={k: "pretrain" for k in full.pretrained}, pretrain=dict(REHEARSAL_PRETRAIN),
+                   demo_data=dict(REHEARSAL_DATA[kind]), seeds=full.seeds, qualitative_scan=REHEARSAL_SCAN)
+
+def rehearsal_record(study: Study, profile: Profile, device: str | None = "cpu") -> dict:
+    "What `study.json` says about a rehearsal: the caps, the full profile's budget of each entry, the full split sizes."
+    kind = _device_kind(device)
+    return {"device": kind, "caps": REHEARSAL_CAPS[kind], "epochs": profile.epochs, "demo_data": profile.demo_data,
+            "pretrain": profile.pretrain, "qualitative_scan": profile.qualitative_scan,
+            "full_epochs": {e.name: e.params.get("epochs", study.defaults.get("epochs", 100)) for e in study.runs},
+            "full_split_sizes": FULL_SPLIT_SIZES}
+
 # %% ../nbs/40_study.ipynb #51216adb
 def run_study(study: str | os.PathLike | Study | None = None, # the study file (default `reports/study.yaml`)
               profile: str = "full", # a profile of the study file: full (SUN RGB-D) or demo
@@ -1195,13 +1235,15 @@ def run_study(study: str | os.PathLike | Study | None = None, # the study file (
               evaluate: Callable | None = None, # default the engine's `evaluate_run`
               device: str | None = None, # training and evaluation device (not part of the runs' identity)
               list_only: bool = False, # resolve and print the grid with each run's state, train nothing
+              rehearse: bool = False, # rehearse the full profile (`rehearsal_profile`) instead of running `profile`
               log: Callable[[str], None] = print) -> dict:
     "Run (or continue) the study's grid under `profile`; returns `{'out', 'runs', 'outcomes', 'evaluations', 'predictions'}`."
     start, only = time.time(), list(only)
     study = study if isinstance(study, Study) else load_study(study)
-    if profile not in study.profiles:
+    if not rehearse and profile not in study.profiles:
         raise ParameterError("profile", f"got {profile!r}; {study.path} defines {', '.join(study.profiles)}")
-    prof = study.profiles[profile]
+    if rehearse and device is None: device = "cpu"  # a rehearsal's caps are chosen for its device
+    prof = rehearsal_profile(study, device) if rehearse else study.profiles[profile]
     out = _check_out(Path(out) if out else default_out_dir(prof)).resolve()  # `a/../b` must not create `a`
     root = _profile_data(prof, data_dir, str(study.path))
     pretrain_dir, _ = _pretrain(prof, device, log, make=False)
@@ -1221,7 +1263,9 @@ def run_study(study: str | os.PathLike | Study | None = None, # the study file (
     log(data_label(data["kind"], data["fingerprint"]))
     needs_weights = pretrain_dir is not None and any(r.params.get("pretrained") == pretrain_dir for r in chosen)
     _, pretrain_record = _pretrain(prof, device, log, make=needs_weights)  # only when this slice fine-tunes from them
-    write_study_record(out, study_record(study, prof, runs, data, pretrain_record))
+    record = study_record(study, prof, runs, data, pretrain_record)
+    if rehearse: record["rehearsal"] = rehearsal_record(study, prof, device)
+    write_study_record(out, record)
     if shard is None or shard[0] == 1: save_data_summary(out, data)
     log(f"{len(chosen)} of {len(runs)} training runs in this invocation -> {out / 'runs'}")
     outcomes = run_grid(chosen, out, trainer or papermill_trainer(device=device), log=log)
@@ -1256,11 +1300,12 @@ def _study_command(args) -> int:
 def _study(args) -> int:
     shard = parse_shard(args.shard)
     profile = "demo" if args.demo else args.profile
+    if args.rehearse and args.device is None: args.device = "cpu"
     start = time.time()
     result = run_study(args.study, profile, args.out, args.data, args.only or (), shard,
                        trainer=(inprocess_trainer(args.device, progress=not args.quiet) if args.no_notebook
                                 else papermill_trainer(log_output=not args.quiet, device=args.device)),
-                       device=args.device, list_only=args.list)
+                       device=args.device, list_only=args.list, rehearse=args.rehearse)
     if args.list: return 0
     failed = [o for o in result["outcomes"] if o["status"] not in FINAL_STATUSES]
     if args.no_report or shard is not None:
@@ -1283,6 +1328,9 @@ def add_cli(subparsers) -> None:
                               "papermill, evaluate the best models on the test split, and build the tables, figures and "
                               "report site. Finished runs are skipped, interrupted ones resumed, failed ones retried.")
     p.add_argument("--demo", action="store_true", help="the demo profile: generated data, small images, few epochs (a laptop CPU)")
+    p.add_argument("--rehearse", action="store_true",
+                   help="rehearse the full profile: its settings on native-size demo data, only the amount of work capped"
+                        " (with --device cpu, the default, or cuda); builds the whole report, labelled REHEARSAL")
     p.add_argument("--profile", default="full", help="a profile of the study file (default: full, the study's settings on SUN RGB-D)")
     p.add_argument("--study", help="the study file (default: reports/study.yaml)")
     p.add_argument("--data", help="SUN RGB-D folder for the full profile (default: $SUN_SEG_DATA)")

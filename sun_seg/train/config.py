@@ -224,6 +224,10 @@ def run_identity(config: TrainConfig, # the config as used (after `apply_profile
     # eval_size enters under its old name (the same two values), so runs scored at the training size keep their ids
     params["eval_original_size"] = params.pop("eval_size") == "original"
     if not params["max_micro_batches"]: params.pop("max_micro_batches")  # 0 = all: as before the parameter existed
+    device = resolve_device(config.device)
+    # the colour jitter on a CUDA device (engine.jitter_on_device) draws other numbers than the loader's: another run
+    if config.augment and (device.type == "cuda" or os.environ.get("SUN_SEG_JITTER_ON_DEVICE") == "1"):
+        params["colour_jitter"] = "device"
     params["precision"] = str(precision or resolve_precision(config.precision, resolve_device(config.device))).replace("torch.", "")
     data = {k: data_info.get(k) for k in _DATA_IDENTITY}
     return {"params": params, "data": data}
