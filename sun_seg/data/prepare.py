@@ -356,7 +356,7 @@ def add_cli(subparsers) -> None:
                     "Interrupted runs continue where they stopped.")
     p.add_argument("src", help="folder holding SUN RGB-D (official, preprocessed or cache form)")
     p.add_argument("out", help="cache folder to create (new or empty)")
-    p.add_argument("--size", default=None, help="resize every sample to HxW (height x width), e.g. 240x320; default: keep sizes")
+    p.add_argument("--size", default=None, help="resize every sample to HxW (height x width), e.g. 240x320; default: keep sizes (scores at each image's own size, the full profile's eval_size=original, need them)")
     p.add_argument("--skip-bad", action="store_true", help="leave bad samples out (listed in skipped.csv) instead of failing")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache of other data or size in OUT")
