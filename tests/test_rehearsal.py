@@ -69,6 +69,11 @@ def _assert_rehearsed(out, device):
             out / "runs" / run["run_id"] / "data.json")["splits_used"]["val"]
         assert metrics["micro_batch_size"] * metrics["accumulation_steps"] == 64  # the study's batch, accumulated
         assert read_json(out / "runs" / run["run_id"] / "data.json")["image_size"] == [480, 640]
+    from sun_seg.data import SunRGBD
+    from sun_seg.data.formats import SENSOR_SIZES
+    test = SunRGBD(record["data"]["root"], "test")
+    sizes = {tuple(test[i]["image"].shape[1:]) for i in range(len(test))}
+    assert len(test) == 16 and len(sizes) > 1 and sizes <= set(SENSOR_SIZES.values())  # the sensors' native sizes
     tested = [m for m in (read_json(p) for p in (out / "runs").glob("*/metrics.json")) if m.get("test")]
     assert len(tested) >= 2 and all(m["test"]["images"] == 16 and m["test"]["eval_size"] == "original" for m in tested)
     t5 = pd.read_csv(out / "tables" / "T5.csv")
