@@ -18,11 +18,11 @@ from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, SunSegEr
 
 # %% auto #0
 __all__ = ['MAX_YAML_VALUES', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'PRETRAIN_KEYS', 'FINAL_STATUSES',
-           'STUDY_RECORD', 'REHEARSAL_CAPS', 'REHEARSAL_EPOCHS', 'REHEARSAL_DATA', 'REHEARSAL_PRETRAIN',
-           'REHEARSAL_SCAN', 'FULL_SPLIT_SIZES', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect', 'FigureSpec',
-           'Profile', 'Study', 'parse_study', 'load_study', 'default_study_path', 'GridRun', 'resolve_params',
-           'resolve_grid', 'parse_shard', 'select_runs', 'read_metrics', 'run_status', 'run_state', 'RunLock',
-           'run_grid', 'SimulatedTrainer', 'simulated_evaluate', 'select_best', 'run_evaluations', 'study_record',
+           'STUDY_RECORD', 'REHEARSAL_CAPS', 'REHEARSAL_DATA', 'REHEARSAL_PRETRAIN', 'REHEARSAL_SCAN',
+           'FULL_SPLIT_SIZES', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect', 'FigureSpec', 'Profile', 'Study',
+           'parse_study', 'load_study', 'default_study_path', 'GridRun', 'resolve_params', 'resolve_grid',
+           'parse_shard', 'select_runs', 'read_metrics', 'run_status', 'run_state', 'RunLock', 'run_grid',
+           'SimulatedTrainer', 'simulated_evaluate', 'select_best', 'run_evaluations', 'study_record',
            'write_study_record', 'read_study_record', 'record_runs', 'record_evaluations', 'simulate_study',
            'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer', 'pretrain_folder',
            'pretrain_upernet', 'save_predictions', 'save_data_summary', 'default_out_dir', 'rehearsal_profile',
@@ -1191,7 +1191,21 @@ REHEARSAL_CAPS = {  # the only changes a rehearsal makes to the full profile's t
     "cpu": dict(max_train_batches=1, micro_batch_size=2, max_micro_batches=2),
     "cuda": dict(max_train_batches=2),
 }
-REHEARSAL_EPOCHS = (1, 2, 3)  # the study's budgets (20 < 75 < 100) in order: distinct, so no two runs become one
+def _rehearsal_epochs(study: Study, params: dict) -> dict:
+    "One epoch for every budget of the study, except where two entries would then be one run: the larger budget gets more."
+    budgets = sorted({e.params.get("epochs", study.defaults.get("epochs", 100)) for e in study.runs})
+    epochs = {b: 1 for b in budgets}
+    for _ in budgets:
+        seen, clash = {}, None
+        for e in study.runs:
+            p = {**study.defaults, **params, **e.params}
+            budget = p.get("epochs", 100)
+            key = stable_hash({**p, "epochs": epochs[budget]})
+            if seen.get(key, budget) != budget: clash = max(budget, seen[key]); break
+            seen[key] = budget
+        if clash is None: return epochs
+        epochs[clash] = max(epochs.values()) + 1
+    return epochs
 REHEARSAL_DATA = {  # demo data at the sensors' native sizes: 10% of the train split validates (8 or 15 images)
     "cpu": dict(n_train=80, n_test=16, scale=1.0), "cuda": dict(n_train=150, n_test=16, scale=1.0)}
 REHEARSAL_PRETRAIN = dict(num_labels=150, images=16, image_size="64x80", epochs=1, batch_size=8, lr=5e-4, seed=0)
@@ -1209,9 +1223,7 @@ def rehearsal_profile(study: Study, # the parsed study file (its `full` profile 
     "The `full` profile with only the amount of work capped, on native-size demo data."
     if "full" not in study.profiles: raise ParameterError("profile", f"{study.path} has no `full` profile to rehearse")
     full, kind = study.profiles["full"], _device_kind(device)
-    budgets = sorted({e.params.get("epochs", study.defaults.get("epochs", 100)) for e in study.runs})
-    epochs = {b: REHEARSAL_EPOCHS[min(i, len(REHEARSAL_EPOCHS) - 1)] + max(0, i - len(REHEARSAL_EPOCHS) + 1)
-              for i, b in enumerate(budgets)}
+    epochs = _rehearsal_epochs(study, {**full.params, **REHEARSAL_CAPS[kind]})
     return Profile(name="rehearsal", description=f"REHEARSAL of the full profile on {kind}: its settings, little work",
                    data="demo", params={**full.params, **REHEARSAL_CAPS[kind]}, epochs=epochs,
                    pretrained={k: "pretrain" for k in full.pretrained}, pretrain=dict(REHEARSAL_PRETRAIN),
