@@ -1191,6 +1191,12 @@ REHEARSAL_CAPS = {  # the only changes a rehearsal makes to the full profile's t
     "cpu": dict(max_train_batches=1, micro_batch_size=2, max_micro_batches=2),
     "cuda": dict(max_train_batches=2),
 }
+REHEARSAL_DATA = {  # demo data at the sensors' native sizes: 10% of the train split validates (8 or 15 images)
+    "cpu": dict(n_train=80, n_test=16, scale=1.0), "cuda": dict(n_train=150, n_test=16, scale=1.0)}
+REHEARSAL_PRETRAIN = dict(num_labels=150, images=16, image_size="64x80", epochs=1, batch_size=8, lr=5e-4, seed=0)
+REHEARSAL_SCAN = 16  # images the qualitative picks look at
+FULL_SPLIT_SIZES = {"fit": 4756, "val": 529, "test": 5050}  # SUN RGB-D under the default seeded 10% validation split
+
 def _rehearsal_epochs(study: Study, params: dict) -> dict:
     "One epoch for every budget of the study, except where two entries would then be one run: the larger budget gets more."
     budgets = sorted({e.params.get("epochs", study.defaults.get("epochs", 100)) for e in study.runs})
@@ -1206,11 +1212,6 @@ def _rehearsal_epochs(study: Study, params: dict) -> dict:
         if clash is None: return epochs
         epochs[clash] = max(epochs.values()) + 1
     return epochs
-REHEARSAL_DATA = {  # demo data at the sensors' native sizes: 10% of the train split validates (8 or 15 images)
-    "cpu": dict(n_train=80, n_test=16, scale=1.0), "cuda": dict(n_train=150, n_test=16, scale=1.0)}
-REHEARSAL_PRETRAIN = dict(num_labels=150, images=16, image_size="64x80", epochs=1, batch_size=8, lr=5e-4, seed=0)
-REHEARSAL_SCAN = 16  # images the qualitative picks look at
-FULL_SPLIT_SIZES = {"fit": 4756, "val": 529, "test": 5050}  # SUN RGB-D under the default seeded 10% validation split
 
 def _device_kind(device: str | None) -> str:
     kind = (device or "cpu").split(":")[0]
