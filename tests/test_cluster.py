@@ -78,3 +78,22 @@ def test_loader_workers_come_from_the_allotted_cpus(no_slurm):
     no_slurm.setenv("SLURM_CPUS_PER_TASK", "4")
     assert allotted_cpus() == 4 and _auto_workers(torch.device("cuda"), 1) == 3
     assert _auto_workers(torch.device("cpu"), 1) == 0  # unchanged: no workers on a CPU
+
+
+def test_slurm_examples_are_valid_scripts_with_options_sun_seg_accepts(repo_root):
+    import re
+    import shlex
+    import subprocess
+    from sun_seg.cli import build_parser
+    folder = repo_root / "examples" / "slurm"
+    scripts = {p.name: p.read_text() for p in folder.iterdir()}
+    assert {"train-array.sbatch", "evaluate-report.sbatch", "submit.sh"} <= set(scripts)
+    for name in scripts: subprocess.run(["bash", "-n", str(folder / name)], check=True)
+    assert "#SBATCH --array=" in scripts["train-array.sbatch"] and "--shard slurm" in scripts["train-array.sbatch"]
+    assert "--dependency=afterok:" in scripts["submit.sh"]
+    parser = build_parser("study")
+    for name in ("train-array.sbatch", "evaluate-report.sbatch"):
+        line = next(l for l in scripts[name].splitlines() if re.match(r"\s*(exec )?sun-seg study", l))
+        words = shlex.split(line.split("#")[0].replace('"$SUN_SEG_DATA"', "DATA").replace('"$OUT"', "OUT"))
+        args = parser.parse_args(words[words.index("study"):])  # every option the script passes exists
+        assert args.out == "OUT" and args.data == "DATA"
