@@ -101,7 +101,8 @@ def _usage(model: str, image_size) -> list[str]:
 
 def _params_table(params: dict) -> list[str]:
     rows = ["| parameter | value |", "| --- | --- |"]
-    return rows + [f"| `{k}` | `{params[k]!r}` |" for k in sorted(params)]
+    cell = lambda v: repr(v).replace("|", "\\|")  # a `|` in a value would end the table cell
+    return rows + [f"| `{k}` | `{cell(params[k])}` |" for k in sorted(params)]
 
 def model_card(params: dict, data: dict, metrics: dict, # the run's records
                which: str = "best", # the exported weights
