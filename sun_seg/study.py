@@ -460,11 +460,11 @@ def select_runs(runs: list[GridRun], # the resolved grid
     return chosen
 
 # %% ../nbs/40_study.ipynb #16ed2818
-# training cost per image-pixel relative to the U-Net, by model and fine-tuning depth: estimates from the shape of the
-# computation (the U-Net and UPerNet-ConvNeXt-T forward passes cost the same order of FLOPs per pixel; a frozen
-# encoder needs no backward pass through it, a frozen decoder neither). They only balance shards.
-RUN_COST_FACTORS: dict[str, float] = {"unet": 1.0, "upernet:encoder+decoder": 1.0, "upernet:decoder": 0.7,
-                                      "upernet:classifier": 0.4}
+# training-step FLOPs per image relative to the U-Net's, by model and fine-tuning depth, as counted by
+# `sun_seg.models.model_profile` on the full-size models at 64x80 (a frozen encoder needs no backward pass through it);
+# both are convolutional, so the ratio holds at other sizes to first order. They only balance shards.
+RUN_COST_FACTORS: dict[str, float] = {"unet": 1.0, "upernet:classifier": 0.40, "upernet:decoder": 1.13,
+                                      "upernet:encoder+decoder": 1.21}
 _FULL_EPOCH_IMAGES = 4757  # SUN RGB-D's fit split (train minus 10% for validation): the images of an uncapped epoch
 
 def run_cost(params: dict, # a run's training parameters (missing ones take `TrainConfig`'s defaults)
