@@ -95,3 +95,14 @@ def test_bad_arguments_are_named(run_dir, tmp_path, capsys, args, expected):
     argv = [a.format(run=run_dir, tmp=tmp_path, photos=tmp_path / "photos") for a in args]
     assert main(["predict", *argv, "--quiet"]) == 2
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_predict_on_a_gpu_agrees_with_the_cpu(run_dir, tmp_path):
+    import torch
+    if not torch.cuda.is_available(): pytest.skip("no CUDA GPU")
+    _photos(tmp_path / "photos")
+    cpu = sun_seg.predict(run_dir, tmp_path / "photos", device="cpu", progress=False)["written"]
+    gpu = sun_seg.predict(run_dir, tmp_path / "photos", device="cuda", progress=False)["written"]
+    for a, b in zip(cpu, gpu):  # the same classes up to float rounding at near-ties
+        assert a["image"] == b["image"] and (a["labels"] == b["labels"]).mean() > 0.99
