@@ -89,7 +89,7 @@ def _usage(model: str, image_size) -> list[str]:
     load = ("from transformers import UperNetForSemanticSegmentation\n"
             "model = UperNetForSemanticSegmentation.from_pretrained(\"DIR\").eval()\n"
             "logits = model(pixel_values=x).logits  # (N, 37, H, W)") if model == "upernet" else (
-            "from sun_seg.models import UNet  # pip install sun_seg\n"
+            "from sun_seg.models import UNet  # the sun_seg library (this repository)\n"
             "model = UNet.from_pretrained(\"DIR\").eval()\n"
             "logits = model(x)  # (N, 37, H, W)")
     return ["```python", "import torch", load.split("\n")[0], load.split("\n")[1],
