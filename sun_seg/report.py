@@ -332,6 +332,9 @@ sun-seg report --out {{ out }}                 # rebuilds tables, figures and th
 <h1>Data overview</h1>
 {{ m.kv(data_table) }}
 {% if summary %}<h2>Label quality and class imbalance</h2>{{ m.kv(summary) }}{% endif %}
+{% if baselines %}<h2>What needs no learning</h2><p>Two classifiers fit on the fit split without training a network: every pixel
+{{ majority }} (the majority class), and each pixel's colour alone (the best classifier of 16x16x16 colour bins), with 95% bootstrap
+intervals over the images. T2 and T3 show them beside the models.</p>{{ m.kv(baselines) }}{% endif %}
 {% for f in figures %}{{ m.figure(f, root) }}{% endfor %}
 {% if class_table %}<h2>Class frequency</h2>{{ m.study_table(class_table) }}{% endif %}
 {% endblock %}""",
@@ -673,7 +676,14 @@ def _data_page(site: _Site, analysis: dict):
         freq = summary["class_statistics"].reset_index()
         class_table = frame_view(freq, "classes", {c: ("count" if c in ("pixels", "images", "image_pixels") else "f4")
                                                    for c in freq.columns if c != "class"})
+    from sun_seg.analysis import BASELINE_LABELS, data_baselines, interval_text
+    found = data_baselines(site.out)
+    baselines = {} if "missing" in found else {
+        f"{BASELINE_LABELS[name]} on {split}": f"mIoU {format_value(b['miou'], 'f3')} {interval_text(b['interval'])}, pixel accuracy "
+                                               f"{format_value(b['pixel_accuracy'], 'f3')} ({b['images']} images)"
+        for split in ("val", "test") for name, b in ((n, found[split][n]) for n in BASELINE_LABELS)}
     site.page("data.html", "data.html", "Data", "Data", data_table={k: readable(v, k) for k, v in site.record["data"].items()},
+              baselines=baselines, majority=found.get("majority_class"),
               summary=info, figures=figures, class_table=class_table)
 
 # %% ../nbs/51_report.ipynb #08e2a726

@@ -236,6 +236,7 @@ def test_baselines_are_computed_from_the_data_and_shown_beside_the_models(study_
     md = (out / "tables" / "T2.md").read_text()
     row = next(line for line in md.splitlines() if "colour only" in line)
     assert "NaN" not in row and "computed from the data" in row
+    assert "What needs no learning" in (out / "site" / "data.html").read_text()
 
 
 @pytest.fixture(scope="module")
