@@ -16,8 +16,8 @@ __all__ = ['CLASS_NAMES', 'NUM_CLASSES', 'VOID_LABEL', 'IGNORE_INDEX', 'PALETTE'
            'DATA_ENV', 'HOME_ENV', 'DEMO_NOTICE', 'raw_to_target', 'target_to_raw', 'SunSegError', 'DataError',
            'ParameterError', 'colorize', 'normalize_images', 'check_choice', 'check_positive', 'check_bool',
            'seed_everything', 'resolve_device', 'cpu_has_native_bf16', 'resolve_precision', 'cpu_model_name',
-           'atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'to_json', 'atomic_write_json', 'read_json',
-           'stable_hash', 'safe_name', 'safe_child', 'sun_seg_home', 'data_label']
+           'allotted_cpus', 'atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'to_json', 'atomic_write_json',
+           'read_json', 'stable_hash', 'safe_name', 'safe_child', 'sun_seg_home', 'data_label']
 
 # %% ../nbs/00_core.ipynb #00840472
 CLASS_NAMES: tuple[str, ...] = (
@@ -174,6 +174,15 @@ def cpu_model_name() -> str:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"): return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+# %% ../nbs/00_core.ipynb #6aaf5735
+def allotted_cpus() -> int:
+    "CPUs this process may run on: its affinity mask (not `os.cpu_count()`, the whole node), capped by `SLURM_CPUS_PER_TASK`."
+    try: cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError): cpus = os.cpu_count() or 1  # macOS and Windows have no affinity mask
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.strip().isdigit() and int(slurm) > 0: cpus = min(cpus, int(slurm))
+    return max(1, cpus)
 
 # %% ../nbs/00_core.ipynb #8365b14a
 def _umask() -> int:
