@@ -18,12 +18,12 @@ from .core import (IGNORE_INDEX, NUM_CLASSES, ParameterError, atomic_write_json,
 
 # %% auto #0
 __all__ = ['DTYPES', 'DTYPE_NAMES', 'BASELINE', 'EAGER_CONFIGS', 'TARGETS', 'SECTIONS', 'SCHEMA', 'RECORD_FIELDS',
-           'SECTION_FIELDS', 'synchronize', 'time_alternating', 'median', 'PeakMemory', 'state_bytes', 'count_flops',
-           'measure_ceilings', 'machine_info', 'Quietness', 'bench_dataset', 'bench_data', 'StepConfig',
-           'engine_default_config', 'precision_choice', 'engine_trainer', 'bare_epoch', 'profile_step', 'bench_train',
-           'bench_data_wait', 'per_class_loop_iou', 'engine_iou', 'torchmetrics_iou', 'bench_eval', 'largest_batch',
-           'bench_largest_batch', 'Target', 'evaluate_targets', 'render_markdown', 'bench_settings', 'check_record',
-           'run_bench', 'write_report', 'add_cli', 'latest_report']
+           'SECTION_FIELDS', 'STUDY_STEPS_PER_EPOCH', 'synchronize', 'time_alternating', 'median', 'PeakMemory',
+           'state_bytes', 'count_flops', 'measure_ceilings', 'machine_info', 'Quietness', 'bench_dataset', 'bench_data',
+           'StepConfig', 'engine_default_config', 'precision_choice', 'engine_trainer', 'bare_epoch', 'profile_step',
+           'bench_train', 'bench_data_wait', 'per_class_loop_iou', 'engine_iou', 'torchmetrics_iou', 'bench_eval',
+           'largest_batch', 'bench_largest_batch', 'Target', 'evaluate_targets', 'render_markdown', 'bench_settings',
+           'check_record', 'compile_advice', 'run_bench', 'write_report', 'add_cli', 'latest_report']
 
 # %% ../nbs/60_bench.ipynb #a2d996bb
 def synchronize(device: torch.device) -> None:
@@ -811,6 +811,9 @@ def _md_train(result: dict) -> list[str]:
                  f"steps (so a change of load hits both). Peak "
                  f"memory: weights, gradients and optimizer state + the peak above them during a step "
                  f"({train['memory_method']}).")
+    for a in train.get("compile_advice") or []:
+        lines.append(f"\ntorch.compile ({a['model']}): {a['speedup']:.2f}x the default's step, {a['compile_seconds']:.0f} s "
+                     f"to compile; **{a['advice']}**.")
     for r in train["rows"]:
         if not r.get("profile"): continue
         p = r["profile"]
@@ -1022,6 +1025,30 @@ def _train_section(result: dict, settings: dict, device: torch.device, cache_roo
                                  options=settings["model_options"].get(model), log=log)
         train["rows"] += rows
         if loop: result["loop"] = loop
+    advice = [a for m in models if (a := compile_advice(train["rows"], m, default.name))]
+    if advice: train["compile_advice"] = advice
+
+STUDY_STEPS_PER_EPOCH = math.ceil(5285 * 0.9 / 64)  # SUN RGB-D's fit split at the study's batch of 64
+
+def compile_advice(rows: list[dict], # the training section's rows
+                   model: str, default: str, # the model and the engine default's configuration name
+                   steps_per_epoch: int = STUDY_STEPS_PER_EPOCH) -> dict | None:
+    "Whether torch.compile pays for itself: its speed-up over the default and the steps after which compiling has paid."
+    pick = lambda name: next((r for r in rows if r["model"] == model and r["config"] == name and r["status"] == "ok"), None)
+    eager, compiled = pick(default), pick(default + " + compile")
+    if eager is None or compiled is None: return None
+    step_eager, step_compiled = statistics.median(eager["step_seconds"]), statistics.median(compiled["step_seconds"])
+    extra = compiled["first_call_seconds"] - eager["first_call_seconds"]  # the compilation itself
+    saved = step_eager - step_compiled
+    break_even = math.ceil(extra / saved - 1e-9) if saved > 0 else None  # 1e-9: 40 / 0.2 is 200.00000000000003
+    use = break_even is not None and break_even <= steps_per_epoch
+    return {"model": model, "speedup": step_eager / step_compiled, "compile_seconds": extra,
+            "break_even_steps": break_even, "steps_per_epoch": steps_per_epoch, "use_by_default": use,
+            "advice": (f"compile: it pays for itself after {break_even} steps, within one of the study's epochs "
+                       f"({steps_per_epoch} steps)" if use else
+                       "keep eager: " + ("compiled steps are not faster here" if break_even is None else
+                                         f"compiling pays for itself only after {break_even} steps, more than one of the "
+                                         f"study's epochs ({steps_per_epoch} steps)"))}
 
 def _data_section(result: dict, settings: dict, device: torch.device, roots, work_dir, log) -> None:
     raw_root, cache_root = roots
