@@ -22,8 +22,9 @@ __all__ = ['DTYPES', 'DTYPE_NAMES', 'BASELINE', 'EAGER_CONFIGS', 'TARGETS', 'SEC
            'state_bytes', 'count_flops', 'measure_ceilings', 'machine_info', 'Quietness', 'bench_dataset', 'bench_data',
            'StepConfig', 'engine_default_config', 'precision_choice', 'engine_trainer', 'bare_epoch', 'profile_step',
            'bench_train', 'bench_data_wait', 'per_class_loop_iou', 'engine_iou', 'torchmetrics_iou', 'bench_eval',
-           'largest_batch', 'bench_largest_batch', 'Target', 'evaluate_targets', 'render_markdown', 'bench_settings',
-           'check_record', 'compile_advice', 'run_bench', 'write_report', 'add_cli', 'latest_report']
+           'largest_batch', 'bench_largest_batch', 'run_overhead', 'bench_run_overhead', 'Target', 'evaluate_targets',
+           'render_markdown', 'bench_settings', 'check_record', 'compile_advice', 'run_bench', 'write_report',
+           'add_cli', 'latest_report']
 
 # %% ../nbs/60_bench.ipynb #a2d996bb
 def synchronize(device: torch.device) -> None:
@@ -661,6 +662,45 @@ def bench_largest_batch(model: str, config: StepConfig, size: tuple[int, int], d
             "tried": {str(k): v for k, v in sorted(tried.items())}, "failures": failures, "study_batch": study_batch,
             "needs_accumulation": largest < study_batch, "peak_memory_bytes": peak}
 
+# %% ../nbs/60_bench.ipynb #b2c3d4e5
+def run_overhead(launched: float, # time.time() when the launcher started the run
+                 returned: float, # time.time() when the launcher got control back
+                 metrics: dict, # the run's metrics.json (its `timeline`)
+                 epoch_seconds: list[float], # history.csv's `seconds`, one per epoch
+                ) -> dict:
+    "Split a launched run's wall time: fixed cost before the first step, the epochs, fixed cost after the last epoch."
+    t = metrics.get("timeline") or {}
+    first, last = t.get("first_step"), t.get("last_epoch_end")
+    if first is None or last is None:
+        raise ValueError("the run's metrics.json has no timeline of its first step and last epoch (an older sun_seg wrote it)")
+    before, after = first - launched, returned - last
+    epoch = statistics.median(epoch_seconds) if epoch_seconds else math.nan
+    start = t.get("process_start")
+    return {"total_seconds": returned - launched, "before_first_step_seconds": before, "after_last_epoch_seconds": after,
+            "fixed_seconds": before + after, "epochs": len(epoch_seconds), "epoch_seconds": epoch,
+            "kernel_to_first_step_seconds": None if start is None else first - start,
+            "fixed_vs_epoch": (before + after) / epoch if epoch and math.isfinite(epoch) else None}
+
+def bench_run_overhead(device: torch.device, work_dir: str | os.PathLike, epochs: int = 2,
+                       log: Callable[[str], None] = lambda s: None) -> dict:
+    "One demo U-Net run (the demo profile's size and batches) launched as the study launches it, its time split."
+    import csv
+    from sun_seg.core import read_json
+    from sun_seg.data.demo import demo_root
+    from sun_seg.train import run_notebook
+    out = Path(work_dir) / "overhead-runs"
+    params = dict(model="unet", lr=1e-4, epochs=epochs, patience=0, batch_size=8, image_size="64x80",
+                  max_train_batches=12, profile="full", data_dir=str(demo_root(progress=False)), out_dir=str(out),
+                  run_name="overhead", device=str(device))
+    log(f"overhead: one demo U-Net run of {epochs} epochs through papermill")
+    launched = time.time()
+    run_notebook(params, log_output=False)
+    returned = time.time()
+    with open(out / "overhead" / "history.csv", newline="", encoding="utf-8") as f:
+        epoch_seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+    return {**run_overhead(launched, returned, read_json(out / "overhead" / "metrics.json"), epoch_seconds),
+            "run": "unet, 64x80, batch 8, 12 steps per epoch (the demo profile's), papermill + a fresh kernel"}
+
 # %% ../nbs/60_bench.ipynb #1faea765
 @dataclass(frozen=True)
 class Target:
@@ -861,6 +901,17 @@ def _md_loop(result: dict) -> list[str]:
                                       ["overhead", _pct(l["overhead"]) if abs(l["overhead"]) >= 0.01 else
                                        f"{100 * l['overhead']:.1f}%"]])]
 
+def _md_overhead(result: dict) -> list[str]:
+    o = result.get("overhead")
+    if not o: return []
+    rows = [["launch to the first training step", _num(o["before_first_step_seconds"], 1)],
+            ["end of the last epoch to the launcher's return", _num(o["after_last_epoch_seconds"], 1)],
+            ["one epoch (median, training + validation)", _num(o["epoch_seconds"], 1)]]
+    return [f"### Per-run overhead ({o['run']}; {o['epochs']} epochs, {o['total_seconds']:.0f} s in all)",
+            *_table(["", "seconds"], rows),
+            f"\nEach run of a study pays **{o['fixed_seconds']:.1f} s** of fixed cost, "
+            f"{_num(o['fixed_vs_epoch'], 1)}x the cost of one of its epochs."]
+
 def _md_peer(result: dict) -> list[str]:
     p = result.get("peer")
     if not p: return []
@@ -909,7 +960,7 @@ def render_markdown(result: dict) -> str:
              f"Quietness: other processes used {_pct(q.get('other_processes_cpu_share'))} of all CPU time during the run "
              f"(1-minute load {_num(q.get('load_average_1min_start'), 2)} at the start, "
              f"{_num(q.get('load_average_1min_end'), 2)} at the end). Compare ratios within this run, not across runs."]
-    for section in (_md_targets, _md_ceilings, _md_train, _md_data, _md_eval, _md_loop, _md_peer, _md_cuda):
+    for section in (_md_targets, _md_ceilings, _md_train, _md_data, _md_eval, _md_loop, _md_peer, _md_overhead, _md_cuda):
         part = section(result)
         if part: lines += ["", *part]
     for name, message in (result.get("errors") or {}).items():
@@ -919,7 +970,7 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 # %% ../nbs/60_bench.ipynb #f3c194ef
-SECTIONS: tuple[str, ...] = ("ceilings", "train", "data", "eval", "peer", "batch")
+SECTIONS: tuple[str, ...] = ("ceilings", "train", "data", "eval", "peer", "overhead", "batch")
 SCHEMA = "sun_seg.bench/1"
 
 def bench_settings(device: torch.device, quick: bool = False, size: tuple[int, int] | None = None,
@@ -968,10 +1019,12 @@ RECORD_FIELDS: dict[str, str] = {
             "`engine_images_per_second`, `trainer_images_per_second`, `engine_speedup`, the data pipelines' "
             "`engine_data_images_per_second`, `trainer_data_images_per_second`, `data_speedup`, `engine_miou`, "
             "`trainer_miou` after the same steps",
+    "overhead": "one demo run launched as the study launches it (`run_overhead`): `before_first_step_seconds`, "
+                "`after_last_epoch_seconds`, `fixed_seconds`, `epoch_seconds` (median), `fixed_vs_epoch`",
     "targets": "per target: `id`, `description`, `goal`, `unit`, `measured`, `verdict` (PASS, FAIL or NOT MEASURED)",
 }
 SECTION_FIELDS = {"ceilings": ("ceilings",), "train": ("train", "loop"), "data": ("data",), "eval": ("eval",),
-                  "batch": ("cuda",), "peer": ("peer",)}
+                  "batch": ("cuda",), "peer": ("peer",), "overhead": ("overhead",)}
 
 def check_record(result: dict) -> None:
     "Refuse a record whose keys are not `RECORD_FIELDS` (sections not run may be absent; unknown keys never)."
@@ -1135,6 +1188,7 @@ def run_bench(models: tuple[str, ...] = ("unet", "upernet"), # models whose trai
             settings["repeats"])))
         if "upernet" in models: section("peer", lambda: _peer_section(result, settings, dev, data_roots(), work_dir, log))
         elif "peer" in sections: result["skipped"]["peer"] = "the peer comparison fine-tunes the UPerNet: add upernet to --models"
+        section("overhead", lambda: result.__setitem__("overhead", bench_run_overhead(dev, work_dir, log=log)))
         if dev.type == "cuda": section("batch", lambda: _batch_section(result, settings, dev, data_roots()[1], work_dir, log))
         elif "batch" in sections: result["skipped"]["batch"] = "the largest-batch search needs a CUDA device"
     result["quietness"], result["seconds"] = quietness.record, time.perf_counter() - started

@@ -43,16 +43,26 @@ class RunTiming:
         return cls(cost_key(params), int(params.get("epochs", 100)), can_stop_early(params),
                    [float(s) for s in epoch_seconds], float(seconds))
 
-# %% ../nbs/39_estimate.ipynb #0942c668
+# %% ../nbs/39_estimate.ipynb #19bc4f5d
 class GridEstimate:
     "Remaining time of a grid from its finished runs: per-run overhead, epoch time per cost key, early stopping seen."
-    def __init__(self, timings: list[RunTiming] | None = None): self.timings = list(timings or [])
+    def __init__(self, timings: list[RunTiming] | None = None,
+                 epoch_cost=None, # params -> relative cost of one epoch (e.g. counted FLOPs); prices unseen cost keys
+                ):
+        self.timings, self.epoch_cost, self._costs = list(timings or []), epoch_cost, {}
 
-    def add(self, timing: RunTiming) -> None: self.timings.append(timing)
+    def add(self, timing: RunTiming, params: dict | None = None) -> None:
+        self.timings.append(timing)
+        if params is not None and self.epoch_cost is not None: self._costs[timing.key] = self.epoch_cost(params)
 
-    def _epoch_seconds(self, key: tuple) -> float:
+    def _epoch_seconds(self, params: dict) -> float:
+        key = cost_key(params)
         same = [s for t in self.timings if t.key == key for s in t.epoch_seconds]
-        every = same or [s for t in self.timings for s in t.epoch_seconds]
+        if same: return statistics.fmean(same)
+        rates = [statistics.fmean(s) / self._costs[k] for k in self._costs
+                 if self._costs[k] > 0 and (s := [x for t in self.timings if t.key == k for x in t.epoch_seconds])]
+        if rates and self.epoch_cost is not None: return statistics.median(rates) * self.epoch_cost(params)
+        every = [s for t in self.timings for s in t.epoch_seconds]
         return statistics.fmean(every) if every else 0.0
 
     def _share_trained(self) -> float:
@@ -70,7 +80,7 @@ class GridEstimate:
         "Expected seconds of one run with these parameters (None before any run has finished)."
         if not self.timings: return None
         overhead = statistics.median(t.overhead for t in self.timings)
-        return overhead + self._epoch_seconds(cost_key(params)) * self.expected_epochs(params)
+        return overhead + self._epoch_seconds(params) * self.expected_epochs(params)
 
     def remaining(self, params_left: list[dict]) -> float | None:
         "Expected seconds for the runs still to train (None before any run has finished)."

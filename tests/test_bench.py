@@ -32,14 +32,16 @@ def small_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_run(small_data):
     # the full profile (every configuration), with tiny sizes and without torch.compile (minutes on a CPU)
+    # (without the per-run overhead section: it launches a papermill kernel; `test_overhead_section` covers it)
     return run_bench(("unet",), (32, 32), 2, "cpu", data=small_data, quiet=True,
+                     sections=tuple(s for s in SECTIONS if s != "overhead"),
                      model_options={"unet": {"unet_width": 8}}, overrides={**TINY, "compile": False})
 
 
 def test_record_has_the_documented_schema(tiny_run):
     check_record(tiny_run)
     # every section ran but the CUDA one and the peer (it fine-tunes the UPerNet; this run measures the U-Net only)
-    assert set(tiny_run) == set(RECORD_FIELDS) - {"cuda", "peer"}
+    assert set(tiny_run) == set(RECORD_FIELDS) - {"cuda", "peer", "overhead"}
     assert tiny_run["schema"] == SCHEMA and not tiny_run["errors"], tiny_run["errors"]
     assert set(tiny_run["skipped"]) == {"compile", "batch", "peer"}
     from sun_seg.core import to_json
@@ -154,3 +156,15 @@ def test_peer_is_skipped_without_upernet(small_data):
     run = run_bench(("unet",), (32, 32), 2, "cpu", sections=("peer",), data=small_data, quiet=True,
                     model_options={"unet": {"unet_width": 8}}, overrides=TINY)
     assert "peer" not in run and "upernet" in run["skipped"]["peer"]
+
+
+@pytest.mark.slow
+def test_overhead_section_splits_a_launched_run(tmp_path):
+    """A demo run launched through papermill: fixed cost before the first step and after the last epoch, and one epoch."""
+    run = run_bench(("unet",), (32, 32), 2, "cpu", sections=("overhead",), quiet=True, overrides=TINY)
+    check_record(run)
+    o = run["overhead"]
+    assert o["epochs"] == 2 and o["epoch_seconds"] > 0
+    assert o["before_first_step_seconds"] > 0 and o["after_last_epoch_seconds"] >= 0
+    assert o["fixed_seconds"] + 2 * o["epoch_seconds"] == pytest.approx(o["total_seconds"], rel=0.25)
+    assert "Per-run overhead" in render_markdown(run)
