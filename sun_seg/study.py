@@ -18,14 +18,15 @@ from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, SunSegEr
                           check_choice, data_label, read_json, safe_child, safe_name, stable_hash)
 
 # %% auto #0
-__all__ = ['MAX_YAML_VALUES', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'PRETRAIN_KEYS', 'FINAL_STATUSES',
-           'STUDY_RECORD', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect', 'FigureSpec', 'Profile', 'Study',
-           'parse_study', 'load_study', 'default_study_path', 'GridRun', 'resolve_params', 'resolve_grid',
-           'parse_shard', 'select_runs', 'read_metrics', 'run_status', 'run_state', 'RunLock', 'run_grid',
-           'SimulatedTrainer', 'simulated_evaluate', 'select_best', 'run_evaluations', 'study_record',
-           'write_study_record', 'read_study_record', 'record_runs', 'record_evaluations', 'simulate_study',
-           'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer', 'pretrain_folder',
-           'pretrain_upernet', 'save_predictions', 'save_data_summary', 'default_out_dir', 'run_study', 'add_cli']
+__all__ = ['MAX_YAML_VALUES', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'PRETRAIN_KEYS', 'RUN_COST_FACTORS',
+           'FINAL_STATUSES', 'STUDY_RECORD', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect', 'FigureSpec', 'Profile',
+           'Study', 'parse_study', 'load_study', 'default_study_path', 'GridRun', 'resolve_params', 'resolve_grid',
+           'parse_shard', 'select_runs', 'run_cost', 'balanced_shards', 'slurm_shard', 'read_metrics', 'run_status',
+           'run_state', 'RunLock', 'run_grid', 'SimulatedTrainer', 'simulated_evaluate', 'select_best',
+           'run_evaluations', 'study_record', 'write_study_record', 'read_study_record', 'record_runs',
+           'record_evaluations', 'simulate_study', 'engine_identify', 'data_of', 'papermill_trainer',
+           'inprocess_trainer', 'pretrain_folder', 'pretrain_upernet', 'save_predictions', 'save_data_summary',
+           'default_out_dir', 'run_study', 'add_cli']
 
 # %% ../nbs/40_study.ipynb #0106750d
 class _StrictLoader(yaml.SafeLoader):
@@ -427,8 +428,9 @@ def resolve_grid(study: Study, # the parsed study file
 
 # %% ../nbs/40_study.ipynb #2c6b808c
 def parse_shard(text: str | None) -> tuple[int, int] | None:
-    "`'i/n'` -> `(i, n)` with 1 <= i <= n; None stays None."
+    "`'i/n'` -> `(i, n)` with 1 <= i <= n; `'slurm'` -> the SLURM array task's slice; None stays None."
     if text is None: return None
+    if str(text).strip().lower() == "slurm": return slurm_shard()
     try:
         i, n = (int(x) for x in str(text).split("/"))
     except ValueError:
@@ -455,8 +457,61 @@ def select_runs(runs: list[GridRun], # the resolved grid
     chosen = [r for r in runs if not only or any(_matches(r, p) for p in only)]
     if shard is not None:
         i, n = shard
-        chosen = chosen[i - 1::n]
+        chosen = balanced_shards(chosen, n)[i - 1]
     return chosen
+
+# %% ../nbs/40_study.ipynb #16ed2818
+# training-step FLOPs per image relative to the U-Net's, by model and fine-tuning depth, as counted by
+# `sun_seg.models.model_profile` on the full-size models at 64x80 (a frozen encoder needs no backward pass through it);
+# both are convolutional, so the ratio holds at other sizes to first order. They only balance shards.
+RUN_COST_FACTORS: dict[str, float] = {"unet": 1.0, "upernet:classifier": 0.40, "upernet:decoder": 1.13,
+                                      "upernet:encoder+decoder": 1.21}
+_FULL_EPOCH_IMAGES = 4757  # SUN RGB-D's fit split (train minus 10% for validation): the images of an uncapped epoch
+
+def run_cost(params: dict, # a run's training parameters (missing ones take `TrainConfig`'s defaults)
+            ) -> float:
+    "A run's expected training cost in relative units: epochs x images per epoch x pixels x the model's factor."
+    from sun_seg.train.config import DEFAULT_FINETUNE, TrainConfig
+    p = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **params}
+    side = [int(x) for x in str(p["image_size"]).lower().split("x")]
+    pixels = side[0] * side[-1]
+    images = min(int(p["max_train_batches"]) * int(p["batch_size"]), _FULL_EPOCH_IMAGES) if p["max_train_batches"] else _FULL_EPOCH_IMAGES
+    key = "unet" if p["model"] == "unet" else f"upernet:{p['finetune'] or DEFAULT_FINETUNE}"
+    return float(p["epochs"]) * images * pixels * RUN_COST_FACTORS.get(key, 1.0) / 1e9
+
+def balanced_shards(runs: list[GridRun], # the runs to share out, in grid order
+                    n: int, # the number of slices
+                   ) -> list[list[GridRun]]:
+    "`n` slices of `runs` with balanced expected cost (greedy longest-processing-time; deterministic), each in grid order."
+    loads, slices = [0.0] * n, [[] for _ in range(n)]
+    order = sorted(range(len(runs)), key=lambda k: (-run_cost(runs[k].params), k))
+    for k in order:
+        i = min(range(n), key=lambda s: (loads[s], s))
+        loads[i] += run_cost(runs[k].params)
+        slices[i].append(k)
+    return [[runs[k] for k in sorted(s)] for s in slices]
+
+# %% ../nbs/40_study.ipynb #69d67e2a
+def slurm_shard(environ: dict | None = None, # the environment (default os.environ)
+               ) -> tuple[int, int]:
+    "`(i, n)` of this SLURM array task: `SLURM_ARRAY_TASK_ID` (from `SLURM_ARRAY_TASK_MIN`, default 0) of `SLURM_ARRAY_TASK_COUNT`."
+    env = os.environ if environ is None else environ
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+    missing = [v for v in names if not env.get(v, "").strip()]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise ParameterError("shard", f"'slurm' reads {' and '.join(names)}, but {' and '.join(missing)} {verb} not set: "
+                             "run it inside an array job (sbatch --array=0-3 ...; examples/slurm/), or give the slice as --shard i/n")
+    try:
+        task, count, first = (int(env.get(v, "0")) for v in (*names, "SLURM_ARRAY_TASK_MIN"))
+    except ValueError:
+        raise ParameterError("shard", f"'slurm': {', '.join(f'{v}={env.get(v)!r}' for v in (*names, 'SLURM_ARRAY_TASK_MIN'))} "
+                             "are not whole numbers") from None
+    i = task - first + 1
+    if count < 1 or not 1 <= i <= count:
+        raise ParameterError("shard", f"'slurm': task {task} of {count} tasks starting at {first} is not a slice 1..{count}; "
+                             "use a contiguous array without steps (--array=0-3)")
+    return i, count
 
 # %% ../nbs/40_study.ipynb #5ccf1c22
 FINAL_STATUSES = ("completed", "diverged")
@@ -1311,7 +1366,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--data", help="SUN RGB-D folder for the full profile (default: $SUN_SEG_DATA)")
     p.add_argument("--out", help="output folder (default: reports/demo or reports/sunrgbd)")
     p.add_argument("--only", nargs="+", metavar="PATTERN", help="only these entries, tables (T1, T2, T3) or run ids (shell patterns)")
-    p.add_argument("--shard", metavar="I/N", help="train only the i-th of n slices of the grid (one machine of n)")
+    p.add_argument("--shard", metavar="I/N", help="train only the i-th of n slices of the grid (one machine of n; slices balanced by expected cost), or `slurm`: the slice of this SLURM array task")
     p.add_argument("--device", help="training and evaluation device (default: the runs' own, auto)")
     p.add_argument("--no-notebook", action="store_true", help="train in this process instead of through papermill (no executed notebook per run)")
     p.add_argument("--no-report", action="store_true", help="do not rebuild tables, figures and site at the end")

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from fastcore.basics import patch
 
-from ..core import (CLASS_NAMES, DEMO_NOTICE, IGNORE_INDEX, NUM_CLASSES, DataError, ParameterError,
+from ..core import (CLASS_NAMES, allotted_cpus, DEMO_NOTICE, IGNORE_INDEX, NUM_CLASSES, DataError, ParameterError,
                           SunSegError, atomic_write_json, data_label, normalize_images, read_json, resolve_device,
                           resolve_precision, safe_child, seed_everything, stable_hash)
 from ..metrics import confusion_matrix, summarize
@@ -426,7 +426,7 @@ def _count(model: nn.Module, trainable: bool) -> int:
 def _auto_workers(device: torch.device, world: int) -> int:
     if device.type != "cuda": return 0  # on a CPU the workers would compete with the training for the cores
     # decoding and augmenting 480x640 images costs tens of ms each: a GPU needs many workers to be kept busy
-    return max(1, min(16, (os.cpu_count() or 1) // max(world, 1) - 1))
+    return max(1, min(16, allotted_cpus() // max(world, 1) - 1))  # the CPUs this job got, not the node's
 
 def _process_start() -> float | None:
     "When this process started (seconds since the epoch), or None where psutil cannot tell."
