@@ -606,7 +606,11 @@ def _epoch_seconds(run_dir: Path) -> list[float]:
         with open(path, newline="", encoding="utf-8") as f: return [float(row["seconds"]) for row in csv.DictReader(f)]
     except (OSError, ValueError, KeyError, TypeError): return []  # no or a damaged history costs the estimate one sample
 
-def _recorded_timings(grid_dir: Path, runs_dir: Path, runs: list[GridRun]) -> list[RunTiming]:
+def _epoch_cost(params: dict) -> float:
+    "The relative cost of one epoch of a run (`run_cost` of one epoch): prices a model the grid has not timed yet."
+    return run_cost({**params, "epochs": 1})
+
+def _recorded_timings(grid_dir: Path, runs_dir: Path, runs: list[GridRun]) -> list[tuple[dict, RunTiming]]:
     "Timings of the grid's runs that earlier invocations finished (the grid records each run's seconds)."
     timings = []
     for run in runs:
@@ -614,7 +618,7 @@ def _recorded_timings(grid_dir: Path, runs_dir: Path, runs: list[GridRun]) -> li
         if not path.is_file() or run_status(run_dir) not in FINAL_STATUSES: continue
         try: seconds = float(read_json(path).get("seconds") or 0)
         except Exception: continue
-        if seconds > 0: timings.append(RunTiming.from_run(run.params, _epoch_seconds(run_dir), seconds))
+        if seconds > 0: timings.append((run.params, RunTiming.from_run(run.params, _epoch_seconds(run_dir), seconds)))
     return timings
 
 # %% ../nbs/40_study.ipynb #d7795097
@@ -629,7 +633,9 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
     runs_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []
     pending = {r.run_id: r.params for r in runs if run_status(safe_child(runs_dir, r.run_id, "run_id")) not in FINAL_STATUSES}
-    estimate = GridEstimate(_recorded_timings(grid_dir, runs_dir, runs))  # what earlier invocations measured counts too
+    # what earlier invocations measured counts too; unseen models are priced by the shards' cost model
+    estimate = GridEstimate(epoch_cost=_epoch_cost)
+    for params, timing in _recorded_timings(grid_dir, runs_dir, runs): estimate.add(timing, params)
     for k, run in enumerate(runs, 1):
         run_dir = safe_child(runs_dir, run.run_id, "run_id")
         head = f"[{k}/{len(runs)}] {run.entry} (seed {run.seed}, run {run.run_id})"
@@ -675,7 +681,7 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
             lock.release()
         seconds = time.monotonic() - start
         pending.pop(run.run_id, None)
-        if status in FINAL_STATUSES: estimate.add(RunTiming.from_run(run.params, _epoch_seconds(run_dir), seconds))
+        if status in FINAL_STATUSES: estimate.add(RunTiming.from_run(run.params, _epoch_seconds(run_dir), seconds), run.params)
         _write_record(grid_dir, run, status=status, reason=reason, seconds=seconds, finished=time.time(),
                       attempts=record["attempts"] + 1)
         outcome.update(status=status, action=action, seconds=seconds, reason=reason)
