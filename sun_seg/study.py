@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_study.ipynb #cfa2b0bd
 from __future__ import annotations
-import argparse, dataclasses, fnmatch, inspect, math, os, shutil, socket, sys, time, traceback
+import argparse, csv, dataclasses, fnmatch, inspect, math, os, shutil, socket, sys, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -13,6 +13,7 @@ import numpy as np
 import yaml
 
 import sun_seg
+from .estimate import GridEstimate, RunTiming
 from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, SunSegError, atomic_path, atomic_write_json,
                           check_choice, data_label, read_json, safe_child, safe_name, stable_hash)
 
@@ -598,6 +599,28 @@ def _fmt_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
+def _epoch_seconds(run_dir: Path) -> list[float]:
+    "Seconds of each epoch a run trained, from its history (empty when it has none)."
+    path = run_dir / "history.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as f: return [float(row["seconds"]) for row in csv.DictReader(f)]
+    except (OSError, ValueError, KeyError, TypeError): return []  # no or a damaged history costs the estimate one sample
+
+def _epoch_cost(params: dict) -> float:
+    "The relative cost of one epoch of a run (`run_cost` of one epoch): prices a model the grid has not timed yet."
+    return run_cost({**params, "epochs": 1})
+
+def _recorded_timings(grid_dir: Path, runs_dir: Path, runs: list[GridRun]) -> list[tuple[dict, RunTiming]]:
+    "Timings of the grid's runs that earlier invocations finished (the grid records each run's seconds)."
+    timings = []
+    for run in runs:
+        path, run_dir = grid_dir / f"{run.run_id}.json", runs_dir / run.run_id
+        if not path.is_file() or run_status(run_dir) not in FINAL_STATUSES: continue
+        try: seconds = float(read_json(path).get("seconds") or 0)
+        except Exception: continue
+        if seconds > 0: timings.append((run.params, RunTiming.from_run(run.params, _epoch_seconds(run_dir), seconds)))
+    return timings
+
 # %% ../nbs/40_study.ipynb #d7795097
 def run_grid(runs: list[GridRun], # the runs to train (already selected)
              out: str | os.PathLike, # the study's output folder: runs go to out/runs, records to out/grid
@@ -608,8 +631,11 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
     out = Path(out)
     runs_dir, grid_dir, lock_dir = out / "runs", out / "grid", out / "locks"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    outcomes, spent, trained = [], 0.0, 0
-    todo = sum(run_status(safe_child(runs_dir, r.run_id, "run_id")) not in FINAL_STATUSES for r in runs)
+    outcomes = []
+    pending = {r.run_id: r.params for r in runs if run_status(safe_child(runs_dir, r.run_id, "run_id")) not in FINAL_STATUSES}
+    # what earlier invocations measured counts too; unseen models are priced by the shards' cost model
+    estimate = GridEstimate(epoch_cost=_epoch_cost)
+    for params, timing in _recorded_timings(grid_dir, runs_dir, runs): estimate.add(timing, params)
     for k, run in enumerate(runs, 1):
         run_dir = safe_child(runs_dir, run.run_id, "run_id")
         head = f"[{k}/{len(runs)}] {run.entry} (seed {run.seed}, run {run.run_id})"
@@ -625,7 +651,8 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
             log(f"{head}: locked by {lock.owner()}, skipped (delete {lock.path} if that process is gone)")
             continue
         action = {"absent": "started", "failed": "retried"}.get(before, "resumed")
-        eta = f", about {_fmt_seconds(spent / trained * (todo - trained))} left for the grid" if trained else ""
+        left = estimate.remaining(list(pending.values()))
+        eta = f", about {_fmt_seconds(left)} left for the grid" if left is not None else ""
         log(f"{head}: {_ING[action]}{eta}")
         record = _write_record(grid_dir, run, status="running", started=time.time(), host=socket.gethostname())
         start = time.monotonic()
@@ -653,13 +680,15 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
         finally:
             lock.release()
         seconds = time.monotonic() - start
-        spent, trained = spent + seconds, trained + 1
+        pending.pop(run.run_id, None)
+        if status in FINAL_STATUSES: estimate.add(RunTiming.from_run(run.params, _epoch_seconds(run_dir), seconds), run.params)
         _write_record(grid_dir, run, status=status, reason=reason, seconds=seconds, finished=time.time(),
                       attempts=record["attempts"] + 1)
         outcome.update(status=status, action=action, seconds=seconds, reason=reason)
         tail = f": {reason}" if status != "completed" and reason else ""
         more = f" (traceback in {grid_dir / (run.run_id + '.json')})" if status == "failed" else ""
         log(f"{head}: {status} in {_fmt_seconds(seconds)}{tail}{more}")
+    if any(o["action"] != "skipped" for o in outcomes): log(estimate.summary())
     return outcomes
 
 # %% ../nbs/40_study.ipynb #07f0748a
