@@ -341,13 +341,13 @@ a run that failed, diverged or has not run shows its status, never zeros. Severa
 <h1>Method card</h1>
 <p>Every choice that changes the numbers: the study's own words (or "not stated"), our value - checked against the
 code when the study runs, so it is what the runs did - and why. Rows whose parameters differ and what this profile
-({{ profile }}) changes are listed under each. Each run folder records its own as <code>method.json</code>.</p>
+({{ card_profile }}) changes are listed under each. Each run folder records its own as <code>method.json</code>.</p>
 {% if not card %}<p class="missing">This study record has no method card (a study file without <code>method:</code>, or a
 study.json written before the card existed): run <code>sun-seg study</code> again to record it.</p>{% endif %}
 <table class="data method"><thead><tr><th class="text">choice</th><th class="text">the study</th><th class="text">ours</th><th class="text">why</th></tr></thead><tbody>
 {% for e in card %}<tr id="{{ e.name }}"><td class="text">{{ e.name | replace('_', ' ') }}</td><td class="text">{{ e.study }}</td>
 <td class="text">{% for k, v in e.ours.items() %}<code>{{ k }}</code> = {{ v }}<br>{% endfor %}
-{% if e.profile_values %}<em>profile {{ profile }}:</em> {% for k, v in e.profile_values.items() %}<code>{{ k }}</code> = {{ v }}{{ ', ' if not loop.last }}{% endfor %}<br>{% endif %}
+{% if e.profile_values %}<em>profile {{ card_profile }}:</em> {% for k, v in e.profile_values.items() %}<code>{{ k }}</code> = {{ v }}{{ ', ' if not loop.last }}{% endfor %}<br>{% endif %}
 {% for row, values in e.rows.items() %}<em>{{ row }}:</em> {% for k, v in values.items() %}<code>{{ k }}</code> = {{ v }}{{ ', ' if not loop.last }}{% endfor %}<br>{% endfor %}</td>
 <td class="text">{{ e.why }}</td></tr>{% endfor %}</tbody></table>
 {% endblock %}""",
@@ -603,7 +603,7 @@ def build_site(out: str | os.PathLike, # a study's output folder (sun-seg study 
         _data_page(site, analysis)
         site.page("tables.html", "tables.html", "Tables", "Tables", tables=tables)
         site.page("method.html", "method.html", "Method card", "Method", card=record.get("method") or [],
-                  profile=record["profile"]["name"])
+                  card_profile=record["profile"]["name"])
         site.page("figures.html", "figures.html", "Figures", "Figures", figures=figures)
         site.page("questions.html", "questions.html", "Research questions", "Research questions", answers=analysis["answers"])
         run_list = runs[["entry", "seed", "run_id", "status", "reason", "best_epoch", "best_val_miou", "test_miou", "wall_seconds", "device"]]
