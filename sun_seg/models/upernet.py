@@ -20,7 +20,7 @@ from .unet import check_model_input
 
 # %% auto #0
 __all__ = ['UPERNET_CHECKPOINT', 'FINETUNE_CHOICES', 'convnext_tiny_config', 'upernet_config', 'UperNetSegmenter',
-           'pretrained_commit', 'build_upernet']
+           'pretrained_commit', 'fetch_commit', 'build_upernet']
 
 # %% ../../nbs/11_models.upernet.ipynb #b17a4948
 UPERNET_CHECKPOINT = "openmmlab/upernet-convnext-tiny"  # ADE20K-pretrained UPerNet + ConvNeXt-T on the hub
@@ -191,6 +191,16 @@ def pretrained_commit(pretrained: str | os.PathLike | None, # hub id or local fo
         found = try_to_load_from_cache(str(pretrained), "config.json", cache_dir=cache_dir, revision=revision or None)
     except Exception: return None  # not a valid repo id for the cache: nothing says
     return _folder_commit(Path(found).parent) if isinstance(found, str) else None
+
+def fetch_commit(hub_id: str, # a hub id (not a local folder)
+                 revision: str | None = None, # branch, tag or commit
+                ) -> str | None:
+    "Download only `config.json` of `hub_id` at `revision` into the cache (a few KB) and return its commit; None offline."
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"): return None
+    try:
+        from huggingface_hub import hf_hub_download
+        return _folder_commit(Path(hf_hub_download(hub_id, "config.json", revision=revision or None)).parent)
+    except Exception: return None  # no network or no such repo: the weights' own loading says why
 
 # %% ../../nbs/11_models.upernet.ipynb #30958749
 def _load_pretrained(source: str, is_local: bool, num_classes: int, local_files_only: bool,

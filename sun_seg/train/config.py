@@ -212,11 +212,16 @@ _NOT_IDENTITY = ("out_dir", "num_workers", "micro_batch_size", "compile", "chann
                  "run_name", "profile")
 _DATA_IDENTITY = ("kind", "fingerprint", "val_method", "val_fraction", "val_seed")
 
-def pretrained_commit_of(config: TrainConfig) -> str | None:
-    "The hub commit of the UPerNet's `pretrained` weights, from local files only (None: unknown, or no UPerNet)."
+def pretrained_commit_of(config: TrainConfig, # a validated config
+                         fetch: bool = False, # a hub id not in the cache: fetch its config.json (the run loads it anyway)
+                        ) -> str | None:
+    "The hub commit of the UPerNet's `pretrained` weights, from local files (None: unknown, or no UPerNet)."
     if config.model != "upernet" or config.pretrained.strip().lower() in ("none", "null", "random", ""): return None
-    from sun_seg.models.upernet import pretrained_commit
-    return pretrained_commit(config.pretrained, config.pretrained_revision)
+    from sun_seg.models.upernet import fetch_commit, pretrained_commit
+    commit = pretrained_commit(config.pretrained, config.pretrained_revision)
+    if commit is None and fetch and not Path(config.pretrained).expanduser().exists():
+        commit = fetch_commit(config.pretrained, config.pretrained_revision)
+    return commit
 
 def run_identity(config: TrainConfig, # the config as used (after `apply_profile`)
                  data_info: dict, # the training dataset's `info`

@@ -361,6 +361,9 @@ def _plan(config: TrainConfig | dict, quiet: bool) -> RunPlan:
     procs = _processes()
     if procs.distributed and device.type == "cuda": device = torch.device("cuda", procs.local_rank)
     dtype = resolve_precision(used.precision, device)
+    # a hub id the cache does not hold yet: its commit is fetched (config.json only) so that the run is named with
+    # the commit it will load, the same before and after the weights are downloaded
+    pretrained_commit_of(used, fetch=True)
     rid = run_id(used, data_info, dtype)
     run_dir = safe_child(out_dir, rid, "run_name")  # never outside out_dir (no `..`, no symlink leading out)
     if run_dir.exists() and not run_dir.is_dir():
