@@ -22,7 +22,9 @@ from ..core import (CLASS_NAMES, allotted_cpus, DEMO_NOTICE, IGNORE_INDEX, NUM_C
                           SunSegError, atomic_write_json, data_label, normalize_images, read_json, resolve_device,
                           resolve_precision, safe_child, seed_everything, stable_hash)
 from ..metrics import confusion_matrix, summarize
-from .config import (DEFAULT_FINETUNE, TrainConfig, apply_profile, resolve_data_dir, run_id,
+from .config import (ADAM_BETAS, ADAM_WEIGHT_DECAY, AUX_LOSS_WEIGHTED, CLASS_WEIGHT_METHOD,
+                                  DEFAULT_FINETUNE, TrainConfig, apply_profile, method_values, pretrained_commit_of,
+                                  resolve_data_dir, run_id,
                                   run_identity)
 from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST_STATE, METRICS, PARAMS,
                                 checkpoint_path, environment_info, load_training_state, load_weights, only_test_missing,
@@ -32,10 +34,10 @@ from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST
                                 _unwrap)
 
 # %% auto #0
-__all__ = ['PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches', 'EvalBatches', 'EvalSamples',
-           'collate_pairs', 'jitter_on_device', 'evaluate', 'build_run_model', 'find_micro_batch_size', 'RunPlan',
-           'plan_run', 'EarlyStopping', 'Callback', 'Diverged', 'RunOutOfMemory', 'Trainer', 'fit', 'repeat_params',
-           'load_run_model', 'evaluate_run']
+__all__ = ['METHOD', 'PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches', 'EvalBatches',
+           'EvalSamples', 'collate_pairs', 'jitter_on_device', 'evaluate', 'build_run_model', 'find_micro_batch_size',
+           'RunPlan', 'plan_run', 'EarlyStopping', 'Callback', 'Diverged', 'RunOutOfMemory', 'Trainer', 'fit',
+           'repeat_params', 'load_run_model', 'evaluate_run']
 
 # %% ../../nbs/30c_train.engine.ipynb #5095f59d
 def _loss_sum(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -275,8 +277,9 @@ def build_run_model(config: TrainConfig) -> nn.Module:
     from sun_seg.models import build_model
     if config.model == "unet":
         return build_model("unet", num_classes=NUM_CLASSES, base_channels=config.unet_width)
-    return build_model("upernet", num_classes=NUM_CLASSES, pretrained=_pretrained_source(config),
-                       finetune=config.finetune or DEFAULT_FINETUNE)
+    source = _pretrained_source(config)
+    return build_model("upernet", num_classes=NUM_CLASSES, pretrained=source, finetune=config.finetune or DEFAULT_FINETUNE,
+                       **({"revision": config.pretrained_revision} if source is not None else {}))
 
 def _architecture(model: nn.Module) -> dict | None:
     "What rebuilds the model without its pretrained source: the transformers config of the UPerNet."
@@ -374,13 +377,17 @@ def _plan(config: TrainConfig | dict, quiet: bool) -> RunPlan:
         from sun_seg.data.demo import demo_root
         if not quiet and _processes().main: print(DEMO_NOTICE, flush=True)
         root = Path(demo_root())
-    data_info = _open_split(root, "fit").info  # a property that counts every split: read it once
+    split = {"val_method": asked.val_method, "val_fraction": asked.val_fraction, "val_seed": asked.val_seed}
+    data_info = _open_split(root, "fit", split).info  # a property that counts every split: read it once
     kind = data_info["kind"]
     used, changes = apply_profile(asked, kind)
     device = resolve_device(used.device)
     procs = _processes()
     if procs.distributed and device.type == "cuda": device = torch.device("cuda", procs.local_rank)
     dtype = resolve_precision(used.precision, device)
+    # a hub id the cache does not hold yet: its commit is fetched (config.json only) so that the run is named with
+    # the commit it will load, the same before and after the weights are downloaded
+    pretrained_commit_of(used, fetch=True)
     rid = run_id(used, data_info, dtype)
     run_dir = safe_child(out_dir, rid, "run_name")  # never outside out_dir (no `..`, no symlink leading out)
     if run_dir.exists() and not run_dir.is_dir():
@@ -479,7 +486,7 @@ class Trainer:
 # %% ../../nbs/30c_train.engine.ipynb #5bb8f2cb
 @patch
 def _setup_data(self: Trainer) -> None:
-    from sun_seg.data.transforms import BatchColourJitter, eval_transform, parse_size, train_transform
+    from sun_seg.data.transforms import JITTER, BatchColourJitter, eval_transform, parse_size, train_transform
     c, p = self.config, self.procs
     self.image_size = parse_size(c.image_size, "image_size")
     # targets stay uint8 through the loaders (a quarter of the bytes); they are widened once on the device
@@ -488,7 +495,7 @@ def _setup_data(self: Trainer) -> None:
     if len(self.val_split) == 0: raise DataError("the validation split is empty", self.plan.data_root)
     # on a GPU the photometric jitter (hue above all) would starve the model in the loader: it runs on the device
     self.device_jitter = BatchColourJitter() if c.augment and jitter_on_device(self.device) else None
-    loader_transform = train_transform(self.image_size, augment=c.augment, jitter=0 if self.device_jitter else 0.2)
+    loader_transform = train_transform(self.image_size, augment=c.augment, jitter=0 if self.device_jitter else JITTER)
     self.train_samples = TrainingSamples(self.fit_split, loader_transform, c.seed)
     self.batches = EpochBatches(len(self.fit_split), c.batch_size, c.seed, p.rank, p.world, c.max_train_batches)
     workers = c.num_workers if c.num_workers >= 0 else _auto_workers(self.device, p.world)
@@ -535,7 +542,8 @@ def _setup_model(self: Trainer) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable: raise ParameterError("finetune", "leaves no trainable parameter")
     # fused Adam: one kernel over all parameters instead of a loop of small ops (4x faster on CPU too)
-    self.optimizer = torch.optim.Adam(trainable, lr=c.lr, fused=self.device.type in ("cuda", "cpu"))
+    self.optimizer = torch.optim.Adam(trainable, lr=c.lr, betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY,
+                                      fused=self.device.type in ("cuda", "cpu"))
     self.scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", factor=c.plateau_factor,
                                                                  patience=c.plateau_patience)
                       if c.scheduler == "plateau" else None)
@@ -543,9 +551,9 @@ def _setup_model(self: Trainer) -> None:
     self.class_weights = None
     if c.weighted_loss:
         from sun_seg.data.analysis import class_weights
-        if self.procs.main: weights = class_weights(self.fit_split, method="median_frequency", progress=self.progress)
+        if self.procs.main: weights = class_weights(self.fit_split, method=CLASS_WEIGHT_METHOD, progress=self.progress)
         _barrier()  # the weights are cached by fingerprint: the other processes read rank 0's cache
-        if not self.procs.main: weights = class_weights(self.fit_split, method="median_frequency", progress=False)
+        if not self.procs.main: weights = class_weights(self.fit_split, method=CLASS_WEIGHT_METHOD, progress=False)
         self.class_weights = torch.as_tensor(weights, dtype=torch.float32).to(self.device)
     wrapped = model
     if self.procs.distributed:
@@ -585,7 +593,8 @@ def train_epoch(self: Trainer, epoch: int) -> dict:
                         out = model(x[part], with_aux=True) if self.has_aux else model(x[part])
                     logits, aux = out if isinstance(out, tuple) else (out, None)
                     main = _loss_sum(logits, y[part], self.class_weights)
-                    loss = main if aux is None else main + self.aux_weight * _loss_sum(aux, y[part], self.class_weights)
+                    aux_weights = self.class_weights if AUX_LOSS_WEIGHTED else None
+                    loss = main if aux is None else main + self.aux_weight * _loss_sum(aux, y[part], aux_weights)
                     # DDP averages the processes' gradients: scale so that the sum over processes is the batch's
                     (loss * (self.procs.world / denominator)).backward()
                 step_loss += (main.detach() / denominator).float()
@@ -617,6 +626,7 @@ def _state(self: Trainer) -> dict:
             "train_seconds": self.train_seconds, "train_images": self.train_images,
             "stopped_early": self.stopped_early, "rng": rng_state(), "identity": stable_hash(self.identity)}
 
+METHOD = "method.json"  # the run's `method_values`: every choice that changes its numbers
 PENDING = ".pending"  # suffix of weights written for an epoch whose state is not saved yet
 
 def _pending(path: Path) -> Path: return path.with_name(path.name + PENDING)
@@ -726,8 +736,11 @@ def write_start(self: Trainer, resumed: bool) -> None:
                            autocast=self.dtype != torch.float32, channels_last=c.channels_last, compile=c.compile,
                            world_size=self.procs.world, micro_batch_size=self.micro,
                            accumulation_steps=self.accumulation, batch_size=c.batch_size,
-                           num_workers=self.num_workers, resumed=resumed, data_kind=plan.data_kind)
+                           num_workers=self.num_workers, resumed=resumed, data_kind=plan.data_kind,
+                           pretrained_revision=c.pretrained_revision if c.model == "upernet" else None,
+                           pretrained_commit=pretrained_commit_of(c))  # the commit loaded (the cache now holds it)
     atomic_write_json(self.run_dir / ENVIRONMENT, env)
+    atomic_write_json(self.run_dir / METHOD, method_values(c))
     if resumed: write_history(self.run_dir / HISTORY, self.history)  # the state's: the file may lag one epoch behind
     arch = _architecture(self.model)
     if arch is not None: atomic_write_json(self.run_dir / CHECKPOINTS / "model_config.json", arch)
