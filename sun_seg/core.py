@@ -18,7 +18,7 @@ __all__ = ['CLASS_NAMES', 'NUM_CLASSES', 'VOID_LABEL', 'IGNORE_INDEX', 'PALETTE'
            'check_positive', 'check_bool', 'seed_everything', 'resolve_device', 'cpu_has_native_bf16',
            'resolve_precision', 'atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'to_json',
            'atomic_write_json', 'read_json', 'stable_hash', 'safe_name', 'safe_child', 'sun_seg_home', 'data_label',
-           'LockHeld', 'lock_host', 'lease_seconds', 'Lease', 'fcntl_flock', 'hold']
+           'LockHeld', 'lock_host', 'lease_seconds', 'Lease', 'fcntl_flock', 'hold', 'die_with_parent']
 
 # %% ../nbs/00_core.ipynb #00840472
 CLASS_NAMES: tuple[str, ...] = (
@@ -316,12 +316,15 @@ class Lease:
     ENOLCK, EOPNOTSUPP: Lustre without `-o flock`, some NFS mounts) it warns and decides from the record alone,
     taking a free or dead holder's lock through an exclusively created `<path>.claim` file, so that two processes
     never both take it. Taking a lease this process holds already nests; the children of a holder (the notebook a
-    study runs) find its token in `$SUN_SEG_LOCK_TOKENS` and work under it."""
+    study runs) find its token in `$SUN_SEG_LOCK_TOKENS` and work under it. With `remove`, the file exists only while
+    the lease is held (the holder deletes it before letting go; a taker checks that the file it locked is still the
+    one at `path`)."""
     def __init__(self, path: str | os.PathLike, # the lock file (kept; its content says who holds it)
                  what: str = "this folder", # what it protects, for messages
                  lease: float | None = None, # seconds without heartbeat before a holder on another host counts as dead
+                 remove: bool = False, # delete the file when released (nothing is left beside the folder it guards)
                 ):
-        self.path, self.what = Path(path), what
+        self.path, self.what, self.remove = Path(path), what, remove
         self.lease = float(lease) if lease is not None else lease_seconds()
         self.fd, self.token, self.flocked, self.depth, self.inherited, self._stop, self._outer = None, None, False, 0, False, None, None
 
@@ -337,12 +340,14 @@ class Lease:
         deadline = None if wait is None else time.monotonic() + wait
         told = False
         while True:
-            if self._try(): return True
+            got = self._try()
+            while got is None: got = self._try()  # the file was removed under us: lock the one now at `path`
+            if got: return True
             if deadline is not None and time.monotonic() >= deadline: return False
             if on_wait and not told: on_wait(self.owner()); told = True
             time.sleep(poll)
 
-    def _try(self) -> bool:
+    def _try(self) -> bool | None:
         if self.depth:
             self.depth += 1; return True
         outer = _HELD.get(self._key())
@@ -352,6 +357,8 @@ class Lease:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
         try:
             got = self._flock(fd)
+            if got and not self._same_file(fd):  # deleted by its last holder between our open and our lock
+                fcntl_flock(fd, unlock=True); os.close(fd); return None
             data = _read_fd(fd)
             rec = _record(data)
             if rec is not None and rec["token"] in os.environ.get(_TOKENS_ENV, "").split(",") and (got is False or self._alive(rec, fd)):
@@ -360,12 +367,20 @@ class Lease:
             if got is False or (rec is not None and self._alive(rec, fd, flocked=bool(got))):
                 if got: fcntl_flock(fd, unlock=True)
                 os.close(fd); return False
-            if got is None and not self._claim(fd, data):
-                os.close(fd); return False
+            if got is None:
+                claimed = self._claim(fd, data)
+                if not claimed:
+                    os.close(fd); return claimed
         except BaseException:
             os.close(fd); raise
         self._take(fd, bool(got))
         return True
+
+    def _same_file(self, fd: int) -> bool:
+        try: st = os.stat(self.path)
+        except FileNotFoundError: return False
+        f = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (f.st_dev, f.st_ino)
 
     def _flock(self, fd: int) -> bool | None:
         "True: got the OS lock; False: another process holds it; None: this file system has no `flock`."
@@ -385,20 +400,28 @@ class Lease:
             return not flocked and _pid_alive(int(rec.get("pid") or 0))  # the OS lock is free: its holder here has died
         return time.time() - os.fstat(fd).st_mtime < self.lease  # another host's: alive while its heartbeat is fresh
 
-    def _claim(self, fd: int, seen: bytes) -> bool:
-        "Without `flock`: take a free lock only through `<path>.claim`, created exclusively, and only if unchanged since `seen`."
-        claim = self.path.with_name(self.path.name + ".claim")
+    def _claim_path(self) -> Path: return self.path.with_name(self.path.name + ".claim")
+
+    def _take_claim(self) -> bool:
+        "Create `<path>.claim` exclusively (False: another process is claiming; a claim older than the lease is removed)."
+        claim = self._claim_path()
         try: os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE))
         except FileExistsError:
             with contextlib.suppress(OSError):
                 if time.time() - claim.stat().st_mtime > max(self.lease, 10): claim.unlink()  # a claimer died mid-claim
             return False
+        return True
+
+    def _claim(self, fd: int, seen: bytes) -> bool | None:
+        "Without `flock`: take a free lock only through `<path>.claim`, and only if the file is unchanged since `seen`."
+        if not self._take_claim(): return False
         try:
+            if not self._same_file(fd): return None  # removed by its last holder: take the one now at `path`
             if _read_fd(fd) != seen: return False  # another process took it meanwhile
             self._write(fd, self._new_record())
             return True
         finally:
-            claim.unlink(missing_ok=True)
+            self._claim_path().unlink(missing_ok=True)
 
     def _new_record(self) -> dict:
         self.token = os.urandom(12).hex()
@@ -440,7 +463,11 @@ class Lease:
         fd, self.fd = self.fd, None
         try:
             with contextlib.suppress(OSError):
-                self._write(fd, {"released": time.time(), "host": lock_host(), "pid": os.getpid()})
+                if self.remove and self.flocked: self.path.unlink()  # while still locked: a taker re-checks the file
+                elif self.remove and self._take_claim():
+                    try: self.path.unlink()
+                    finally: self._claim_path().unlink(missing_ok=True)
+                else: self._write(fd, {"released": time.time(), "host": lock_host(), "pid": os.getpid()})
             if self.flocked: fcntl_flock(fd, unlock=True)
         finally:
             os.close(fd)
@@ -464,14 +491,37 @@ def fcntl_flock(fd: int, unlock: bool = False) -> bool:
     except BlockingIOError: return False
     return True
 
-def hold(path: str | os.PathLike, # the lock file
+def hold(path: str | os.PathLike, # the lock file (beside the folder it guards; deleted when released)
          what: str, # what it protects, for messages ("the cache /data/cache")
          wait: float | None = None, # seconds to wait for another holder (None: as long as it lives; 0: not at all)
          log: Callable[[str], None] | None = print, # where "waiting for ..." goes
-        ) -> Lease:
-    "Take a `Lease` on `path` (use as `with hold(...):`), waiting for another holder; `LockHeld` when it is still held."
-    lease = Lease(path, what)
+         unwritable_ok: bool = True, # where no lock file can be made, go on unlocked: nobody can write there either
+        ) -> Lease | contextlib.nullcontext:
+    "Take a removable `Lease` on `path` (use as `with hold(...):`), waiting for another holder; `LockHeld` when it is still held."
+    lease = Lease(path, what, remove=True)
     say = (lambda owner: log(f"waiting for {what}: held by {owner}")) if log else None
-    if not lease.acquire(wait, on_wait=say): raise LockHeld(path, what, lease.owner())
+    try: taken = lease.acquire(wait, on_wait=say)
+    except OSError:
+        if not unwritable_ok: raise
+        return contextlib.nullcontext()  # the write itself then fails with its own, named error
+    if not taken: raise LockHeld(path, what, lease.owner())
     return lease
 
+
+# %% ../nbs/00_core.ipynb #e6a5c9d4
+def die_with_parent(parent: int | None = None, # the parent's pid (default: this process's parent now)
+                   ) -> None:
+    "Make this worker process end when its parent does, even by SIGKILL: `PR_SET_PDEATHSIG` on Linux, else a thread that polls."
+    parent = parent or os.getppid()
+    try:
+        import ctypes, signal
+        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+        if os.getppid() != parent: os._exit(1)  # the parent died before the call
+        return
+    except (OSError, AttributeError, TypeError):
+        pass  # not Linux: poll
+    def watch():
+        while os.getppid() == parent: time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="die with parent").start()
