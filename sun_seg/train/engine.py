@@ -610,7 +610,7 @@ def save_epoch(self: Trainer, improved: bool) -> None:
             _save_tensors(tensors, digest, _pending(best), epoch=self.epoch, val_miou=self.stopper.best, run_id=self.plan.run_id)
         _save_tensors(tensors, digest, _pending(last), epoch=self.epoch, run_id=self.plan.run_id)
         save_training_state(self.run_dir / CHECKPOINTS / LAST_STATE, self._state())  # the commit
-    except OSError:  # a full disk or a lost folder: this epoch is not saved, its weights only take space
+    except Exception:  # a full disk, a size limit, a lost folder: this epoch is not saved, its weights only take space
         for path in (_pending(best), _pending(last)): path.unlink(missing_ok=True)
         raise
     _commit_pending(self.run_dir, self.epoch, self.stopper.best_epoch)
