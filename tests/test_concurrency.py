@@ -72,6 +72,7 @@ def same_samples(source, cache):
 
 
 # ================================================================ prepare: one writer per cache
+@pytest.mark.slow
 def test_second_prepare_waits_then_finds_the_cache(source, tmp_path):
     """Two `sun-seg prepare` processes on one folder, the second started while the first is writing (its journal has
     samples): the second waits, saying for whom, and then finds the finished cache; both exit 0 and the cache is
@@ -107,6 +108,7 @@ def _gone(procs: list[psutil.Process], timeout: float = 20) -> list[psutil.Proce
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_prepare_leaves_no_worker_processes(source, tmp_path, sig):
     """`sun-seg prepare --workers 2` killed (SIGKILL or SIGTERM) while its workers decode: every worker ends with it
@@ -282,7 +284,7 @@ def test_report_waits_for_another_report_and_removes_killed_builds(study_out, tm
     thread = threading.Thread(target=lambda: done.append(build_site(out, api=False, notebooks=False)), daemon=True)
     try:
         thread.start()
-        thread.join(8)
+        thread.join(5)
         assert not done and not (out / "site").exists(), "the report was built while another process held the lock"
     finally:
         stop(holder)

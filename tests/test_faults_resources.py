@@ -55,6 +55,7 @@ def assert_failed_cleanly(run_dir: Path, words: str):
     assert not leftovers(run_dir), leftovers(run_dir)
 
 
+@pytest.mark.slow
 def test_full_disk_while_a_checkpoint_is_written(data, tmp_path):
     """The run folder on a 1 MiB file system: the records fit, the first epoch's checkpoint does not. The error names
     the file and says to free space; the status is `failed` (not `running`) and no `.pending` weights are left."""
