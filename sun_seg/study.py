@@ -906,7 +906,7 @@ def pretrain_upernet(source_root: str | os.PathLike, # a (source-domain) dataset
     "Pretrain a UPerNet + ConvNeXt with a `num_labels` head on `source_root` and `save_pretrained` it into `folder`; returns its record."
     import torch
     from torch.utils.data import DataLoader, Subset
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
     from sun_seg.core import resolve_device, resolve_precision, seed_everything, normalize_images, IGNORE_INDEX
     from sun_seg.data import SunRGBD, train_transform, parse_size
     from sun_seg.models.upernet import build_upernet

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
 
 from ..core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, atomic_write_json, check_choice,
                           check_positive, read_json, stable_hash, sun_seg_home)

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
 
 import sun_seg
 from ..core import (CLASS_NAMES, NUM_CLASSES, DataError, ParameterError, atomic_write_json, atomic_write_text,

@@ -514,7 +514,7 @@ class CacheReader(SunRGBDReader):
 
     def verify(self, progress: bool = True) -> None:
         "Check every sample's bytes against the SHA-256 `prepare` recorded; a `DataError` names the samples that differ."
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
         images, labels = self._maps()
         bad = []
         for s in tqdm(self.index["samples"], desc="verify cache", unit="img", disable=not progress):

@@ -63,6 +63,7 @@ class TrainConfig:
     aux_loss_weight: float = 0.4  # upernet only: weight of the auxiliary head's cross-entropy
     plateau_factor: float = 0.1  # plateau scheduler: multiply the learning rate by this
     plateau_patience: int = 5  # plateau scheduler: epochs without a lower validation loss before reducing
+    keep_last: bool = False  # keep the last epoch's weights of a completed run (the best are always kept)
 
 # %% ../../nbs/30a_train.config.ipynb #c28c1ebd
 def _check_int(name: str, value: Any, minimum: int = 0) -> int:
@@ -84,7 +85,7 @@ def validate(self: TrainConfig) -> TrainConfig:
     check_choice("model", self.model, MODELS)
     self.lr = float(check_positive("lr", self.lr))
     check_choice("scheduler", self.scheduler, SCHEDULERS)
-    for name in ("weighted_loss", "augment", "channels_last", "compile", "test", "eval_original_size"):
+    for name in ("weighted_loss", "augment", "channels_last", "compile", "test", "eval_original_size", "keep_last"):
         setattr(self, name, check_bool(name, getattr(self, name)))
     _check_str("finetune", self.finetune)
     if self.model == "unet" and self.finetune:
@@ -195,7 +196,7 @@ def apply_profile(config: TrainConfig, # a validated config
 
 # %% ../../nbs/30a_train.config.ipynb #d5bf48fb
 _NOT_IDENTITY = ("out_dir", "num_workers", "micro_batch_size", "compile", "channels_last", "device", "test",
-                 "run_name", "profile")
+                 "run_name", "profile", "keep_last")
 _DATA_IDENTITY = ("kind", "fingerprint", "val_method", "val_fraction", "val_seed")
 
 def run_identity(config: TrainConfig, # the config as used (after `apply_profile`)

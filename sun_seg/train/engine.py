@@ -33,8 +33,8 @@ from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST
 # %% auto #0
 __all__ = ['PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches', 'EvalBatches', 'EvalSamples',
            'collate_pairs', 'jitter_on_device', 'evaluate', 'build_run_model', 'find_micro_batch_size', 'RunPlan',
-           'plan_run', 'EarlyStopping', 'Callback', 'Diverged', 'RunOutOfMemory', 'Trainer', 'fit', 'repeat_params',
-           'load_run_model', 'evaluate_run']
+           'plan_run', 'EarlyStopping', 'Callback', 'Diverged', 'RunOutOfMemory', 'Trainer', 'fit', 'drop_resume_state',
+           'repeat_params', 'load_run_model', 'evaluate_run']
 
 # %% ../../nbs/30c_train.engine.ipynb #5095f59d
 def _loss_sum(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -230,11 +230,8 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
 
 # %% ../../nbs/30c_train.engine.ipynb #00e6247e
 def _tqdm():
-    try:
-        import ipywidgets  # noqa: F401  (tqdm.auto needs it for the notebook widget)
-        from tqdm.auto import tqdm
-    except ImportError:
-        from tqdm import tqdm
+    # plain text bars, in notebooks too: a widget would reopen as a dead "0%" and needs JavaScript from the internet
+    from tqdm import tqdm
     return tqdm
 
 def _progress_bar(iterable, progress: bool | str, total: int | None = None, **kw):
@@ -836,9 +833,20 @@ def _train(trainer: Trainer) -> dict:
             trainer.write_metrics()
             trainer.test_result = _test_best(trainer)
         record = trainer.write_metrics()
+        if procs.main: drop_resume_state(plan.run_dir, keep_last=plan.config.keep_last)
     record = {**record, "run_dir": str(plan.run_dir), "trained": True}
     for cb in trainer.callbacks: cb.on_fit_end(trainer, record)
     return record
+
+# %% ../../nbs/30c_train.engine.ipynb #a87d5661
+def drop_resume_state(run_dir: str | os.PathLike, # a completed run's folder
+                      keep_last: bool = False, # keep `last.safetensors` (the last epoch's weights)
+                     ) -> list[Path]:
+    "Delete what only a resume needs (`last_state.pt`, and the last weights unless `keep_last`); returns what went."
+    gone = [Path(run_dir) / CHECKPOINTS / LAST_STATE] + ([] if keep_last else [checkpoint_path(run_dir, "last")])
+    gone = [p for p in gone if p.is_file()]
+    for path in gone: path.unlink()
+    return gone
 
 # %% ../../nbs/30c_train.engine.ipynb #75138881
 def _profile(model: nn.Module, image_size, existing: dict | None) -> tuple[int | None, int | None]:
