@@ -167,7 +167,7 @@ def _offline_help(hub_id: str, reason: str) -> str:
             f"`pretrained`; or run once with internet to fill the cache; or pass pretrained=None for random weights. "
             "(HF_HUB_OFFLINE=1 skips the network retries.)")
 
-# %% ../../nbs/11_models.upernet.ipynb #6369af30
+# %% ../../nbs/11_models.upernet.ipynb #e49f0013
 @contextlib.contextmanager
 def _quiet_loading_report():
     "Hide transformers' LOAD REPORT table (a logged warning) while a checkpoint loads; errors still show."

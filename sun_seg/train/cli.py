@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if joined: dist.destroy_process_group()
 
-# %% ../../nbs/30e_train.cli.ipynb #57584b66
+# %% ../../nbs/30e_train.cli.ipynb #117fcd7b
 def kernel_name() -> str:
     "The kernel our notebook runs use: the project's `sun_seg` when it runs this Python, else `python3` (this Python's own)."
     try:

@@ -838,7 +838,7 @@ def _train(trainer: Trainer) -> dict:
     for cb in trainer.callbacks: cb.on_fit_end(trainer, record)
     return record
 
-# %% ../../nbs/30c_train.engine.ipynb #a87d5661
+# %% ../../nbs/30c_train.engine.ipynb #fcdb928e
 def drop_resume_state(run_dir: str | os.PathLike, # a completed run's folder
                       keep_last: bool = False, # keep `last.safetensors` (the last epoch's weights)
                      ) -> list[Path]:

@@ -143,7 +143,7 @@ def save_notebook_copy(run_dir: str | os.PathLike, # the run folder
     with atomic_path(target) as tmp: shutil.copyfile(source, tmp)
     return target
 
-# %% ../../nbs/30d_train.notebook.ipynb #55d05a9c
+# %% ../../nbs/30d_train.notebook.ipynb #c782bd75
 def tell_terminal(text: str) -> bool:
     "Write `text` as one line to the terminal of a `papermill` command running this notebook; True when written."
     if os.environ.get(NOTEBOOK_OUTPUT_ENV): return False  # `sun-seg train` streams the cells' output already
