@@ -184,7 +184,8 @@ def assert_intact(run_dir: Path) -> None:
 
 
 def _params(data, out_dir, **overrides) -> dict:
-    return tiny_params(data, out_dir, **overrides)  # 3 epochs of 3 steps, one validation batch per epoch
+    # 3 epochs of 3 steps, one validation batch per epoch; the last weights kept, so resumed runs compare them too
+    return tiny_params(data, out_dir, **{"keep_last": True, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +257,7 @@ WRONG_VALUE = {
     "aux_loss_weight": [-0.1, math.nan],
     "plateau_factor": [0, 1.0, 1.5],
     "plateau_patience": [-1],
+    "keep_last": ["True", 1],
 }
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
