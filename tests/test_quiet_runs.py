@@ -68,6 +68,8 @@ def test_demo_run_output_is_one_line_per_event(tmp_path):
     output = _train(param_pairs(params), tmp_path, env)
     assert_quiet(output, "the terminal")
     assert output.count("DEMO DATA") == 1, output  # said once, in the data line
+    bar_lines = [line for line in output.split("\n") if "%|" in line]  # a bar refreshes in place (\r), on one line
+    assert len(bar_lines) <= 5, bar_lines  # the demo data's, then a training and a validation bar per epoch
     (run_dir,) = (tmp_path / "runs").iterdir()
     for line in (f"data: {DEMO_NOTICE}", f"run folder: {run_dir}", "epoch 1/2: train loss", "epoch 2/2: train loss",
                  f"completed: {run_dir}"):

@@ -180,8 +180,10 @@ def run_notebook(params: dict, # training parameters
         try:
             with _interrupts_to_kernel() as interrupted:
                 try:
+                    # the cells' output goes to this terminal as it is (papermill's log_output would log each piece
+                    # of it again, with a newline: every refresh of a progress bar on a line of its own)
                     papermill.execute_notebook(str(template), str(executed), parameters=params, progress_bar=False,
-                                               log_output=log_output, stdout_file=sys.stdout if log_output else None,
+                                               log_output=False, stdout_file=sys.stdout if log_output else None,
                                                stderr_file=sys.stderr if log_output else None, cwd=str(template.parent),
                                                kernel_name=kernel_name(), kernel_manager_class=kernel_manager_class())
                 except PapermillExecutionError: raise
