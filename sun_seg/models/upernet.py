@@ -181,8 +181,9 @@ def head_replacement(info: dict, # `from_pretrained(..., output_loading_info=Tru
                      num_classes: int, # the classes of the model built
                     ) -> str | None:
     "One line naming the classifiers given new weights, e.g. 'replaced decode/auxiliary classifiers: 150 -> 37 classes'."
-    replaced = {key.rsplit(".", 1)[0]: tuple(shape)[0] if shape else None for key, shape, *_ in info.get("mismatched_keys") or ()}
-    replaced.update({key.rsplit(".", 1)[0]: None for key in info.get("missing_keys") or () if key.rsplit(".", 1)[0] in _CLASSIFIERS})
+    layer = lambda key: key.rsplit(".", 1)[0]  # "decode_head.classifier.weight" -> "decode_head.classifier"
+    replaced = {layer(key): tuple(shape)[0] if shape else None for key, shape, *_ in info.get("mismatched_keys") or ()}
+    replaced.update({layer(key): None for key in info.get("missing_keys") or () if layer(key) in _CLASSIFIERS})
     if not replaced: return None
     order = list(_CLASSIFIERS) + sorted(set(replaced) - set(_CLASSIFIERS))
     heads = "/".join(name.split("_head")[0] for name in order if name in replaced)

@@ -151,7 +151,8 @@ def tell_terminal(text: str) -> bool:
     if command is None or command[0].get("log_output"): return False
     if not type(sys.stderr).__module__.startswith("ipykernel"): return False
     try:
-        os.write(sys.stderr.fileno(), (text.rstrip("\n") + "\n").encode())  # ipykernel: the real stderr, not the cell's
+        lead = "\n" if command[0].get("progress_bar") else ""  # off papermill's progress bar line
+        os.write(sys.stderr.fileno(), (lead + text.rstrip("\n") + "\n").encode())  # ipykernel: the real stderr, not the cell's
     except (OSError, ValueError, io.UnsupportedOperation):
         return False
     return True
