@@ -4,7 +4,7 @@
 
 # %% ../../nbs/30c_train.engine.ipynb #29812230
 from __future__ import annotations
-import contextlib, hashlib, math, os, time
+import contextlib, hashlib, math, os, sys, time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -236,8 +236,10 @@ def _tqdm():
 
 def _progress_bar(iterable, progress: bool | str, total: int | None = None, **kw):
     if not progress: return iterable
+    # a terminal redraws the bar in place; a notebook or a log keeps every refresh, so it gets one per 30 s at most
+    refresh = 1.0 if getattr(sys.stderr, "isatty", lambda: False)() else 30.0
     return _tqdm()(iterable, total=total, desc=progress if isinstance(progress, str) else None, leave=False,
-                   dynamic_ncols=True, mininterval=1.0, **kw)
+                   dynamic_ncols=True, mininterval=refresh, **kw)
 
 # %% ../../nbs/30c_train.engine.ipynb #1cf733e2
 def _pretrained_source(config: TrainConfig) -> str | None:
