@@ -101,6 +101,17 @@ def test_completed_run_keeps_what_a_user_needs(data, tmp_path):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.safetensors"]
 
 
+def test_default_out_dir_is_ignored_by_git():
+    """`sun-seg train` from the repository root (or papermill from nbs/) writes runs/ there: git ignores it."""
+    import subprocess
+    from conftest import ROOT
+    if not (ROOT / ".git").exists(): pytest.skip("not a git checkout")
+    assert TrainConfig().out_dir == "runs"
+    for folder in ("runs", "nbs/runs"):
+        path = f"{folder}/unet-lr0.0001-plateau-0123456789ab/checkpoints/best.safetensors"
+        assert subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT).returncode == 0, path
+
+
 def test_finished_run_is_reported_not_retrained(data, tmp_path):
     first = fit(tiny_params(data, tmp_path, epochs=1), progress=False)
     again = fit(tiny_params(data, tmp_path, epochs=1, num_workers=1), progress=False)  # a speed setting: same run
