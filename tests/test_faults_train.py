@@ -699,13 +699,13 @@ def test_run_is_repeated_from_its_folder_alone(data, tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    """A finished run, an interrupted one (after epoch 1) and a finished one of another seed."""
+    """A finished run, an interrupted one (after epoch 1) and an interrupted one of another seed (its resume state kept)."""
     root = tmp_path_factory.mktemp("checkpoint_runs")
     done = fit(_params(data, root / "done", epochs=1), progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        fit(_params(data, root / "stopped"), callbacks=[InterruptAt(2, 1)], progress=False)
-    other = fit(_params(data, root / "other", epochs=1, seed=1), progress=False)
-    return {"done": Path(done["run_dir"]), "stopped": _only_run(root / "stopped"), "other": Path(other["run_dir"])}
+    for name, seed in (("stopped", 0), ("other", 1)):
+        with pytest.raises(KeyboardInterrupt):
+            fit(_params(data, root / name, seed=seed), callbacks=[InterruptAt(2, 1)], progress=False)
+    return {"done": Path(done["run_dir"]), "stopped": _only_run(root / "stopped"), "other": _only_run(root / "other")}
 
 
 def _copy(run_dir: Path, tmp_path: Path) -> Path:

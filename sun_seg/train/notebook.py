@@ -150,9 +150,11 @@ def tell_terminal(text: str) -> bool:
     command = _papermill_command()
     if command is None or command[0].get("log_output"): return False
     if not type(sys.stderr).__module__.startswith("ipykernel"): return False
+    lead = "\n" if command[0].get("progress_bar") else ""  # off papermill's progress bar line
     try:
-        lead = "\n" if command[0].get("progress_bar") else ""  # off papermill's progress bar line
-        os.write(sys.stderr.fileno(), (lead + text.rstrip("\n") + "\n").encode())  # ipykernel: the real stderr, not the cell's
-    except (OSError, ValueError, io.UnsupportedOperation):
+        try: fd = sys.stderr.fileno()  # ipykernel captures fd 2 into the cell: this is its copy of the real stderr
+        except io.UnsupportedOperation: fd = sys.__stderr__.fileno()  # not captured (e.g. under pytest): fd 2 itself
+        os.write(fd, (lead + text.rstrip("\n") + "\n").encode())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         return False
     return True
