@@ -159,3 +159,20 @@ def test_a_notebook_opened_and_saved_in_lab_stays_clean(jupyter_server, tmp_path
     assert (project / "nbs" / "train.ipynb").read_bytes() == before  # saved exactly as committed
     assert not unclean_notebooks(project, _copy_project(tmp_path / "clean", project))
     assert not library_differences(project, _copy_project(tmp_path / "export", project))
+
+
+def test_a_notebook_saved_by_another_jupyter_is_cleaned_by_the_command_the_check_names(tmp_path):
+    """A Jupyter without `make lab`'s hook saves Lab's metadata; the check names it, and `make export`'s clean fixes it."""
+    import nbformat
+    project = _copy_project(tmp_path / "project")
+    path = project / "nbs" / "train.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata.kernelspec.display_name = "Python (sun_seg)"
+    nb.metadata.language_info = {"name": "python", "version": sys.version.split()[0]}
+    nbformat.write(nb, path)  # how a Jupyter server writes a notebook
+    assert unclean_notebooks(project, _copy_project(tmp_path / "check", project)) == ["train.ipynb"]
+    recipe = re.search(r"^export:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert "nbdev_clean" in recipe  # the command the check's message names runs it
+    subprocess.run([BIN / "nbdev_clean"], cwd=project, check=True, capture_output=True)
+    assert not unclean_notebooks(project, _copy_project(tmp_path / "again", project))
+    assert path.read_bytes() == (ROOT / "nbs" / "train.ipynb").read_bytes()
