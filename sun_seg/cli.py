@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {  # subcommand -> the module that adds it, in the or
     "train": "sun_seg.train",
     "study": "sun_seg.study",
     "report": "sun_seg.report",
+    "predict": "sun_seg.inference",
+    "export": "sun_seg.export",
     "bench": "sun_seg.bench",
 }
 COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
@@ -31,6 +33,8 @@ COMMAND_HELP: dict[str, str] = {  # each subcommand's one-line help as its modul
     "train": "train one run (the training notebook, through papermill)",
     "study": "run the study's grid of trainings, then its report",
     "report": "rebuild tables, figures and the report site from existing runs",
+    "predict": "label maps and colour overlays of your images with a trained run",
+    "export": "write a trained run as a Hugging Face model folder (from_pretrained)",
     "bench": "measure the engine's speed: data, training step, evaluation, loop overhead",
 }
 

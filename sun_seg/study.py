@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_study.ipynb #cfa2b0bd
 from __future__ import annotations
-import argparse, dataclasses, fnmatch, inspect, math, os, shutil, socket, sys, time, traceback
+import argparse, csv, dataclasses, fnmatch, inspect, json, math, os, shutil, socket, sys, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -13,18 +13,21 @@ import numpy as np
 import yaml
 
 import sun_seg
+from .estimate import GridEstimate, RunTiming
 from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, SunSegError, atomic_path, atomic_write_json,
                           check_choice, data_label, read_json, safe_child, safe_name, stable_hash)
 
 # %% auto #0
-__all__ = ['MAX_YAML_VALUES', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'PRETRAIN_KEYS', 'FINAL_STATUSES',
-           'STUDY_RECORD', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect', 'FigureSpec', 'Profile', 'Study',
-           'parse_study', 'load_study', 'default_study_path', 'GridRun', 'resolve_params', 'resolve_grid',
-           'parse_shard', 'select_runs', 'read_metrics', 'run_status', 'run_state', 'RunLock', 'run_grid',
-           'SimulatedTrainer', 'simulated_evaluate', 'select_best', 'run_evaluations', 'study_record',
-           'write_study_record', 'read_study_record', 'record_runs', 'record_evaluations', 'simulate_study',
-           'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer', 'pretrain_folder',
-           'pretrain_upernet', 'save_predictions', 'save_data_summary', 'default_out_dir', 'run_study', 'add_cli']
+__all__ = ['MAX_YAML_VALUES', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'METHOD_KEYS', 'PRETRAIN_KEYS',
+           'RUN_COST_FACTORS', 'FINAL_STATUSES', 'STUDY_RECORD', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect',
+           'FigureSpec', 'Profile', 'Study', 'parse_study', 'load_study', 'default_study_path', 'GridRun',
+           'resolve_params', 'resolve_grid', 'method_values_of', 'check_method_card', 'method_card',
+           'format_method_card', 'parse_shard', 'select_runs', 'run_cost', 'balanced_shards', 'slurm_shard',
+           'read_metrics', 'run_status', 'run_state', 'RunLock', 'run_grid', 'SimulatedTrainer', 'simulated_evaluate',
+           'select_best', 'run_evaluations', 'study_record', 'write_study_record', 'read_study_record', 'record_runs',
+           'record_evaluations', 'simulate_study', 'engine_identify', 'data_of', 'papermill_trainer',
+           'inprocess_trainer', 'pretrain_folder', 'pretrain_upernet', 'save_predictions', 'save_data_summary',
+           'default_out_dir', 'run_study', 'add_cli']
 
 # %% ../nbs/40_study.ipynb #0106750d
 class _StrictLoader(yaml.SafeLoader):
@@ -142,6 +145,7 @@ class Study:
     effects: tuple
     figures: dict
     qualitative_scan: int = 200
+    method: dict = field(default_factory=dict)  # the method card: {name: {"study", "ours", "why"}}
 
     def entry(self, name: str) -> RunEntry:
         "The run entry called `name`."
@@ -298,7 +302,20 @@ def _parse_figure(fid: str, d, path, names: set) -> FigureSpec:
 
 # %% ../nbs/40_study.ipynb #f98104a1
 STUDY_KEYS = ("study", "title", "source", "seeds", "defaults", "profiles", "tables", "runs", "evaluations",
-              "effects", "figures", "qualitative_scan")
+              "effects", "figures", "qualitative_scan", "method")
+METHOD_KEYS = ("study", "ours", "why")  # of each method card entry
+
+def _parse_method(d, path) -> dict:
+    "The method card's shape: `{name: {'study', 'ours', 'why'}}` (its values are checked by `check_method_card`)."
+    card = {}
+    for name, entry in _mapping(d, "method", path).items():
+        where = f"method.{name}"
+        entry = _keys(_mapping(entry, where, path), where, path, METHOD_KEYS, METHOD_KEYS)
+        ours = _mapping(entry["ours"], f"{where}.ours", path)
+        if not ours: raise ParameterError(f"{where}.ours", "name at least one value", str(path))
+        card[str(name)] = {"study": _string(entry["study"], f"{where}.study", path), "ours": dict(ours),
+                           "why": _string(entry["why"], f"{where}.why", path)}
+    return card
 PRETRAIN_KEYS = ("num_labels", "images", "image_size", "epochs", "batch_size", "lr", "seed",
                  "backbone_config", "config_overrides")  # the last two make tiny models for tests
 
@@ -326,11 +343,12 @@ def parse_study(d: Any, # the study file's content (what `read_yaml` returns)
     names = set(entries) | {e.name for e in evaluations}
     figures = {str(k): _parse_figure(str(k), v, path, names) for k, v in _mapping(d.get("figures"), "figures", path).items()}
     scan = _positive_int(d.get("qualitative_scan", 200), "qualitative_scan", path)
+    method = _parse_method(d.get("method"), path)
     return Study(path=path, name=_string(d["study"], "study", path), title=str(d.get("title") or d["study"]),
                  source=str(d.get("source") or ""), seeds=_seeds(d["seeds"], "seeds", path),
                  defaults=defaults, profiles=profiles, tables=tables,
                  runs=tuple(entries.values()), evaluations=tuple(evaluations), effects=tuple(effects),
-                 figures=figures, qualitative_scan=scan)
+                 figures=figures, qualitative_scan=scan, method=method)
 
 def load_study(path: str | os.PathLike | None = None, # a study file; default: `default_study_path()`
               ) -> Study:
@@ -424,10 +442,92 @@ def resolve_grid(study: Study, # the parsed study file
                                 tables=dict(entry.tables), reported=dict(entry.reported)))
     return runs
 
+# %% ../nbs/40_study.ipynb #96ad8e0a
+_NOT_PER_ROW = ("model", "pretrained", "profile", "data_dir", "seed")  # named by the rows themselves
+
+def _card_params(study: Study, profile: Profile, entry: RunEntry | None = None) -> dict:
+    "The parameters the card describes: an entry's (or the study's defaults) under `profile`, for a UPerNet row."
+    upernet = next((e for e in study.runs if e.params.get("model", study.defaults.get("model")) == "upernet"), None)
+    base = resolve_params(study, profile, upernet, 0, pretrain_dir="(the profile's pretraining step)") if upernet else {}
+    params = {"profile": "full", **study.defaults, **profile.params,
+              **{k: base[k] for k in ("model", "pretrained") if k in base}}
+    if params.get("epochs") in profile.epochs: params["epochs"] = profile.epochs[params["epochs"]]  # the profile's budget
+    if entry is not None:
+        params = {**params, **resolve_params(study, profile, entry, 0, pretrain_dir="(the profile's pretraining step)")}
+    return params
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-12) or (a != a and b != b)
+    return _jsonable(a) == _jsonable(b)
+
+def method_values_of(study: Study, profile: Profile | str = "full", entry: RunEntry | None = None) -> dict:
+    "`sun_seg.train.method_values` of the study's parameters (or one entry's) under `profile`."
+    from sun_seg.train import TrainConfig, method_values
+    profile = study.profiles[profile] if isinstance(profile, str) else profile
+    config = TrainConfig.from_params(_card_params(study, profile, entry), source=f"{study.path}, profile {profile.name}")
+    return _jsonable(method_values(config))
+
+def check_method_card(study: Study) -> None:
+    "Refuse a method card whose values are not what the code does under the `full` profile, or that omits a choice."
+    if not study.method or "full" not in study.profiles: return
+    values, declared = method_values_of(study, "full"), {}
+    for name, entry in study.method.items():
+        for key, value in entry["ours"].items():
+            where = f"method.{name}.ours.{key}"
+            if key not in values:
+                raise ParameterError(where, f"is not a choice the code records; known: {', '.join(values)}", str(study.path))
+            if key in declared: raise ParameterError(where, f"is declared in method.{declared[key]} too", str(study.path))
+            if not _same_value(value, values[key]):
+                raise ParameterError(where, f"says {value!r}, but the code uses {values[key]!r} under profile full: correct"
+                                     " the card (or the parameter it describes)", str(study.path))
+            declared[key] = name
+    missing = [k for k in values if k not in declared]
+    if missing:
+        raise ParameterError("method", f"does not declare {', '.join(missing)}: every choice that changes the numbers"
+                             " needs an entry", str(study.path))
+
+# %% ../nbs/40_study.ipynb #55866225
+def method_card(study: Study, profile: Profile | str = "full") -> list[dict]:
+    "The card as shown: each entry with `rows` (entries whose value differs) and `profile` (what `profile` changes)."
+    from sun_seg.train import TrainConfig
+    profile = study.profiles[profile] if isinstance(profile, str) else profile
+    fields = set(TrainConfig.__dataclass_fields__) - set(_NOT_PER_ROW)
+    used = method_values_of(study, profile) if profile.name != "full" else {}
+    rows_of = {e.name: _card_params(study, profile, e) for e in study.runs}
+    card = []
+    for name, entry in study.method.items():
+        rows = {}
+        for row, params in rows_of.items():
+            differ = {k: _jsonable(params[k]) for k in entry["ours"] if k in fields and k in params
+                      and not _same_value(params[k], used.get(k, entry["ours"][k]))}
+            if differ: rows[row] = differ
+        changed = {k: used[k] for k in entry["ours"] if k in used and not _same_value(used[k], entry["ours"][k])}
+        card.append({"name": name, **entry, "rows": rows, "profile": profile.name, "profile_values": changed})
+    return card
+
+def _card_value(value) -> str:
+    return ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+
+def format_method_card(card: list[dict]) -> str:
+    "The card as text (`sun-seg study --list`)."
+    lines = ["Method card (reports/study.yaml `method:`; our values are the code's under the full profile):"]
+    for e in card:
+        lines.append(f"  {e['name'].replace('_', ' ')}: {_card_value(e['ours'])}")
+        lines.append(f"      study: {e['study']}")
+        lines.append(f"      why: {e['why']}")
+        if e["profile_values"]: lines.append(f"      profile {e['profile']}: {_card_value(e['profile_values'])}")
+        for row, values in e["rows"].items(): lines.append(f"      row {row}: {_card_value(values)}")
+    return "\n".join(lines)
+
 # %% ../nbs/40_study.ipynb #2c6b808c
 def parse_shard(text: str | None) -> tuple[int, int] | None:
-    "`'i/n'` -> `(i, n)` with 1 <= i <= n; None stays None."
+    "`'i/n'` -> `(i, n)` with 1 <= i <= n; `'slurm'` -> the SLURM array task's slice; None stays None."
     if text is None: return None
+    if str(text).strip().lower() == "slurm": return slurm_shard()
     try:
         i, n = (int(x) for x in str(text).split("/"))
     except ValueError:
@@ -454,8 +554,61 @@ def select_runs(runs: list[GridRun], # the resolved grid
     chosen = [r for r in runs if not only or any(_matches(r, p) for p in only)]
     if shard is not None:
         i, n = shard
-        chosen = chosen[i - 1::n]
+        chosen = balanced_shards(chosen, n)[i - 1]
     return chosen
+
+# %% ../nbs/40_study.ipynb #16ed2818
+# training-step FLOPs per image relative to the U-Net's, by model and fine-tuning depth, as counted by
+# `sun_seg.models.model_profile` on the full-size models at 64x80 (a frozen encoder needs no backward pass through it);
+# both are convolutional, so the ratio holds at other sizes to first order. They only balance shards.
+RUN_COST_FACTORS: dict[str, float] = {"unet": 1.0, "upernet:classifier": 0.40, "upernet:decoder": 1.13,
+                                      "upernet:encoder+decoder": 1.21}
+_FULL_EPOCH_IMAGES = 4757  # SUN RGB-D's fit split (train minus 10% for validation): the images of an uncapped epoch
+
+def run_cost(params: dict, # a run's training parameters (missing ones take `TrainConfig`'s defaults)
+            ) -> float:
+    "A run's expected training cost in relative units: epochs x images per epoch x pixels x the model's factor."
+    from sun_seg.train.config import DEFAULT_FINETUNE, TrainConfig
+    p = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **params}
+    side = [int(x) for x in str(p["image_size"]).lower().split("x")]
+    pixels = side[0] * side[-1]
+    images = min(int(p["max_train_batches"]) * int(p["batch_size"]), _FULL_EPOCH_IMAGES) if p["max_train_batches"] else _FULL_EPOCH_IMAGES
+    key = "unet" if p["model"] == "unet" else f"upernet:{p['finetune'] or DEFAULT_FINETUNE}"
+    return float(p["epochs"]) * images * pixels * RUN_COST_FACTORS.get(key, 1.0) / 1e9
+
+def balanced_shards(runs: list[GridRun], # the runs to share out, in grid order
+                    n: int, # the number of slices
+                   ) -> list[list[GridRun]]:
+    "`n` slices of `runs` with balanced expected cost (greedy longest-processing-time; deterministic), each in grid order."
+    loads, slices = [0.0] * n, [[] for _ in range(n)]
+    order = sorted(range(len(runs)), key=lambda k: (-run_cost(runs[k].params), k))
+    for k in order:
+        i = min(range(n), key=lambda s: (loads[s], s))
+        loads[i] += run_cost(runs[k].params)
+        slices[i].append(k)
+    return [[runs[k] for k in sorted(s)] for s in slices]
+
+# %% ../nbs/40_study.ipynb #69d67e2a
+def slurm_shard(environ: dict | None = None, # the environment (default os.environ)
+               ) -> tuple[int, int]:
+    "`(i, n)` of this SLURM array task: `SLURM_ARRAY_TASK_ID` (from `SLURM_ARRAY_TASK_MIN`, default 0) of `SLURM_ARRAY_TASK_COUNT`."
+    env = os.environ if environ is None else environ
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+    missing = [v for v in names if not env.get(v, "").strip()]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise ParameterError("shard", f"'slurm' reads {' and '.join(names)}, but {' and '.join(missing)} {verb} not set: "
+                             "run it inside an array job (sbatch --array=0-3 ...; examples/slurm/), or give the slice as --shard i/n")
+    try:
+        task, count, first = (int(env.get(v, "0")) for v in (*names, "SLURM_ARRAY_TASK_MIN"))
+    except ValueError:
+        raise ParameterError("shard", f"'slurm': {', '.join(f'{v}={env.get(v)!r}' for v in (*names, 'SLURM_ARRAY_TASK_MIN'))} "
+                             "are not whole numbers") from None
+    i = task - first + 1
+    if count < 1 or not 1 <= i <= count:
+        raise ParameterError("shard", f"'slurm': task {task} of {count} tasks starting at {first} is not a slice 1..{count}; "
+                             "use a contiguous array without steps (--array=0-3)")
+    return i, count
 
 # %% ../nbs/40_study.ipynb #5ccf1c22
 FINAL_STATUSES = ("completed", "diverged")
@@ -543,6 +696,28 @@ def _fmt_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
+def _epoch_seconds(run_dir: Path) -> list[float]:
+    "Seconds of each epoch a run trained, from its history (empty when it has none)."
+    path = run_dir / "history.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as f: return [float(row["seconds"]) for row in csv.DictReader(f)]
+    except (OSError, ValueError, KeyError, TypeError): return []  # no or a damaged history costs the estimate one sample
+
+def _epoch_cost(params: dict) -> float:
+    "The relative cost of one epoch of a run (`run_cost` of one epoch): prices a model the grid has not timed yet."
+    return run_cost({**params, "epochs": 1})
+
+def _recorded_timings(grid_dir: Path, runs_dir: Path, runs: list[GridRun]) -> list[tuple[dict, RunTiming]]:
+    "Timings of the grid's runs that earlier invocations finished (the grid records each run's seconds)."
+    timings = []
+    for run in runs:
+        path, run_dir = grid_dir / f"{run.run_id}.json", runs_dir / run.run_id
+        if not path.is_file() or run_status(run_dir) not in FINAL_STATUSES: continue
+        try: seconds = float(read_json(path).get("seconds") or 0)
+        except Exception: continue
+        if seconds > 0: timings.append((run.params, RunTiming.from_run(run.params, _epoch_seconds(run_dir), seconds)))
+    return timings
+
 # %% ../nbs/40_study.ipynb #d7795097
 def run_grid(runs: list[GridRun], # the runs to train (already selected)
              out: str | os.PathLike, # the study's output folder: runs go to out/runs, records to out/grid
@@ -553,8 +728,11 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
     out = Path(out)
     runs_dir, grid_dir, lock_dir = out / "runs", out / "grid", out / "locks"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    outcomes, spent, trained = [], 0.0, 0
-    todo = sum(run_status(safe_child(runs_dir, r.run_id, "run_id")) not in FINAL_STATUSES for r in runs)
+    outcomes = []
+    pending = {r.run_id: r.params for r in runs if run_status(safe_child(runs_dir, r.run_id, "run_id")) not in FINAL_STATUSES}
+    # what earlier invocations measured counts too; unseen models are priced by the shards' cost model
+    estimate = GridEstimate(epoch_cost=_epoch_cost)
+    for params, timing in _recorded_timings(grid_dir, runs_dir, runs): estimate.add(timing, params)
     for k, run in enumerate(runs, 1):
         run_dir = safe_child(runs_dir, run.run_id, "run_id")
         head = f"[{k}/{len(runs)}] {run.entry} (seed {run.seed}, run {run.run_id})"
@@ -570,7 +748,8 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
             log(f"{head}: locked by {lock.owner()}, skipped (delete {lock.path} if that process is gone)")
             continue
         action = {"absent": "started", "failed": "retried"}.get(before, "resumed")
-        eta = f", about {_fmt_seconds(spent / trained * (todo - trained))} left for the grid" if trained else ""
+        left = estimate.remaining(list(pending.values()))
+        eta = f", about {_fmt_seconds(left)} left for the grid" if left is not None else ""
         log(f"{head}: {_ING[action]}{eta}")
         record = _write_record(grid_dir, run, status="running", started=time.time(), host=socket.gethostname())
         start = time.monotonic()
@@ -598,13 +777,15 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
         finally:
             lock.release()
         seconds = time.monotonic() - start
-        spent, trained = spent + seconds, trained + 1
+        pending.pop(run.run_id, None)
+        if status in FINAL_STATUSES: estimate.add(RunTiming.from_run(run.params, _epoch_seconds(run_dir), seconds), run.params)
         _write_record(grid_dir, run, status=status, reason=reason, seconds=seconds, finished=time.time(),
                       attempts=record["attempts"] + 1)
         outcome.update(status=status, action=action, seconds=seconds, reason=reason)
         tail = f": {reason}" if status != "completed" and reason else ""
         more = f" (traceback in {grid_dir / (run.run_id + '.json')})" if status == "failed" else ""
         log(f"{head}: {status} in {_fmt_seconds(seconds)}{tail}{more}")
+    if any(o["action"] != "skipped" for o in outcomes): log(estimate.summary())
     return outcomes
 
 # %% ../nbs/40_study.ipynb #07f0748a
@@ -628,6 +809,20 @@ def _split_metrics(row: dict, split: str, images: int) -> dict:
     return {"miou": row["val_miou"], "pixel_accuracy": row["val_pixel_accuracy"],
             "mean_class_accuracy": row["val_mean_class_accuracy"], "loss": row["val_loss"],
             "iou_per_class": {c: row[f"val_iou_{c}"] for c in CLASS_NAMES}, "split": split, "images": images}
+
+def _save_simulated_counts(run_dir: Path, row: dict, split: str, images: int) -> None:
+    "Made-up per-image counts (`val_per_image.npz`, `test_per_image.npz`) whose sums give about the row's IoU per class."
+    from sun_seg.metrics import image_counts_path, save_image_counts
+    iou = np.nan_to_num(np.array([row[f"val_iou_{c}"] for c in CLASS_NAMES], dtype=float), nan=-1.0)
+    shared = np.random.default_rng(["val", "test"].index(split))  # the same images in every run: sizes, classes, difficulty
+    size = shared.integers(2_000, 20_000, (images, len(CLASS_NAMES)))
+    union = np.where((shared.random(size.shape) < 0.6) & (iou >= 0), size, 0)
+    difficulty = shared.normal(0, 0.08, (images, 1))
+    noise = np.random.default_rng(int(stable_hash(run_dir.name, 8), 16)).normal(0, 0.04, size.shape)
+    inter = union * np.clip(iou + difficulty + noise, 0, 1)
+    inter = np.minimum(np.round(inter * (iou.clip(0) * union.sum(0) / np.maximum(inter.sum(0), 1))), union)
+    save_image_counts(image_counts_path(run_dir, split), {"index": np.arange(images), "intersection": inter, "union": union},
+                      row["epoch"], split)
 
 # %% ../nbs/40_study.ipynb #2aaffd1a
 class SimulatedTrainer:
@@ -690,7 +885,9 @@ class SimulatedTrainer:
                        best_epoch=best["epoch"] if best else None, best_val_miou=best["val_miou"] if best else float("nan"),
                        epochs_completed=len(rows), stopped_early=False, wall_seconds=sum(r["seconds"] for r in rows),
                        train_images_per_second=float(np.mean([r["train_images_per_second"] for r in rows])))
-        if best: metrics["val"] = _split_metrics(best, "val", 20)
+        if best:
+            metrics["val"] = _split_metrics(best, "val", 20)
+            _save_simulated_counts(run_dir, best, "val", 20)
         atomic_write_json(run_dir / "metrics.json", metrics)
 
 def simulated_evaluate(run_dir: str | os.PathLike, # a run folder written by `SimulatedTrainer`
@@ -699,6 +896,7 @@ def simulated_evaluate(run_dir: str | os.PathLike, # a run folder written by `Si
     metrics = read_metrics(run_dir)
     row = _simulated_epoch(Path(run_dir).name + split, 99, metrics["best_val_miou"] * 1.02)
     metrics[split] = _split_metrics(row, split, 30)
+    _save_simulated_counts(Path(run_dir), {**row, "epoch": metrics.get("best_epoch")}, split, 30)
     atomic_write_json(Path(run_dir) / "metrics.json", metrics)
     return metrics[split]
 
@@ -780,7 +978,8 @@ def study_record(study: Study, profile: Profile, runs: list[GridRun], # the reso
             "evaluations": [dataclasses.asdict(e) for e in study.evaluations],
             "effects": [dataclasses.asdict(e) for e in study.effects],
             "figures": [dataclasses.asdict(f) for f in study.figures.values()],  # a list: JSON keys get sorted
-            "qualitative_scan": profile.qualitative_scan or study.qualitative_scan, "pretrain": pretrain, "sun_seg": sun_seg.__version__}
+            "qualitative_scan": profile.qualitative_scan or study.qualitative_scan, "pretrain": pretrain, "sun_seg": sun_seg.__version__,
+            "method": method_card(study, profile) if study.method else []}
 
 def write_study_record(out: str | os.PathLike, record: dict) -> Path:
     "Write `out/study.json`; refuses to mix two different studies or datasets in one output folder."
@@ -1202,6 +1401,7 @@ def run_study(study: str | os.PathLike | Study | None = None, # the study file (
     if profile not in study.profiles:
         raise ParameterError("profile", f"got {profile!r}; {study.path} defines {', '.join(study.profiles)}")
     prof = study.profiles[profile]
+    check_method_card(study)  # a card that is not what the code does stops here, before anything trains
     out = _check_out(Path(out) if out else default_out_dir(prof)).resolve()  # `a/../b` must not create `a`
     root = _profile_data(prof, data_dir, str(study.path))
     pretrain_dir, _ = _pretrain(prof, device, log, make=False)
@@ -1217,6 +1417,7 @@ def run_study(study: str | os.PathLike | Study | None = None, # the study file (
             state = run_state(out, r.run_id)[0] if (out / "runs").is_dir() else "absent"
             log(f"{'*' if r in chosen else ' '} {r.entry:40s} seed {r.seed}  {state:11s} {r.run_id}")
         log(f"{len(chosen)} of {len(runs)} runs in this selection (*); data: {data_label(data['kind'], data['fingerprint'])}")
+        if study.method: log("\n" + format_method_card(method_card(study, prof)))
         return {"out": out, "runs": runs, "outcomes": [], "evaluations": {}, "predictions": {}}
     log(data_label(data["kind"], data["fingerprint"]))
     needs_weights = pretrain_dir is not None and any(r.params.get("pretrained") == pretrain_dir for r in chosen)
@@ -1288,7 +1489,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--data", help="SUN RGB-D folder for the full profile (default: $SUN_SEG_DATA)")
     p.add_argument("--out", help="output folder (default: reports/demo or reports/sunrgbd)")
     p.add_argument("--only", nargs="+", metavar="PATTERN", help="only these entries, tables (T1, T2, T3) or run ids (shell patterns)")
-    p.add_argument("--shard", metavar="I/N", help="train only the i-th of n slices of the grid (one machine of n)")
+    p.add_argument("--shard", metavar="I/N", help="train only the i-th of n slices of the grid (one machine of n; slices balanced by expected cost), or `slurm`: the slice of this SLURM array task")
     p.add_argument("--device", help="training and evaluation device (default: the runs' own, auto)")
     p.add_argument("--no-notebook", action="store_true", help="train in this process instead of through papermill (no executed notebook per run)")
     p.add_argument("--no-report", action="store_true", help="do not rebuild tables, figures and site at the end")
