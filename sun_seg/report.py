@@ -625,6 +625,8 @@ def _api_pages(site: _Site, nbs: str | os.PathLike | None):
     site.page("api/index.html", "api_index.html", "API", "API", pages=pages, left_out=False)
 
 # %% ../nbs/51_report.ipynb #08a8dde3
+from .core import hold
+
 def build_site(out: str | os.PathLike, # a study's output folder (sun-seg study --out)
                analysis: dict | None = None, # `build_analysis(out)`'s result; built here when None
                api: bool = True, # also the API pages from the library's notebooks
@@ -633,7 +635,16 @@ def build_site(out: str | os.PathLike, # a study's output folder (sun-seg study 
               ) -> Path:
     "Build the static report site into `out/site` from the study's output folder; returns the site folder."
     out = Path(out).resolve()
-    record = read_study_record(out)
+    record = read_study_record(out)  # not a study folder: refused before a lock file is made there
+    with hold(out / ".report.lock", f"the report of {out}"):  # one report at a time; a second waits, then rebuilds
+        return _build_site(out, record, analysis, api, notebooks, nbs)
+
+def _remove_leftovers(out: Path) -> None:
+    "Remove the build folders of reports that were killed (the lock is held: no other report is building)."
+    for folder in [*out.glob(".site-building-*"), *out.glob(".site-old-*")]: shutil.rmtree(folder, ignore_errors=True)
+
+def _build_site(out: Path, record: dict, analysis: dict | None, api: bool, notebooks: bool, nbs) -> Path:
+    _remove_leftovers(out)
     analysis = analysis or build_analysis(out)
     final = out / "site"
     folder = out / f".site-building-{os.getpid()}"

@@ -14,7 +14,7 @@ import yaml
 
 import sun_seg
 from .estimate import GridEstimate, RunTiming
-from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, SunSegError, atomic_path, atomic_write_json,
+from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, Lease, ParameterError, SunSegError, atomic_path, atomic_write_json,
                           check_choice, data_label, read_json, safe_child, safe_name, stable_hash)
 
 # %% auto #0
@@ -643,37 +643,9 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError: return True
     return True
 
-class RunLock:
-    "An exclusive lock file for one run; `acquire()` returns False when another live process holds it."
-    def __init__(self, path: str | os.PathLike): self.path, self.held = Path(path), False
-
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if not self._stale(): return False
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f: f.write(f"{socket.gethostname()} {os.getpid()} {time.time():.0f}\n")
-            self.held = True
-            return True
-        return False
-
-    def _stale(self) -> bool:
-        try: host, pid, _ = self.path.read_text().split()
-        except (OSError, ValueError): return True
-        return host == socket.gethostname() and not _pid_alive(int(pid))
-
-    def owner(self) -> str:
-        try: host, pid, since = self.path.read_text().split()
-        except (OSError, ValueError): return "unknown"
-        return f"process {pid} on {host} since {time.strftime('%Y-%m-%d %H:%M', time.localtime(float(since)))}"
-
-    def release(self):
-        if self.held: self.path.unlink(missing_ok=True)
-        self.held = False
+class RunLock(Lease):
+    "The lease of one run folder (`runs/<run_id>/.lock`, the engine's own); `acquire()` returns False while another live process holds it."
+    def __init__(self, path: str | os.PathLike): super().__init__(path, f"the run {Path(path).parent.name}")
 
 # %% ../nbs/40_study.ipynb #e43529d4
 def _reason(e: BaseException) -> str:
@@ -726,7 +698,7 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
             ) -> list[dict]:
     "Train every run not finished yet; returns one outcome per run (entry, seed, run_id, status, action, seconds, reason)."
     out = Path(out)
-    runs_dir, grid_dir, lock_dir = out / "runs", out / "grid", out / "locks"
+    runs_dir, grid_dir = out / "runs", out / "grid"
     runs_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []
     pending = {r.run_id: r.params for r in runs if run_status(safe_child(runs_dir, r.run_id, "run_id")) not in FINAL_STATUSES}
@@ -742,10 +714,18 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
         if before in FINAL_STATUSES:
             log(f"{head}: {before} earlier, skipped")
             continue
-        lock = RunLock(safe_child(lock_dir, f"{run.run_id}.lock", "run_id"))
+        lock = RunLock(run_dir / ".lock")  # the engine's own lock: one per run folder
         if not lock.acquire():
-            outcome.update(action="locked", reason=f"being trained by {lock.owner()}")
-            log(f"{head}: locked by {lock.owner()}, skipped (delete {lock.path} if that process is gone)")
+            owner = lock.owner()
+            outcome.update(status="running", action="locked", reason=f"held by {owner}")
+            log(f"{head}: held by {owner}, skipped (it is being trained there; a dead holder's lock is taken over "
+                "once its lease ran out)")
+            continue
+        now, _ = run_state(out, run.run_id)
+        if now in FINAL_STATUSES:  # another process finished it between the first look and the lock
+            lock.release()
+            outcome.update(status=now)
+            log(f"{head}: {now} meanwhile by another process, skipped")
             continue
         action = {"absent": "started", "failed": "retried"}.get(before, "resumed")
         left = estimate.remaining(list(pending.values()))
@@ -1463,7 +1443,8 @@ def _study(args) -> int:
                                 else papermill_trainer(log_output=not args.quiet, device=args.device)),
                        device=args.device, list_only=args.list)
     if args.list: return 0
-    failed = [o for o in result["outcomes"] if o["status"] not in FINAL_STATUSES]
+    held = [o for o in result["outcomes"] if o["action"] == "locked"]
+    failed = [o for o in result["outcomes"] if o["status"] not in FINAL_STATUSES and o not in held]
     if args.no_report or shard is not None:
         print(f"report not built{' (a shard: build it once every shard is done)' if shard else ''}: "
               f"sun-seg report --out {result['out']}")
@@ -1473,8 +1454,11 @@ def _study(args) -> int:
         print(f"report: {site / 'index.html'}")
     retry = (f" ({', '.join(o['entry'] + ': ' + o['status'] for o in failed)}; the same command again retries them)"
              if failed else "")
-    print(f"sun-seg study: {len(result['outcomes'])} runs in this invocation, {len(failed)} not finished{retry}; "
-          f"total {time.time() - start:.0f} s")
+    if held:
+        print(f"still running in other processes (the report shows only finished runs; run `sun-seg report --out "
+              f"{result['out']}` once they finish): " + "; ".join(f"{o['entry']} seed {o['seed']}: {o['reason']}" for o in held))
+    print(f"sun-seg study: {len(result['outcomes'])} runs in this invocation, {len(failed)} not finished{retry}"
+          f"{f', {len(held)} held by other processes' if held else ''}; total {time.time() - start:.0f} s")
     return 1 if failed else 0
 
 def add_cli(subparsers) -> None:

@@ -21,6 +21,7 @@ from sun_seg.study import (GridRun, SimulatedTrainer, RunLock, load_study, parse
                            run_grid, run_state, run_study, select_runs, simulate_study, stable_hash)
 
 from conftest import ROOT
+from lock_fixtures import hold_in_another_process, stop
 
 STUDY = ROOT / "reports" / "study.yaml"
 
@@ -158,13 +159,16 @@ def test_skip_resume_failure(tmp_path):
 
 
 def test_a_locked_run_is_left_to_its_owner(tmp_path):
+    """A run held by another live process (the engine's own lock, runs/<id>/.lock) is skipped, saying by whom."""
     run = toy_runs(1)[0]
-    lock = RunLock(tmp_path / "locks" / f"{run.run_id}.lock")
-    assert lock.acquire()
-    lines = []
-    outcomes = run_grid([run], tmp_path, SimulatedTrainer(), log=lines.append)
-    assert outcomes[0]["action"] == "locked" and "locked by process" in lines[0]
-    lock.release()
+    holder = hold_in_another_process(tmp_path / "runs" / run.run_id / ".lock")
+    try:
+        lines = []
+        outcomes = run_grid([run], tmp_path, SimulatedTrainer(), log=lines.append)
+        assert outcomes[0]["action"] == "locked" and f"held by process {holder.pid} on " in lines[0]
+        assert outcomes[0]["status"] == "running" and not (tmp_path / "runs" / run.run_id / "metrics.json").exists()
+    finally:
+        stop(holder)
     assert run_grid([run], tmp_path, SimulatedTrainer(), log=lines.append)[0]["status"] == "completed"
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from fastcore.basics import patch
 
-from ..core import (CLASS_NAMES, allotted_cpus, DEMO_NOTICE, IGNORE_INDEX, NUM_CLASSES, DataError, ParameterError,
+from ..core import (CLASS_NAMES, allotted_cpus, DEMO_NOTICE, IGNORE_INDEX, NUM_CLASSES, DataError, Lease, ParameterError,
                           SunSegError, atomic_write_json, data_label, normalize_images, read_json, resolve_device,
                           resolve_precision, safe_child, seed_everything, stable_hash)
 from ..metrics import confusion_matrix, summarize
@@ -647,10 +647,14 @@ def save_epoch(self: Trainer, improved: bool) -> None:
     best, last = checkpoint_path(self.run_dir, "best"), checkpoint_path(self.run_dir, "last")
     tensors = {k: t.cpu() for k, t in _stored_tensors(self.model).items()}  # gathered, copied and hashed once
     digest = _digest(tensors)
-    if improved:
-        _save_tensors(tensors, digest, _pending(best), epoch=self.epoch, val_miou=self.stopper.best, run_id=self.plan.run_id)
-    _save_tensors(tensors, digest, _pending(last), epoch=self.epoch, run_id=self.plan.run_id)
-    save_training_state(self.run_dir / CHECKPOINTS / LAST_STATE, self._state())  # the commit
+    try:
+        if improved:
+            _save_tensors(tensors, digest, _pending(best), epoch=self.epoch, val_miou=self.stopper.best, run_id=self.plan.run_id)
+        _save_tensors(tensors, digest, _pending(last), epoch=self.epoch, run_id=self.plan.run_id)
+        save_training_state(self.run_dir / CHECKPOINTS / LAST_STATE, self._state())  # the commit
+    except Exception:  # a full disk, a size limit, a lost folder: this epoch is not saved, its weights only take space
+        for path in (_pending(best), _pending(last)): path.unlink(missing_ok=True)
+        raise
     _commit_pending(self.run_dir, self.epoch, self.stopper.best_epoch)
     write_history(self.run_dir / HISTORY, self.history)
     self.write_metrics()
@@ -805,24 +809,21 @@ def save_image_counts(self: Trainer, split: str, epoch: int | None) -> None:
 # %% ../../nbs/30c_train.engine.ipynb #9e994602
 @contextlib.contextmanager
 def _run_lock(run_dir: Path, active: bool = True):
-    "Hold an exclusive lock on `run_dir/.lock` while training; refuse when another process holds it."
+    "Hold the lease `run_dir/.lock` while training; refuse when another live process holds it."
     if not active:
         yield; return
     try:
-        import fcntl
-    except ImportError:  # no POSIX file locks (Windows): no protection
-        yield; return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise DataError(f"another process (pid {f.read().strip() or '?'}) is training this run right now; wait for it,"
-                            " or stop it first", run_dir) from None
-        f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lease = Lease(run_dir / ".lock", f"the run folder {run_dir.name}")
+        taken = lease.acquire()
+    except OSError as e:
+        raise ParameterError("out_dir", f"cannot create or lock the run folder {run_dir} ({e.strerror or e}); "
+                             "choose an out_dir you can write to") from None
+    if not taken:
+        raise DataError(f"another process ({lease.owner()}) is training this run right now; wait for it,"
+                        " or stop it first", run_dir)
+    try: yield
+    finally: lease.release()
 
 # %% ../../nbs/30c_train.engine.ipynb #ecf2ac44
 def fit(config: TrainConfig | dict, # the run's parameters (a dict is checked like the notebook's)
@@ -848,13 +849,49 @@ def fit(config: TrainConfig | dict, # the run's parameters (a dict is checked li
         existing = {**existing, "run_dir": str(plan.run_dir), "trained": False}
         for cb in callbacks: cb.on_fit_end(None, existing)
         return existing
+    if procs.main: _check_writable(plan.run_dir)  # before the data and the model are set up
     trainer = Trainer(plan, callbacks, progress)
     trainer.test_result = existing.get("test") if existing else None
     trainer._setup_data()  # nothing is written before the data and the model are set up without error
     trainer._setup_model()
     trainer.flops_per_image, trainer.train_flops_per_image = _profile(trainer.model, trainer.image_size, existing)
     with _run_lock(plan.run_dir, procs.main):
-        return _train(trainer)
+        try: return _train(trainer)
+        except OSError as e:
+            error = _resource_error(e, plan.run_dir)
+            if error is e: raise
+            raise error from e
+
+def _check_writable(run_dir: Path) -> None:
+    "Refuse, naming `out_dir`, a run folder that cannot be created or written (read-only, no permission, a file in the way)."
+    import errno, tempfile
+    existing = next((p for p in (run_dir, *run_dir.parents) if os.path.lexists(p)), None)
+    if existing is None: return
+    why = None
+    if not existing.is_dir(): why = f"{existing} is not a folder (a file, or a link to nothing)"
+    else:
+        try: os.rmdir(tempfile.mkdtemp(prefix=".sun-seg-probe-", dir=existing))  # a folder made and removed: nothing is left
+        except OSError as e:
+            why = {errno.EROFS: f"{existing} is on a read-only file system",
+                   errno.EACCES: f"this user may not write in {existing}", errno.EPERM: f"this user may not write in {existing}",
+                   errno.ENOSPC: f"the disk of {existing} is full"}.get(e.errno, f"no folder can be made in {existing} ({e.strerror})")
+    if why:
+        raise ParameterError("out_dir", f"{str(run_dir.parent)!r} cannot hold this run's folder: {why}; choose an out_dir "
+                             "you can write to")
+
+def _resource_error(e: OSError, run_dir: Path) -> Exception:
+    "A `DataError` naming the path and what to do for a full disk, a file size limit or an unwritable folder; else `e`."
+    from sun_seg.data.formats import write_error
+    return write_error(e, run_dir, keep="the run keeps its last saved epoch: once fixed, the same command resumes it")
+
+def _record_failure(trainer: Trainer) -> None:
+    "Write the failed status; on a full disk first free what the failed epoch left, so the status never stays `running`."
+    try: trainer.write_metrics()
+    except OSError:
+        _drop_stale_temporaries(trainer.run_dir)  # `save_epoch` already removed the weights of the unsaved epoch
+        try: trainer.write_metrics()
+        except OSError as e:
+            print(f"{trainer.run_dir}: could not record the failure in {METRICS} ({e.strerror or e})", file=sys.stderr, flush=True)
 
 def _drop_stale_temporaries(run_dir: Path) -> None:
     "Remove the temporary files of writes a killed process never finished (none of them is a record)."
@@ -884,8 +921,10 @@ def _train(trainer: Trainer) -> dict:
             trainer.status, trainer.reason = "failed", _out_of_memory_reason(trainer, e)
             trainer.write_metrics()
             raise RunOutOfMemory(trainer.reason) from e
-        trainer.status, trainer.reason = "failed", f"{type(e).__name__}: {e}"
-        trainer.write_metrics()
+        error = _resource_error(e, trainer.run_dir) if isinstance(e, OSError) else e
+        trainer.status, trainer.reason = "failed", (f"{type(e).__name__}: {e}" if error is e else str(error))
+        _record_failure(trainer)
+        if error is not e: raise error from e
         raise
     else:
         if plan.config.test and trainer.stopper.best_epoch is not None:
