@@ -17,13 +17,13 @@ from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, SunSegEr
                           check_choice, data_label, read_json, safe_child, safe_name, stable_hash)
 
 # %% auto #0
-__all__ = ['MAX_YAML_VALUES', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'PRETRAIN_KEYS', 'FINAL_STATUSES',
-           'STUDY_RECORD', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect', 'FigureSpec', 'Profile', 'Study',
-           'parse_study', 'load_study', 'default_study_path', 'GridRun', 'resolve_params', 'resolve_grid',
-           'parse_shard', 'select_runs', 'read_metrics', 'run_status', 'run_state', 'RunLock', 'run_grid',
-           'SimulatedTrainer', 'simulated_evaluate', 'select_best', 'run_evaluations', 'study_record',
-           'write_study_record', 'read_study_record', 'record_runs', 'record_evaluations', 'simulate_study',
-           'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer', 'pretrain_folder',
+__all__ = ['MAX_YAML_VALUES', 'MAX_STUDY_BYTES', 'MAX_STUDY_DEPTH', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS',
+           'PRETRAIN_KEYS', 'FINAL_STATUSES', 'STUDY_RECORD', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect',
+           'FigureSpec', 'Profile', 'Study', 'parse_study', 'load_study', 'default_study_path', 'GridRun',
+           'resolve_params', 'resolve_grid', 'parse_shard', 'select_runs', 'read_metrics', 'run_status', 'run_state',
+           'RunLock', 'run_grid', 'SimulatedTrainer', 'simulated_evaluate', 'select_best', 'run_evaluations',
+           'study_record', 'write_study_record', 'read_study_record', 'record_runs', 'record_evaluations',
+           'simulate_study', 'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer', 'pretrain_folder',
            'pretrain_upernet', 'save_predictions', 'save_data_summary', 'default_out_dir', 'run_study', 'add_cli']
 
 # %% ../nbs/40_study.ipynb #0106750d
@@ -55,15 +55,56 @@ def _count_values(data: Any, limit: int) -> int:
         elif isinstance(value, list): stack += value
     return count
 
+MAX_STUDY_BYTES = 1 << 20  # 1 MiB: a study file is a few KiB; a larger one is refused before YAML reads it
+MAX_STUDY_DEPTH = 32  # nesting levels (brackets, braces, indentation); a study file has about 6
+
+def _nesting_depth(text: str, limit: int) -> int:
+    "A cheap upper estimate of the nesting depth of YAML `text` (flow brackets plus block indentation levels), stopping past `limit`."
+    deepest, indents = 0, [-1]
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        if not stripped or stripped.startswith("#"): continue
+        indent = len(line) - len(stripped)
+        while stripped[:2] in ("- ", "-\t") or stripped == "-":  # each "- " opens a level of its own
+            indent += 2
+            stripped = stripped[2:].lstrip(" ") if len(stripped) > 1 else ""
+        while indents[-1] > indent: indents.pop()
+        if indents[-1] < indent: indents.append(indent)
+        flow, quote = 0, None
+        for ch in stripped:  # flow collections: [ ] { } outside quotes, up to a comment
+            if quote:
+                if ch == quote: quote = None
+            elif ch in "'\"": quote = ch
+            elif ch == "#": break
+            elif ch in "[{": flow += 1; deepest = max(deepest, len(indents) - 1 + flow)
+            elif ch in "]}": flow = max(flow - 1, 0)
+        deepest = max(deepest, len(indents) - 1)
+        if deepest > limit: break
+    return deepest
+
 def read_yaml(path: str | os.PathLike) -> Any:
-    "Read a YAML data file safely (no Python objects, no duplicate keys, bounded size), naming the file in every error."
+    "Read a YAML data file safely (no Python objects, no duplicate keys, bounded size and nesting), naming the file in every error."
     path = Path(path)
     if path.is_dir(): raise DataError("is a folder; pass the study file itself with --study FILE (e.g. reports/study.yaml)", path)
     if not path.is_file():
         raise DataError("study file not found; pass --study FILE (the repository's is reports/study.yaml)", path)
+    size = path.stat().st_size
+    if size > MAX_STUDY_BYTES:  # checked before YAML sees it: a huge file would take minutes and gigabytes
+        raise DataError(f"is {size:,} bytes, more than the {MAX_STUDY_BYTES:,} bytes (1 MiB) a study file may have (it "
+                        "has a few KiB): is this the right file? Write the study out plainly", path)
+    try:
+        with open(path, "rb") as f: text = f.read(MAX_STUDY_BYTES + 1).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not a text file in UTF-8 ({e}); a study file is YAML text", path) from None
+    if _nesting_depth(text, MAX_STUDY_DEPTH) > MAX_STUDY_DEPTH:
+        raise DataError(f"nests deeper than {MAX_STUDY_DEPTH} levels (brackets, braces or indentation); a study file "
+                        "needs about 6: write the study out plainly", path)
     try:
         with open(path, encoding="utf-8") as f:  # a file object: YAML's error marks name the file
             data = yaml.load(f, Loader=_StrictLoader)
+    except RecursionError:  # the depth scan above is an estimate; YAML's recursion is the last line of defence
+        raise DataError(f"nests too deeply to be read (more than {MAX_STUDY_DEPTH} levels); write the study out plainly",
+                        path) from None
     except yaml.YAMLError as e:
         raise DataError(f"not a valid study file: {e}", path) from None
     except (UnicodeDecodeError, ValueError) as e:
