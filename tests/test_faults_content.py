@@ -139,3 +139,48 @@ def test_fixing_one_bad_file_redoes_that_sample_only(release, tmp_path, monkeypa
     a.verify(progress=False)
     rec = next(r for r in a.records if r.id == _record_of(root, 7).id)
     assert (a.read_label(rec) == edited).all()
+
+
+# ---------------------------------------------------------------- bad samples found before training
+class _Steps:
+    """Counts optimizer steps (a `Callback`): none may happen before a bad sample is refused."""
+    def __init__(self): self.steps = 0
+    def on_fit_start(self, trainer): pass
+    def after_step(self, trainer, epoch, step): self.steps += 1
+    def after_epoch(self, trainer, row): pass
+    def on_fit_end(self, trainer, record): pass
+
+
+@pytest.mark.parametrize("which, number", [("test", 1), ("train", 36)])  # labels: 6 test first, then 30 train
+def test_bad_sample_is_found_before_the_first_epoch(tmp_path, which, number):
+    """Under caps (one batch per epoch) a bad train label may never be read, and a bad test label is read only after
+    the last epoch: both are refused before the first step, naming the file, with nothing written."""
+    from sun_seg.train import fit
+    from train_fixtures import tiny_params, write_tiny_release
+    root = write_tiny_release(tmp_path / "data", n_train=30, n_test=6)
+    label = _label(root, number)
+    Image.fromarray(np.full((32, 40), 200, np.uint8)).save(label)  # values out of range
+    steps = _Steps()
+    with pytest.raises(DataError) as e:
+        fit(tiny_params(root, tmp_path / "runs", test=True, max_train_batches=1, epochs=2), callbacks=[steps],
+            progress=False)
+    message = str(e.value)
+    assert str(label) in message and "checked before training" in message and "--skip-bad" in message, message
+    assert steps.steps == 0 and not list((tmp_path / "runs").glob("*/metrics.json"))
+
+
+def test_the_sample_check_is_done_once_per_content(tmp_path, monkeypatch):
+    from sun_seg.data.sunrgbd import SunRGBD, check_samples
+    root = write_preprocessed_release(tmp_path / "src", make_frames(12, 0), make_frames(4, 100))
+    scanned = []
+    real = sunrgbd._scan_record
+    monkeypatch.setattr(sunrgbd, "_scan_record", lambda reader, rec: (scanned.append(rec.id), real(reader, rec))[1])
+    splits = lambda: [SunRGBD(root, "fit"), SunRGBD(root, "val"), SunRGBD(root, "test")]
+    check_samples(splits(), progress=False)
+    assert len(scanned) == 16
+    check_samples(splits(), progress=False)
+    assert len(scanned) == 16  # remembered by the content fingerprint
+    Image.fromarray(np.full((12, 16), 99, np.uint8)).save(_label(root, 2))  # changed: checked again, and refused
+    with pytest.raises(DataError, match=f"{_label(root, 2)}: label values \\[99\\] are out of range"):
+        check_samples(splits(), progress=False)
+    assert len(scanned) == 32

@@ -23,10 +23,10 @@ from .formats import (
     preprocessed_files, sensor_of)
 
 # %% auto #0
-__all__ = ['HASH_CACHE', 'CONTENT_MANIFEST', 'SPLITS', 'VAL_METHODS', 'SampleRecord', 'read_image_file', 'as_raw_label',
-           'read_label_file', 'SunRGBDReader', 'file_digests', 'content_manifest', 'PreprocessedReader',
+__all__ = ['HASH_CACHE', 'CONTENT_MANIFEST', 'SPLITS', 'VAL_METHODS', 'SAMPLE_CHECK_VERSION', 'SampleRecord', 'read_image_file',
+           'as_raw_label', 'read_label_file', 'SunRGBDReader', 'file_digests', 'content_manifest', 'PreprocessedReader',
            'OfficialReader', 'read_cache_index', 'cache_probe', 'CacheReader', 'resolve_data_root', 'open_reader',
-           'seeded_val_ids', 'split_records', 'SunRGBD', 'collate']
+           'seeded_val_ids', 'split_records', 'SunRGBD', 'collate', 'check_samples']
 
 # %% ../../nbs/01a_data.sunrgbd.ipynb #ebb52b90
 @dataclass(frozen=True)
@@ -803,3 +803,48 @@ def collate(batch: list[dict]) -> dict:
                              "or resizes to one size, or prepare the cache with --size HxW")
     return {"image": torch.stack([b["image"] for b in batch]), "target": torch.stack([b["target"] for b in batch]),
             "meta": [b["meta"] for b in batch]}
+
+# %% ../../nbs/01a_data.sunrgbd.ipynb #268673f8
+SAMPLE_CHECK_VERSION = 1  # bump when the check finds more: every copy is checked again
+
+def _scan_record(reader: SunRGBDReader, rec: SampleRecord) -> str | None:
+    "What is wrong with a sample, from its label (decoded and checked) and its image's header; None when nothing is."
+    try: target = reader.read_target(rec)
+    except DataError as e: return str(e)
+    size = reader.image_size(rec)
+    if size is None:  # the header cannot be read: decoding says why, naming the file
+        try: reader.read_image(rec)
+        except DataError as e: return str(e)
+        return f"{rec.image_path}: the image's header cannot be read; re-extract it from its archive"
+    if tuple(size) != target.shape:
+        return (f"{rec.image_path}: image is {size[1]}x{size[0]} but its label ({reader.label_source(rec)}) is "
+                f"{target.shape[1]}x{target.shape[0]} (W x H): the label belongs to another image or was resized; "
+                "restore both from the release")
+    return None
+
+def check_samples(datasets: list, # splits of one copy of the data (`SunRGBD`s): every sample a run may read
+                  progress: bool = True, # show a progress bar while scanning
+                  limit: int = 50, # bad samples listed in the error
+                 ) -> None:
+    "Refuse, naming each bad sample's file, when any sample of `datasets` has a bad label or an unreadable or mis-sized image."
+    reader = datasets[0].reader
+    if reader.form == "cache": return  # `prepare` checked every sample; the index is checksummed, its content probed on opening
+    records = list({r.id: r for ds in datasets for r in ds.records}.values())
+    key = stable_hash({"version": SAMPLE_CHECK_VERSION, "fingerprint": reader.fingerprint(),
+                       "ids": sorted(r.id for r in records)}, 32)
+    mark = sun_seg_home() / "checked" / f"{key}.json"  # the fingerprint follows content: a changed file is checked again
+    if mark.is_file(): return
+    from tqdm.auto import tqdm
+    bad = [(r, p) for r in tqdm(records, desc="check samples", unit="img", disable=not progress)
+           if (p := _scan_record(reader, r)) is not None]
+    if bad:
+        lines = [f"  - [{r.split} #{r.index + 1} {r.id}] {p}" for r, p in bad[:limit]]
+        if len(bad) > limit: lines.append(f"  ... and {len(bad) - limit} more")
+        raise DataError(f"{len(bad)} of the {len(records)} samples this run would read are bad (checked before training):\n"
+                        + "\n".join(lines) + "\nFix or re-extract these files and run again, or prepare a cache that "
+                        "leaves them out (`sun-seg prepare SRC OUT --skip-bad`) and train on it", reader.root)
+    try:
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text(json.dumps({"fingerprint": reader.fingerprint(), "root": str(reader.root), "samples": len(records)}))
+    except OSError: pass  # a read-only home: the next run checks again
+

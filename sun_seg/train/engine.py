@@ -454,6 +454,8 @@ def _setup_data(self: Trainer) -> None:
     self.fit_split = _open_split(self.plan, "fit", target_dtype=torch.uint8)
     self.val_split = _open_split(self.plan, "val", target_dtype=torch.uint8)
     if len(self.val_split) == 0: raise DataError("the validation split is empty", self.plan.data_root)
+    from sun_seg.data.sunrgbd import check_samples  # every sample the run may read, whatever the caps: named before epoch 1
+    check_samples([self.fit_split, self.val_split] + ([_open_split(self.plan, "test")] if c.test else []), self.progress)
     # on a GPU the photometric jitter (hue above all) would starve the model in the loader: it runs on the device
     self.device_jitter = BatchColourJitter() if c.augment and jitter_on_device(self.device) else None
     loader_transform = train_transform(self.image_size, augment=c.augment, jitter=0 if self.device_jitter else 0.2)
