@@ -56,3 +56,121 @@ def test_very_deep_nesting_is_a_named_error_not_a_recursion_error(tmp_path, caps
 def test_ordinary_study_files_pass_the_limits():
     from sun_seg.study import default_study_path, load_study
     assert load_study(default_study_path()).runs  # the repository's study file: far below both limits
+
+
+# ---------------------------------------------------------------- damaged run records
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from sun_seg.core import RunRecordError, read_json
+from sun_seg.study import SimulatedTrainer, load_study, read_study_record, record_runs, run_grid, run_state, simulate_study
+
+STUDY = Path(__file__).resolve().parents[1] / "reports" / "study.yaml"
+
+
+def _bytes(text): return lambda p: p.write_bytes(text)
+
+
+def _edit_metrics(**changes):
+    def edit(path):
+        m = read_json(path)
+        for k, v in changes.items():
+            if v is ...: m.pop(k, None)
+            else: m[k] = v
+        path.write_text(json.dumps(m))
+    return edit
+
+
+def _edit_history(change):
+    def edit(path):
+        frame = pd.read_csv(path)
+        change(frame).to_csv(path, index=False)
+    return edit
+
+
+def _text_in(frame):
+    frame["val_loss"] = frame["val_loss"].astype(object)
+    frame.loc[1, "val_loss"] = "lots"
+    return frame
+
+
+DAMAGES = {  # name: (file, damage(path), words of the fault)
+    "metrics not UTF-8": ("metrics.json", _bytes(b'{"status": "completed\xff\xfe"}'), "is not UTF-8 text"),
+    "metrics not JSON": ("metrics.json", _bytes(b'{"status": "compl'), "is not valid JSON"),
+    "metrics a list": ("metrics.json", _bytes(b'[1, 2, 3]'), "holds a JSON list, not the object"),
+    "metrics without status": ("metrics.json", _edit_metrics(status=...), "has status None"),
+    "metrics text for a number": ("metrics.json", _edit_metrics(best_val_miou="high"), "best_val_miou 'high'; expected a number"),
+    "metrics epochs not whole": ("metrics.json", _edit_metrics(epochs_completed=2.5), "epochs_completed 2.5"),
+    "history not UTF-8": ("history.csv", lambda p: p.write_bytes(p.read_bytes() + b"\xff\xff\n"), "history.csv is not UTF-8 text"),
+    "history text for a number": ("history.csv", _edit_history(_text_in), "val_loss is 'lots', not a number"),
+    "history without a column": ("history.csv", _edit_history(lambda f: f.drop(columns=["val_miou"])), "lacks the column(s) val_miou"),
+    "history an extra epoch": ("history.csv", _edit_history(lambda f: pd.concat([f, f.tail(1).assign(epoch=len(f) + 1)])),
+                               "epochs but metrics.json says"),
+    "history epochs out of order": ("history.csv", _edit_history(lambda f: f.iloc[::-1]), "where epoch 1 belongs"),
+}
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("records") / "out"
+    simulate_study(out, load_study(STUDY))
+    return out
+
+
+def _completed_run(out: Path, k: int = 0):
+    runs = [r for r in record_runs(read_study_record(out)) if run_state(out, r.run_id)[0] == "completed"]
+    return runs[k]
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_record_is_a_named_error_for_that_run(simulated, tmp_path, damage):
+    from sun_seg.train import read_history, read_metrics
+    out = tmp_path / "out"
+    shutil.copytree(simulated, out)
+    run = _completed_run(out)
+    run_dir = out / "runs" / run.run_id
+    name, hurt, words = DAMAGES[damage]
+    hurt(run_dir / name)
+    with pytest.raises(RunRecordError) as e:
+        read_history(run_dir / "history.csv", read_metrics(run_dir))  # the training package's readers
+    assert str(run_dir / name) in str(e.value) and words in str(e.value), str(e.value)
+    status, reason = run_state(out, run.run_id)  # the study's
+    assert status == "damaged" and reason.startswith("damaged: ") and words in reason and str(run_dir / name) in reason
+
+
+def test_damaged_runs_are_recorded_shown_and_skipped(simulated, tmp_path, capsys):
+    from sun_seg.analysis import build_tables, load_runs
+    from sun_seg.report import build_site
+    out = tmp_path / "out"
+    shutil.copytree(simulated, out)
+    damaged = {}
+    for k, damage in enumerate(("metrics not UTF-8", "history text for a number", "history an extra epoch")):
+        run = _completed_run(out, k)
+        name, hurt, words = DAMAGES[damage]
+        hurt(out / "runs" / run.run_id / name)
+        damaged[run.run_id] = words
+    # the grid again: the damaged runs are neither trained over nor counted, the others stay finished
+    trainer = SimulatedTrainer()
+    runs = record_runs(read_study_record(out))
+    outcomes = {o["run_id"]: o for o in run_grid(runs, out, trainer, log=print)}
+    assert trainer.calls == []  # every other run was finished
+    for run_id, words in damaged.items():
+        assert outcomes[run_id]["status"] == "damaged" and words in outcomes[run_id]["reason"]
+        assert read_json(out / "grid" / f"{run_id}.json")["status"] == "damaged"
+    assert "damaged: metrics.json is not UTF-8 text" in capsys.readouterr().out
+    # tables: the damaged runs show their status and reason, and none of their numbers
+    frame = load_runs(out).set_index("run_id")
+    for run_id, words in damaged.items():
+        assert frame.loc[run_id, "status"] == "damaged" and words in frame.loc[run_id, "reason"]
+        assert pd.isna(frame.loc[run_id, "best_val_miou"]) and pd.isna(frame.loc[run_id, "epochs_completed"])
+    build_tables(out)
+    # the site: built without a traceback; each damaged run is a row and a page saying "damaged: <reason>"
+    site = build_site(out, api=False, notebooks=False)
+    listing = (site / "runs.html").read_text()
+    for run_id, words in damaged.items():
+        assert run_id in listing and "status-damaged" in listing
+        page = (site / "runs" / f"{run_id}.html").read_text()
+        assert "status-damaged" in page and "damaged: " in page and words.replace("'", "&#39;") in page
