@@ -939,6 +939,7 @@ def evaluate_run(run_dir: str | os.PathLike, # a run folder
     result.update(split=split, which=which, epoch=int(meta["epoch"]) if "epoch" in meta else None,
                   original_size=original)
     if split == "test" and procs.main:
-        metrics = read_json(run_dir / METRICS)
+        metrics = read_metrics(run_dir)  # checked: a damaged record is named, never extended
+        if metrics is None: raise DataError(f"has no {METRICS}: not a finished run folder", run_dir)
         atomic_write_json(run_dir / METRICS, {**metrics, "test": result})
     return result
