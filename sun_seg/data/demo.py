@@ -1452,7 +1452,7 @@ def make_demo_dataset(out: str | os.PathLike, # folder to create (or that holds 
         with tqdm(total=n_train + n_test, desc=f"demo data ({domain})", unit="img", disable=not progress) as bar:
             # the writer takes the test frames first, then the train frames, one at a time
             write_preprocessed_release(part, _rendered(train, workers, bar), _rendered(test, workers, bar))
-        from .sunrgbd import CONTENT_MANIFEST, content_manifest  # (torch is imported only here)
+        from sun_seg.data.sunrgbd import CONTENT_MANIFEST, content_manifest  # (torch is imported only here)
         atomic_write_json(part / DEMO_MARKER, {**_marker(params), CONTENT_MANIFEST: content_manifest(part)})
         _move_into_place(part, out, params)
     except OSError as e:  # the disk filled up, or the folder cannot be written
@@ -1465,7 +1465,7 @@ def make_demo_dataset(out: str | os.PathLike, # folder to create (or that holds 
 
 def _with_manifest(out: Path) -> Path:
     "Record the content of a demo folder generated before markers held it (`content_sha256`), so its fingerprint keeps its value."
-    from .sunrgbd import CONTENT_MANIFEST, content_manifest
+    from sun_seg.data.sunrgbd import CONTENT_MANIFEST, content_manifest
     marker = demo_marker(out)
     if CONTENT_MANIFEST not in marker:
         try: atomic_write_json(out / DEMO_MARKER, {**marker, CONTENT_MANIFEST: content_manifest(out)})
