@@ -171,6 +171,7 @@ def test_bad_sample_is_found_before_the_first_epoch(tmp_path, which, number):
 
 def test_the_sample_check_is_done_once_per_content(tmp_path, monkeypatch):
     from sun_seg.data.sunrgbd import SunRGBD, check_samples
+    monkeypatch.setenv("SUN_SEG_HOME", str(tmp_path / "home"))  # the same content checked in an earlier session is remembered
     root = write_preprocessed_release(tmp_path / "src", make_frames(12, 0), make_frames(4, 100))
     scanned = []
     real = sunrgbd._scan_record
