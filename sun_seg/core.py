@@ -16,9 +16,10 @@ __all__ = ['CLASS_NAMES', 'NUM_CLASSES', 'VOID_LABEL', 'IGNORE_INDEX', 'PALETTE'
            'RUN_STATUSES', 'HISTORY_REQUIRED', 'DATA_ENV', 'HOME_ENV', 'DEMO_NOTICE', 'raw_to_target', 'target_to_raw',
            'SunSegError', 'DataError', 'ParameterError', 'colorize', 'normalize_images', 'check_choice',
            'check_positive', 'check_bool', 'seed_everything', 'resolve_device', 'cpu_has_native_bf16',
-           'resolve_precision', 'allotted_cpus', 'atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'to_json',
-           'atomic_write_json', 'read_json', 'RunRecordError', 'read_run_json', 'check_run_metrics', 'read_run_metrics',
-           'read_run_history', 'stable_hash', 'safe_name', 'safe_child', 'sun_seg_home', 'data_label']
+           'resolve_precision', 'cpu_model_name', 'allotted_cpus', 'atomic_path', 'atomic_write_bytes',
+           'atomic_write_text', 'to_json', 'atomic_write_json', 'read_json', 'RunRecordError', 'read_run_json',
+           'check_run_metrics', 'read_run_metrics', 'read_run_history', 'stable_hash', 'safe_name', 'safe_child',
+           'sun_seg_home', 'data_label']
 
 # %% ../nbs/00_core.ipynb #00840472
 CLASS_NAMES: tuple[str, ...] = (
@@ -167,6 +168,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "bf16": return torch.bfloat16
     if device.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+
+# %% ../nbs/00_core.ipynb #11e3374f
+def cpu_model_name() -> str:
+    "The CPU's model name (`/proc/cpuinfo`, else the platform's processor string), never just the architecture if it can help it."
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"): return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 # %% ../nbs/00_core.ipynb #6aaf5735
 def allotted_cpus() -> int:

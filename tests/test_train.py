@@ -77,6 +77,33 @@ def test_run_folder_contract(data, tmp_path):
     original = evaluate_run(run_dir, split="test", original_size=True, progress=False)
     assert original["original_size"] and original["pixels"] > 0
     assert json.loads((run_dir / "metrics.json").read_text())["test"]["original_size"] is True
+    _check_per_image_counts(run_dir, metrics, original)
+
+
+def _check_per_image_counts(run_dir, metrics, retested):
+    """The engine keeps each image's intersections and unions (the report's bootstrap needs them); summed, they are the record."""
+    from sun_seg.metrics import image_counts_path, load_image_counts, miou_from_counts
+    val = load_image_counts(image_counts_path(run_dir, "val"))
+    assert val["epoch"] == metrics["best_epoch"] and val["split"] == "val"
+    assert val["union"].shape == (metrics["val"]["images"], len(CLASS_NAMES))
+    assert list(val["index"]) == list(range(metrics["val"]["images"]))
+    assert miou_from_counts(val["intersection"], val["union"]) == pytest.approx(metrics["best_val_miou"], abs=1e-12)
+    # the test evaluation's, replaced by a later evaluation of the test split (here at the original size)
+    test = load_image_counts(image_counts_path(run_dir, "test"))
+    assert len(test["union"]) == 6 and (test["intersection"] <= test["union"]).all()
+    assert miou_from_counts(test["intersection"], test["union"]) == pytest.approx(retested["miou"], abs=1e-12)
+
+
+def test_per_image_counts_give_the_recorded_miou(data, tmp_path):
+    """A fit with its test evaluation: val_per_image.npz and test_per_image.npz sum to the recorded mIoUs."""
+    from sun_seg.metrics import image_counts_path, load_image_counts, miou_from_counts
+    record = fit(tiny_params(data, tmp_path, test=True, epochs=1), progress=False)
+    run_dir = tmp_path / record["run_id"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    test = load_image_counts(image_counts_path(run_dir, "test"))
+    assert test["epoch"] == metrics["best_epoch"]
+    assert miou_from_counts(test["intersection"], test["union"]) == pytest.approx(metrics["test"]["miou"], abs=1e-12)
+    _check_per_image_counts(run_dir, metrics, metrics["test"])
 
 
 def test_finished_run_is_reported_not_retrained(data, tmp_path):
@@ -288,3 +315,4 @@ def test_weighted_loss_uses_the_training_splitweights_of(data, tmp_path):
     assert json.loads((tmp_path / plain["run_id"] / "data.json").read_text())["class_weights"] is None
     # the validation loss is the weighted criterion: it differs from the unweighted one on the same first step
     assert weighted["val"]["loss"] != plain["val"]["loss"]
+

@@ -189,6 +189,7 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
              channels_last: bool = False, # feed channels_last inputs
              num_classes: int = NUM_CLASSES, # classes in the confusion matrix
              progress: bool | str = False, # show a progress bar (a string: its label)
+             per_image: bool = False, # also return each image's intersection and union per class (`per_image`)
             ) -> dict:
     "`summarize` of the split's confusion matrix plus `loss` and `images`; sums are all-reduced under DDP."
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -198,6 +199,7 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     pixels = torch.zeros((), dtype=torch.float64, device=device)
     images_seen = 0
+    image_rows = []  # per_image: (n, 2, C) counts of each piece, on the device until the end
     weight = None if class_weights is None else class_weights.to(device)
     bar = _progress_bar(loader, progress)
     try:
@@ -215,6 +217,7 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
                     if lg.shape[-2:] != t.shape[-2:]:
                         lg = F.interpolate(lg, size=t.shape[-2:], mode="bilinear", align_corners=False)
                     cm += confusion_matrix(lg.argmax(1), t, num_classes)  # uint8 targets take the fast path
+                    if per_image: image_rows.append(_image_counts(lg, t, num_classes))
                     t = t.long()
                     loss_sum += _loss_sum(lg, t, weight).double()
                     pixels += _loss_denominator(t, weight).double()
@@ -227,7 +230,27 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
     record = summarize(cm.cpu(), CLASS_NAMES if num_classes == NUM_CLASSES else tuple(map(str, range(num_classes))))
     record["loss"] = float(loss_sum / pixels) if pixels > 0 else math.nan
     record["images"] = int(counts.item())
+    if per_image: record["per_image"] = _gathered_image_counts(image_rows, loader, num_classes)
     return record
+
+# %% ../../nbs/30c_train.engine.ipynb #201e350b
+def _image_counts(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    from sun_seg.metrics import image_counts
+    return image_counts(logits.argmax(1), target, num_classes)
+
+def _gathered_image_counts(rows: list, loader, num_classes: int) -> dict:
+    "Per-image counts of all processes as `{index, intersection, union}` in the split's order (positions from `EvalBatches`)."
+    counts = torch.cat(rows).cpu().numpy() if rows else np.zeros((0, 2, num_classes), np.int64)
+    sampler = getattr(loader, "batch_sampler", None)
+    index = np.array([i for batch in sampler for i in batch], np.int64) if isinstance(sampler, EvalBatches) else np.arange(len(counts))
+    if len(index) != len(counts): index = np.arange(len(counts))
+    if _processes().distributed:  # each process scored its share of every batch: gather and put back in order
+        parts = [None] * _processes().world
+        dist.all_gather_object(parts, (index, counts))
+        index, counts = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        order = np.argsort(index, kind="stable")
+        index, counts = index[order], counts[order]
+    return {"index": index, "intersection": counts[:, 0], "union": counts[:, 1]}
 
 # %% ../../nbs/30c_train.engine.ipynb #00e6247e
 def _tqdm():
@@ -446,6 +469,7 @@ class Trainer:
         self.epoch = 0  # last finished epoch
         self.stopped_early, self.status, self.reason = False, "running", None
         self.test_result: dict | None = None
+        self.image_counts: dict = {}  # split -> the last evaluation's per-image counts
         self.flops_per_image = self.train_flops_per_image = None
         self.identity = run_identity(plan.config, plan.data_info, plan.dtype)
         self.started = time.perf_counter()
@@ -743,6 +767,7 @@ def run_epochs(self: Trainer) -> dict:
         self.history.append(row)
         self.stopped_early = self.stopper.should_stop and epoch < c.epochs
         self.save_epoch(improved)
+        if improved: self.save_image_counts("val", epoch)  # the best epoch's, for the report's noise estimate
         self.timeline["last_epoch_end"] = time.time()
         if self.progress:
             print(f"epoch {epoch}/{c.epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
@@ -756,8 +781,16 @@ def run_epochs(self: Trainer) -> dict:
 def evaluate_split(self: Trainer, loader, split: str, progress=False) -> dict:
     result = evaluate(self.eval_model, loader, device=self.device, dtype=self.dtype, class_weights=self.class_weights,
                       micro_batch_size=self.micro, channels_last=self.config.channels_last,
-                      progress=progress if self.progress else False)
+                      progress=progress if self.progress else False, per_image=True)
+    self.image_counts[split] = result.pop("per_image")
     return {**result, "split": split}
+
+@patch
+def save_image_counts(self: Trainer, split: str, epoch: int | None) -> None:
+    "Write the split's per-image counts beside `metrics.json` (`val_per_image.npz`, `test_per_image.npz`)."
+    from sun_seg.metrics import image_counts_path, save_image_counts
+    if self.procs.main and split in self.image_counts:
+        save_image_counts(image_counts_path(self.run_dir, split), self.image_counts[split], epoch, split)
 
 # %% ../../nbs/30c_train.engine.ipynb #9e994602
 @contextlib.contextmanager
@@ -866,8 +899,10 @@ def _test_best(trainer: Trainer) -> dict:
     "Score the best weights on the test split (the model is left with them)."
     load_weights(trainer.model, checkpoint_path(trainer.run_dir, "best"), run_id=trainer.plan.run_id)
     loader = trainer.eval_loader(_open_split(trainer.plan, "test", target_dtype=torch.uint8))
-    return {**trainer.evaluate_split(loader, "test", progress="test"), "which": "best",
-            "epoch": trainer.stopper.best_epoch, "original_size": trainer.config.eval_original_size}
+    result = {**trainer.evaluate_split(loader, "test", progress="test"), "which": "best",
+              "epoch": trainer.stopper.best_epoch, "original_size": trainer.config.eval_original_size}
+    trainer.save_image_counts("test", trainer.stopper.best_epoch)
+    return result
 
 # %% ../../nbs/30c_train.engine.ipynb #42f255fb
 def _config_of(run_dir: Path) -> TrainConfig:
@@ -945,7 +980,9 @@ def evaluate_run(run_dir: str | os.PathLike, # a run folder
     weights = data.get("class_weights")
     result = evaluate(model, loader, device=dev, dtype=dtype, channels_last=config.channels_last,
                       class_weights=None if weights is None else torch.tensor(weights),
-                      micro_batch_size=config.micro_batch_size or 0, progress=f"{split}" if progress else False)
+                      micro_batch_size=config.micro_batch_size or 0, progress=f"{split}" if progress else False,
+                      per_image=True)
+    counts = result.pop("per_image")
     meta = weights_metadata(checkpoint_path(run_dir, which))
     result.update(split=split, which=which, epoch=int(meta["epoch"]) if "epoch" in meta else None,
                   original_size=original)
@@ -953,4 +990,6 @@ def evaluate_run(run_dir: str | os.PathLike, # a run folder
         metrics = read_metrics(run_dir)  # checked: a damaged record is named, never extended
         if metrics is None: raise DataError(f"has no {METRICS}: not a finished run folder", run_dir)
         atomic_write_json(run_dir / METRICS, {**metrics, "test": result})
+        from sun_seg.metrics import image_counts_path, save_image_counts
+        save_image_counts(image_counts_path(run_dir, "test"), counts, result["epoch"], "test")
     return result

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 import sun_seg
 from ..core import (CLASS_NAMES, DataError, atomic_path, atomic_write_json, atomic_write_text, read_json,
-                          read_run_history, read_run_metrics, _FILE_MODE)
+                          cpu_model_name, read_run_history, read_run_metrics, _FILE_MODE)
 
 # %% auto #0
 __all__ = ['PARAMS', 'DATA', 'ENVIRONMENT', 'HISTORY', 'METRICS', 'NOTEBOOK', 'CHECKPOINTS', 'BEST', 'LAST', 'LAST_STATE',
@@ -223,7 +223,7 @@ def environment_info(device: torch.device, **extra) -> dict:
         info.update(device_name=props.name, device_memory_gib=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     else:
-        info["device_name"] = platform.processor() or platform.machine()
+        info["device_name"] = cpu_model_name()  # the CPU model, not just "x86_64"
     return {**info, **extra}
 
 # %% ../../nbs/30b_train.runs.ipynb #4776b7d1
