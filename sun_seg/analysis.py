@@ -329,6 +329,18 @@ def _add_study_values(frame: pd.DataFrame, record: dict, table: str, columns: di
     return frame
 
 # %% ../nbs/50_analysis.ipynb #a86e9744
+def _last_finite(out: str | os.PathLike, runs: pd.DataFrame, entry: str) -> str:
+    "What a run of `entry` that did not complete recorded: its status and its last epoch with finite numbers."
+    texts = []
+    for _, r in runs[runs.entry == entry].iterrows():
+        if r.status == "completed": continue
+        h = load_history(out, r.run_id)
+        finite = h[np.isfinite(h["val_loss"].astype(float)) & np.isfinite(h["val_miou"].astype(float))] if len(h) else h
+        last = (f"last finite: epoch {int(finite.epoch.iloc[-1])}, val loss {float(finite.val_loss.iloc[-1]):.3f}, val mIoU"
+                f" {float(finite.val_miou.iloc[-1]):.3f}") if len(finite) else "no finite epoch"
+        texts.append(f"{r.status}; {last}")
+    return "; ".join(texts)
+
 def table_t1(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyTable:
     "T1, the U-Net learning-rate sweep: best epoch, validation loss and mIoU at it, ours and the study's."
     record, runs = read_study_record(out), load_runs(out) if runs is None else runs
@@ -339,14 +351,21 @@ def table_t1(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
     frame = _add_study_values(frame, record, "T1", {"best_epoch": "epoch", "val_loss": "val_loss", "best_val_miou": "val_miou"})
     frame["val_miou_ci"] = [interval_text(miou_interval(out, _final_ids(runs, e))) for e in frame.entry]
     frame["flags"] = [_flags(runs, e) for e in frame.entry]
+    frame["recorded"] = [_last_finite(out, runs, e) for e in entries]
     columns = [Column("Learning rate", "row", "text"), Column("Epochs (budget)", "epochs_budget", "int"),
                Column("Epoch", "best_epoch", "int"), Column("Study: epoch", "study_best_epoch", "int"),
                Column("Val loss", "val_loss", "f3"), Column("Study: val loss", "study_val_loss", "f3"),
                Column("Val mIoU", "best_val_miou", "f3"), Column("Val mIoU 95% interval", "val_miou_ci", "text"),
                Column("Study: val mIoU", "study_best_val_miou", "f3"),
-               Column("Δ val mIoU", "diff_best_val_miou", "signed"), Column("Status", "status", "text"), Column("Flags", "flags", "text")]
+               Column("Δ val mIoU", "diff_best_val_miou", "signed"), Column("Status", "status", "text"),
+               Column("Our run recorded (not completed)", "recorded", "text"), Column("Flags", "flags", "text")]
     columns, notes = _for_data(record, columns, [
-        "Epoch: the best epoch (highest validation mIoU); val loss and mIoU at that epoch.",
+        "Epoch: the best epoch (highest validation mIoU) within the row's whole budget: the sweep trains"
+        " without early stopping (patience 0), as the study ran it; val loss and mIoU at that epoch.",
+        "The study's 0.01 row (epoch and val loss NaN, val mIoU 0.008) is most likely a collapsed model"
+        " scored after its loss became NaN: NaN logits predict one class everywhere, which scores about"
+        " that class's IoU over the 37 classes (wall, some 30% of the pixels: 0.3 / 37 = 0.008). Our"
+        " runs stop at the first non-finite loss (status diverged) and show their last finite epoch.",
         "Epochs (budget): this profile's epoch budget (the study's 20 / 75 / 100 under the demo profile's mapping).",
         "Flags (from history.csv): 'loss exploded' when the validation loss rose above 10x its first epoch's or became non-finite; "
         "'scheduler never fired' when a plateau scheduler kept the same learning rate in every epoch (the row then cannot show its effect)."])

@@ -351,7 +351,22 @@ interval and whether a difference between two of our results exceeds the noise o
 evaluation was planned for the run. Several seeds show mean ± standard deviation (n).</p>
 {% for t in tables %}<h2 id="{{ t.id }}">{{ t.id }}: {{ t.title }}</h2>{{ m.study_table(t) }}
 <ul class="notes">{% for n in t.notes %}<li>{{ n }}</li>{% endfor %}</ul>
-<p class="notes">Download: <a href="tables/{{ t.id }}.csv">CSV (full precision)</a> · <a href="tables/{{ t.id }}.md">Markdown</a></p>{% endfor %}
+<p class="notes">How these numbers were made: <a href="method.html">the method card</a> · Download: <a href="tables/{{ t.id }}.csv">CSV (full precision)</a> · <a href="tables/{{ t.id }}.md">Markdown</a></p>{% endfor %}
+{% endblock %}""",
+
+"method.html": """{% extends "base.html" %}{% block main %}
+<h1>Method card</h1>
+<p>Every choice that changes the numbers: the study's own words (or "not stated"), our value - checked against the
+code when the study runs, so it is what the runs did - and why. Rows whose parameters differ and what this profile
+({{ card_profile }}) changes are listed under each. Each run folder records its own as <code>method.json</code>.</p>
+{% if not card %}<p class="missing">This study record has no method card (a study file without <code>method:</code>, or a
+study.json written before the card existed): run <code>sun-seg study</code> again to record it.</p>{% endif %}
+<table class="data method"><thead><tr><th class="text">choice</th><th class="text">the study</th><th class="text">ours</th><th class="text">why</th></tr></thead><tbody>
+{% for e in card %}<tr id="{{ e.name }}"><td class="text">{{ e.name | replace('_', ' ') }}</td><td class="text">{{ e.study }}</td>
+<td class="text">{% for k, v in e.ours.items() %}<code>{{ k }}</code> = {{ v }}<br>{% endfor %}
+{% if e.profile_values %}<em>profile {{ card_profile }}:</em> {% for k, v in e.profile_values.items() %}<code>{{ k }}</code> = {{ v }}{{ ', ' if not loop.last }}{% endfor %}<br>{% endif %}
+{% for row, values in e.rows.items() %}<em>{{ row }}:</em> {% for k, v in values.items() %}<code>{{ k }}</code> = {{ v }}{{ ', ' if not loop.last }}{% endfor %}<br>{% endfor %}</td>
+<td class="text">{{ e.why }}</td></tr>{% endfor %}</tbody></table>
 {% endblock %}""",
 
 "figures.html": """{% extends "base.html" %}{% block main %}
@@ -451,7 +466,7 @@ def frame_view(frame: pd.DataFrame, table_id: str, fmts: dict | None = None, hre
     return {"id": table_id, "headers": headers, "rows": rows}
 
 # %% ../nbs/51_report.ipynb #e89c8599
-NAV = [("index.html", "Overview"), ("data.html", "Data"), ("tables.html", "Tables"), ("figures.html", "Figures"),
+NAV = [("index.html", "Overview"), ("data.html", "Data"), ("tables.html", "Tables"), ("method.html", "Method"), ("figures.html", "Figures"),
        ("questions.html", "Research questions"), ("runs.html", "Runs"), ("api/index.html", "API")]
 
 def settings_line(record: dict) -> str:
@@ -610,6 +625,8 @@ def _api_pages(site: _Site, nbs: str | os.PathLike | None):
     site.page("api/index.html", "api_index.html", "API", "API", pages=pages, left_out=False)
 
 # %% ../nbs/51_report.ipynb #08a8dde3
+from .core import hold
+
 def build_site(out: str | os.PathLike, # a study's output folder (sun-seg study --out)
                analysis: dict | None = None, # `build_analysis(out)`'s result; built here when None
                api: bool = True, # also the API pages from the library's notebooks
@@ -618,7 +635,16 @@ def build_site(out: str | os.PathLike, # a study's output folder (sun-seg study 
               ) -> Path:
     "Build the static report site into `out/site` from the study's output folder; returns the site folder."
     out = Path(out).resolve()
-    record = read_study_record(out)
+    record = read_study_record(out)  # not a study folder: refused before a lock file is made there
+    with hold(out / ".report.lock", f"the report of {out}"):  # one report at a time; a second waits, then rebuilds
+        return _build_site(out, record, analysis, api, notebooks, nbs)
+
+def _remove_leftovers(out: Path) -> None:
+    "Remove the build folders of reports that were killed (the lock is held: no other report is building)."
+    for folder in [*out.glob(".site-building-*"), *out.glob(".site-old-*")]: shutil.rmtree(folder, ignore_errors=True)
+
+def _build_site(out: Path, record: dict, analysis: dict | None, api: bool, notebooks: bool, nbs) -> Path:
+    _remove_leftovers(out)
     analysis = analysis or build_analysis(out)
     final = out / "site"
     folder = out / f".site-building-{os.getpid()}"
@@ -639,6 +665,8 @@ def build_site(out: str | os.PathLike, # a study's output folder (sun-seg study 
                   profile_table=settings_rows(record))
         _data_page(site, analysis)
         site.page("tables.html", "tables.html", "Tables", "Tables", tables=tables)
+        site.page("method.html", "method.html", "Method card", "Method", card=record.get("method") or [],
+                  card_profile=record["profile"]["name"])
         site.page("figures.html", "figures.html", "Figures", "Figures", figures=figures)
         site.page("questions.html", "questions.html", "Research questions", "Research questions", answers=analysis["answers"])
         run_list = runs[["entry", "seed", "run_id", "status", "reason", "flags", "best_epoch", "best_val_miou", "test_miou", "wall_seconds",

@@ -319,3 +319,27 @@ def test_site_readme_and_notebooks_cite_the_study_not_files_outside_the_reposito
     for nb in (ROOT / "nbs").glob("*.ipynb"):
         cells = _json.loads(nb.read_text())["cells"]
         assert not any(outside.search("".join(c["source"])) for c in cells if c["cell_type"] == "markdown"), nb
+def test_method_card_page_linked_from_the_tables(study_out):
+    """The method card has its own page, linked from every table and from the navigation (GitHub issue 10)."""
+    out, _, site = study_out
+    page = (site / "method.html").read_text()
+    for name in ("validation split", "augmentation", "class weights", "early stopping", "pretrained"):
+        assert name in page, name
+    assert "not stated" in page and "<code>pretrained_revision</code>" in page
+    early = page[page.index('<tr id="early_stopping">'):].split("</tr>")[0]
+    assert re.search(r"<em>unet-lr1e-2-20ep:</em>[^<]*(<code>\w+</code> = \w+, )*<code>patience</code> = 0", early)
+    tables = (site / "tables.html").read_text()
+    assert tables.count('href="method.html">the method card</a>') == 5
+    assert 'href="../method.html"' in (next((site / "runs").glob("*.html"))).read_text()
+
+
+def test_t1_shows_what_the_diverged_run_recorded(study_out):
+    """The 0.01 row: our run's status and last finite values beside the study's 0.008, and a note on what that is."""
+    out, result, _ = study_out
+    t1 = result["tables"]["T1"]
+    row = t1.frame.set_index("entry").loc["unet-lr1e-2-20ep"]
+    assert row.status == "diverged" and row.recorded.startswith("diverged; last finite: epoch ")
+    assert row.study_best_val_miou == 0.008
+    assert all(r == "" for e, r in zip(t1.frame.entry, t1.frame.recorded) if e != "unet-lr1e-2-20ep")
+    md = (out / "tables" / "T1.md").read_text()
+    assert "diverged; last finite: epoch" in md and "collapsed model" in md and "patience 0" in md
