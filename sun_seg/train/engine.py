@@ -492,6 +492,8 @@ def _setup_data(self: Trainer) -> None:
     self.fit_split = _open_split(self.plan, "fit", target_dtype=torch.uint8)
     self.val_split = _open_split(self.plan, "val", target_dtype=torch.uint8)
     if len(self.val_split) == 0: raise DataError("the validation split is empty", self.plan.data_root)
+    from sun_seg.data.sunrgbd import check_samples  # every sample the run may read, whatever the caps: named before epoch 1
+    check_samples([self.fit_split, self.val_split] + ([_open_split(self.plan, "test")] if c.test else []), self.progress)
     # on a GPU the photometric jitter (hue above all) would starve the model in the loader: it runs on the device
     self.device_jitter = BatchColourJitter() if c.augment and jitter_on_device(self.device) else None
     loader_transform = train_transform(self.image_size, augment=c.augment, jitter=0 if self.device_jitter else JITTER)
@@ -1047,7 +1049,8 @@ def evaluate_run(run_dir: str | os.PathLike, # a run folder
     result.update(split=split, which=which, epoch=int(meta["epoch"]) if "epoch" in meta else None,
                   original_size=original)
     if split == "test" and procs.main:
-        metrics = read_json(run_dir / METRICS)
+        metrics = read_metrics(run_dir)  # checked: a damaged record is named, never extended
+        if metrics is None: raise DataError(f"has no {METRICS}: not a finished run folder", run_dir)
         atomic_write_json(run_dir / METRICS, {**metrics, "test": result})
         from sun_seg.metrics import image_counts_path, save_image_counts
         save_image_counts(image_counts_path(run_dir, "test"), counts, result["epoch"], "test")
