@@ -26,7 +26,7 @@ from sun_seg.train.runs import load_training_state, save_weights, weights_metada
 from conftest import ROOT
 from train_fixtures import InterruptAt, param_pairs, tiny_params, weights_of, write_tiny_release
 
-TIMING = {"seconds", "train_images_per_second", "wall_seconds"}  # the only numbers a resume may change
+TIMING = {"seconds", "train_images_per_second", "wall_seconds", "timeline"}  # the only numbers a resume may change (timeline: wall-clock times of the session)
 
 # --------------------------------------------------------------------------------------------------------------------
 # The fault injector: SUN_SEG_FAULT="point@n:action" acts at the n-th event of `point` (see its docstring).
@@ -173,6 +173,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 def assert_intact(run_dir: Path) -> None:
     """Whatever a kill left behind: every file there is whole (parses or loads completely)."""
     from safetensors.torch import load_file
+    from sun_seg.metrics import load_image_counts
     for path in run_dir.rglob("*"):
         if not path.is_file() or path.name == ".lock": continue
         if path.name.endswith(".tmp"): continue  # an unfinished write under a temporary name, never read
@@ -180,6 +181,7 @@ def assert_intact(run_dir: Path) -> None:
         elif path.name == "history.csv": read_history(path)
         elif path.name.endswith((".safetensors", ".safetensors.pending")): load_file(str(path))
         elif path.name == "last_state.pt": load_training_state(path)
+        elif path.name.endswith("_per_image.npz"): assert load_image_counts(path) is not None
         else: raise AssertionError(f"unexpected file {path}")
 
 
