@@ -725,7 +725,8 @@ def _rq3(out, t3, t5, runs) -> list[str]:
                    f"of our runs ({noise.split(':')[0]} over the test images); its extra training cost "
                    f"({_f(extra, 'sci')} device-hours on {device}) buys no measurable gain here.")
     elif gain > 0 and not math.isnan(ratio) and ratio <= 1:
-        verdict = f"Justified: {b.model} is better and reached its best in less training time than {a.model}."
+        verdict = (f"Justified: {b.model} is better by {100 * gain:.1f} mIoU points (mIoU x 100) and reached its best in less"
+                   f" training time than {a.model}.")
     elif gain > 0:
         per_hour = (f"i.e. {_f(100 * gain / extra, 'sci')} mIoU points per extra device-hour" if extra > 0
                     else "and no extra device-hours in all")
