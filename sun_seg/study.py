@@ -14,7 +14,7 @@ import yaml
 
 import sun_seg
 from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, SunSegError, atomic_path, atomic_write_json,
-                          check_choice, data_label, read_json, safe_child, safe_name, stable_hash)
+                          check_choice, data_label, packaged_file, read_json, safe_child, safe_name, stable_hash)
 
 # %% auto #0
 __all__ = ['MAX_YAML_VALUES', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'PRETRAIN_KEYS', 'FINAL_STATUSES',
@@ -340,11 +340,10 @@ def load_study(path: str | os.PathLike | None = None, # a study file; default: `
 
 # %% ../nbs/40_study.ipynb #2d4a0dd8
 def default_study_path() -> Path:
-    "`reports/study.yaml` in the working directory, else the one in the repository this package was installed from."
+    "`reports/study.yaml` in the working directory, else the checkout's, else the copy installed with the package."
     here = Path("reports") / "study.yaml"
     if here.is_file(): return here
-    repo = Path(sun_seg.__file__).resolve().parents[1] / "reports" / "study.yaml"
-    return repo if repo.is_file() else here
+    return packaged_file("study.yaml", "reports/study.yaml")
 
 # %% ../nbs/40_study.ipynb #6eea19cb
 @dataclass(frozen=True)

@@ -40,3 +40,11 @@ def test_notebooks_are_clean(project_copy):
     subprocess.run([BIN / "nbdev_clean"], cwd=project_copy, check=True, capture_output=True)
     changed = _different(ROOT / "nbs", project_copy / "nbs", "*.ipynb")
     assert not changed, f"run `make export` (it runs nbdev_clean): these notebooks are not clean: {changed}"
+
+
+@pytest.mark.parametrize("source", ["nbs/train.ipynb", "reports/study.yaml"])
+def test_packaged_templates_match_their_sources(source):
+    "A wheel ships sun_seg/templates/ (found when installed outside a checkout): the copies are the sources."
+    copy = ROOT / "sun_seg" / "templates" / Path(source).name
+    assert copy.is_file() and filecmp.cmp(ROOT / source, copy, shallow=False), \
+        f"run `make export` (it copies {source} into sun_seg/templates/): the packaged copy differs"

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import sun_seg
-from ..core import ParameterError, SunSegError, atomic_write_bytes
+from ..core import ParameterError, SunSegError, atomic_write_bytes, packaged_file
 from .config import TrainConfig
 from .engine import fit, plan_run
 from .notebook import NOTEBOOK_OUTPUT_ENV, save_notebook_copy
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # %% ../../nbs/30e_train.cli.ipynb #2f138d37
 def default_template() -> Path:
-    "The training notebook template of this checkout: `nbs/train.ipynb` beside the `sun_seg` package."
-    return Path(sun_seg.__file__).resolve().parent.parent / "nbs" / "train.ipynb"
+    "The training notebook: `nbs/train.ipynb` of this checkout, else the copy installed with the package."
+    return packaged_file("train.ipynb", "nbs/train.ipynb")
 
 def _absolute_paths(params: dict) -> dict:
     "Folders made absolute: the kernel may run elsewhere, the user meant them from here."
