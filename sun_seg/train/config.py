@@ -18,7 +18,8 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['MODELS', 'FINETUNE_DEPTHS', 'DEFAULT_FINETUNE', 'SCHEDULERS', 'PRECISIONS', 'PROFILES', 'DEVICE_TYPES', 'MIN_SIDE',
-           'MAX_SIDE', 'DEMO_PROFILE', 'TrainConfig', 'resolve_data_dir', 'apply_profile', 'run_identity', 'run_id']
+           'MAX_SIDE', 'PAPERMILL_PATHS', 'DEMO_PROFILE', 'TrainConfig', 'resolve_data_dir', 'apply_profile',
+           'run_identity', 'run_id']
 
 # %% ../../nbs/30a_train.config.ipynb #0e9a8b70
 MODELS = ("unet", "upernet")
@@ -133,11 +134,14 @@ def validate(self: TrainConfig) -> TrainConfig:
     return self
 
 # %% ../../nbs/30a_train.config.ipynb #f883f108
+PAPERMILL_PATHS = ("PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH")  # what `papermill --inject-paths` adds: not training parameters
+
 @patch(cls_method=True)
 def from_params(cls: TrainConfig, params: dict, # parameter name -> value, e.g. papermill's or `-p name value` pairs
                 source: str | None = None, # where they came from, named in errors
                ) -> TrainConfig:
-    "A validated config from a dict, refusing unknown names."
+    "A validated config from a dict, refusing unknown names (papermill's injected paths are ignored)."
+    params = {k: v for k, v in params.items() if k not in PAPERMILL_PATHS}
     known = {f.name for f in fields(cls)}
     for name in params:
         if name not in known:
