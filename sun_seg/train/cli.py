@@ -12,11 +12,12 @@ import torch
 import torch.distributed as dist
 
 import sun_seg
-from ..core import DataError, ParameterError, SunSegError, atomic_write_bytes, packaged_file
-from .config import TrainConfig
+from ..core import (DataError, ParameterError, SunSegError, atomic_write_bytes, atomic_write_text, packaged_file,
+                          read_json, stable_hash)
+from .config import TrainConfig, run_identity
 from .engine import fit, plan_run
-from .notebook import NOTEBOOK_OUTPUT_ENV, save_notebook_copy
-from .runs import FINAL_STATUSES, NOTEBOOK, only_test_missing, read_metrics
+from .notebook import NOTEBOOK_OUTPUT_ENV
+from .runs import FINAL_STATUSES, NOTEBOOK, PARAMS, only_test_missing, read_metrics
 
 # %% auto #0
 __all__ = ['parse_value', 'parameters_from_pairs', 'parameters_from_file', 'parameters_of', 'main', 'default_template',
@@ -161,13 +162,52 @@ def _interrupts_to_kernel():
     finally:
         for s, handler in previous.items(): signal.signal(s, handler)
 
+def _run_folder_is_ours(plan) -> bool:
+    "May this command write into the run folder? Not while another process trains it, nor when it holds another run."
+    params = plan.run_dir / PARAMS
+    if params.is_file() and read_json(params).get("identity") not in (
+            None, stable_hash(run_identity(plan.config, plan.data_info, plan.dtype))):
+        return False  # fit refuses it, naming run_name; its notebook stays
+    lock = plan.run_dir / ".lock"
+    try:
+        import fcntl
+        with open(lock, "r") as f:  # probe: the training process holds it exclusively
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except BlockingIOError: return False
+    except (OSError, ImportError): pass  # no lock file yet, or no POSIX locks
+    return True
+
+class _AtomicLocalFiles:
+    "papermill's local file handler with atomic writes: a kill never leaves a torn notebook in the run folder."
+    def __init__(self):
+        from papermill.iorw import LocalHandler
+        self.local = LocalHandler()
+    def read(self, path): return self.local.read(path)
+    def listdir(self, path): return self.local.listdir(path)
+    def pretty_path(self, path): return self.local.pretty_path(path)
+    def write(self, buf, path):
+        try: atomic_write_text(path, buf)
+        except FileNotFoundError:  # the training removed our temporary file as a killed session's leftover: again
+            atomic_write_text(path, buf)
+
+@contextlib.contextmanager
+def _atomic_notebook_writes(folder: Path):
+    "While held, papermill writes notebooks under `folder` atomically (it picks a handler by path prefix)."
+    from papermill.iorw import papermill_io
+    entry = (str(folder) + os.sep, _AtomicLocalFiles())
+    papermill_io.register(*entry)
+    try: yield
+    finally:
+        with contextlib.suppress(ValueError, AttributeError): papermill_io._handlers.remove(entry)
+
 def run_notebook(params: dict, # training parameters
                  template: str | os.PathLike | None = None, # default `default_template()`
                  output: str | os.PathLike | None = None, # also write the executed notebook here
                  log_output: bool = True, # stream the notebook's output to this terminal
                  source: str = "command line", # where the parameters came from, named in errors
                 ) -> dict:
-    "Run the training notebook with papermill; the executed notebook goes into the run folder. Returns the record."
+    "Run the training notebook with papermill, written into the run folder as it runs. Returns the record."
     import papermill
     from papermill.exceptions import PapermillExecutionError
     params = _absolute_paths(params)
@@ -181,8 +221,11 @@ def run_notebook(params: dict, # training parameters
     if not template.is_file():
         raise ParameterError("template", f"no training notebook at {template}: pass --template path/to/train.ipynb,"
                              " or --no-notebook to train without one")
-    with tempfile.TemporaryDirectory(prefix="sun_seg-train-") as tmp:
-        executed = Path(tmp) / "train.ipynb"
+    live = not finished_before and _run_folder_is_ours(plan)
+    with tempfile.TemporaryDirectory(prefix="sun_seg-train-") as tmp, \
+         (_atomic_notebook_writes(plan.run_dir) if live else contextlib.nullcontext()):
+        executed = plan.run_dir / NOTEBOOK if live else Path(tmp) / "train.ipynb"
+        if live: plan.run_dir.mkdir(parents=True, exist_ok=True)
         os.environ[NOTEBOOK_OUTPUT_ENV] = str(executed)
         try:
             with _interrupts_to_kernel() as interrupted:
@@ -196,10 +239,7 @@ def run_notebook(params: dict, # training parameters
                     raise
         finally:
             os.environ.pop(NOTEBOOK_OUTPUT_ENV, None)
-            if executed.is_file() and plan.run_dir.is_dir() and not finished_before:
-                save_notebook_copy(plan.run_dir, executed)
-                if output:
-                    atomic_write_bytes(output, executed.read_bytes())
+            if output and executed.is_file(): atomic_write_bytes(output, executed.read_bytes())
     return {**(read_metrics(plan.run_dir) or {}), "run_dir": str(plan.run_dir)}
 
 # %% ../../nbs/30e_train.cli.ipynb #57a0ceeb

@@ -24,7 +24,7 @@ from ..metrics import confusion_matrix, summarize
 from .config import (DEFAULT_FINETUNE, TrainConfig, apply_profile, resolve_data_dir, run_id,
                                   run_identity)
 from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST_STATE, METRICS, PARAMS,
-                                checkpoint_path, environment_info, load_training_state, load_weights, only_test_missing,
+                                EventLog, checkpoint_path, environment_info, load_training_state, load_weights, only_test_missing,
                                 read_history,
                                 read_metrics, rng_state, save_training_state, save_weights, set_rng_state,
                                 weights_metadata, write_history, _RESTART, _digest, _save_tensors, _stored_tensors,
@@ -33,8 +33,8 @@ from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST
 # %% auto #0
 __all__ = ['PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches', 'EvalBatches', 'EvalSamples',
            'collate_pairs', 'jitter_on_device', 'evaluate', 'build_run_model', 'find_micro_batch_size', 'RunPlan',
-           'plan_run', 'EarlyStopping', 'Callback', 'Diverged', 'RunOutOfMemory', 'Trainer', 'fit', 'repeat_params',
-           'load_run_model', 'evaluate_run']
+           'plan_run', 'EarlyStopping', 'Callback', 'TensorBoardEvents', 'Diverged', 'RunOutOfMemory', 'Trainer', 'fit',
+           'repeat_params', 'load_run_model', 'evaluate_run']
 
 # %% ../../nbs/30c_train.engine.ipynb #5095f59d
 def _loss_sum(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -393,6 +393,19 @@ class Callback:
     def after_step(self, trainer: "Trainer", epoch: int, step: int) -> None: pass
     def after_epoch(self, trainer: "Trainer", row: dict) -> None: pass
     def on_fit_end(self, trainer: "Trainer", record: dict) -> None: pass
+
+# %% ../../nbs/30c_train.engine.ipynb #4965755d
+class TensorBoardEvents(Callback):
+    "Each committed epoch's scalars into the run folder's TensorBoard event files (the main process only)."
+    def __init__(self): self.log = None
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        if trainer.procs.main:
+            self.log = EventLog(trainer.run_dir)
+            self.log.write(trainer.history)  # a resumed run: epochs a killed session had not logged
+    def after_epoch(self, trainer: "Trainer", row: dict) -> None:
+        if self.log is not None: self.log.write([row])
+    def on_fit_end(self, trainer: "Trainer", record: dict) -> None:
+        if self.log is not None: self.log.close()
 
 # %% ../../nbs/30c_train.engine.ipynb #4220b1a2
 class Diverged(Exception):
@@ -792,7 +805,7 @@ def fit(config: TrainConfig | dict, # the run's parameters (a dict is checked li
         existing = {**existing, "run_dir": str(plan.run_dir), "trained": False}
         for cb in callbacks: cb.on_fit_end(None, existing)
         return existing
-    trainer = Trainer(plan, callbacks, progress)
+    trainer = Trainer(plan, [TensorBoardEvents(), *callbacks], progress)
     trainer.test_result = existing.get("test") if existing else None
     trainer._setup_data()  # nothing is written before the data and the model are set up without error
     trainer._setup_model()
