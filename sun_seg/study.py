@@ -151,7 +151,7 @@ class Study:
 
 # %% ../nbs/40_study.ipynb #75befcba
 TABLE_IDS = ("T1", "T2", "T3", "T4", "T5")
-FIGURE_KINDS = ("void_share", "class_frequency", "curves", "class_iou", "class_iou_epochs", "predictions")
+FIGURE_KINDS = ("void_share", "class_frequency", "curves", "class_iou", "class_iou_epochs", "predictions", "confusion")
 PICKS = ("typical", "richest", "disagreement", "hardest")  # and "class:NAME"
 
 def _mapping(value, where: str, path) -> dict:
@@ -285,7 +285,7 @@ def _parse_figure(fid: str, d, path, names: set) -> FigureSpec:
     if kind not in ("void_share", "class_frequency") and not runs:
         raise ParameterError(f"{where}.runs", f"a {kind} figure needs the runs it shows", str(path))
     split = d.get("split")
-    if kind in ("class_iou", "predictions"): check_choice(f"{where}.split", split, ("val", "test"), str(path))
+    if kind in ("class_iou", "predictions", "confusion"): check_choice(f"{where}.split", split, ("val", "test"), str(path))
     pick = d.get("pick")
     if kind == "predictions":
         if not (pick in PICKS or (isinstance(pick, str) and pick.startswith("class:") and pick[6:] in CLASS_NAMES)):
@@ -623,10 +623,20 @@ def _simulated_epoch(run_id: str, epoch: int, level: float, n_classes: int = len
     row.update({f"val_iou_{c}": float(v) for c, v in zip(CLASS_NAMES, iou)})
     return row
 
+def _simulated_confusion(row: dict) -> list[list[int]]:
+    "A made-up confusion matrix: each present class right in proportion to its IoU, else taken for the next class."
+    n = len(CLASS_NAMES)
+    cm = np.zeros((n, n), dtype=np.int64)
+    for i, c in enumerate(CLASS_NAMES):
+        iou = row[f"val_iou_{c}"]
+        if not math.isnan(iou): cm[i, i], cm[i, (i + 1) % n] = round(1000 * iou), 1000 - round(1000 * iou)
+    return cm.tolist()
+
 def _split_metrics(row: dict, split: str, images: int) -> dict:
     return {"miou": row["val_miou"], "pixel_accuracy": row["val_pixel_accuracy"],
             "mean_class_accuracy": row["val_mean_class_accuracy"], "loss": row["val_loss"],
-            "iou_per_class": {c: row[f"val_iou_{c}"] for c in CLASS_NAMES}, "split": split, "images": images}
+            "iou_per_class": {c: row[f"val_iou_{c}"] for c in CLASS_NAMES}, "split": split, "images": images,
+            "confusion": _simulated_confusion(row)}
 
 # %% ../nbs/40_study.ipynb #2aaffd1a
 class SimulatedTrainer:

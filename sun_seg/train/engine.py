@@ -189,7 +189,7 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
              num_classes: int = NUM_CLASSES, # classes in the confusion matrix
              progress: bool | str = False, # show a progress bar (a string: its label)
             ) -> dict:
-    "`summarize` of the split's confusion matrix plus `loss` and `images`; sums are all-reduced under DDP."
+    "`summarize` of the split's confusion matrix plus `loss`, `images` and the matrix itself; sums are all-reduced under DDP."
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -226,6 +226,7 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
     record = summarize(cm.cpu(), CLASS_NAMES if num_classes == NUM_CLASSES else tuple(map(str, range(num_classes))))
     record["loss"] = float(loss_sum / pixels) if pixels > 0 else math.nan
     record["images"] = int(counts.item())
+    record["confusion"] = cm.cpu().tolist()  # pixels: [truth][prediction] (the report's confusion-matrix figure)
     return record
 
 # %% ../../nbs/30c_train.engine.ipynb #00e6247e
