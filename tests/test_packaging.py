@@ -60,7 +60,9 @@ def test_wheel_installed_outside_the_checkout_trains_and_lists_the_study(tmp_pat
     for name in ("setup.py", "settings.ini", "README.md"):
         shutil.copy(ROOT / name, source)
     shutil.copytree(ROOT / "sun_seg", source / "sun_seg", ignore=shutil.ignore_patterns("__pycache__"))
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+    import importlib.util  # setuptools is there (Python 3.11's venvs have it): no download; else pip fetches it
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w",
                             str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("sun_seg-*.whl")
