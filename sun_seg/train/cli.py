@@ -66,7 +66,7 @@ def parameters_of(args) -> tuple[dict, str]:
     params = {}
     for f in files: params.update(parameters_from_file(f))
     params.update(parameters_from_pairs(args.parameters))
-    return params, " and ".join([*(str(f) for f in files), *(["the command line"] if args.parameters or not files else [])])
+    return params, " and ".join([*(str(f) for f in files), *(["command line"] if args.parameters or not files else [])])
 
 # %% ../../nbs/30e_train.cli.ipynb #8c84f70e
 def _sigterm_as_interrupt(signum, frame):
