@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {  # subcommand -> the module that adds it, in the or
     "train": "sun_seg.train",
     "study": "sun_seg.study",
     "report": "sun_seg.report",
+    "predict": "sun_seg.inference",
+    "export": "sun_seg.export",
     "bench": "sun_seg.bench",
 }
 COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))

@@ -15,9 +15,9 @@ import torch
 __all__ = ['CLASS_NAMES', 'NUM_CLASSES', 'VOID_LABEL', 'IGNORE_INDEX', 'PALETTE', 'VOID_COLOUR', 'IMAGENET_MEAN', 'IMAGENET_STD',
            'DATA_ENV', 'HOME_ENV', 'DEMO_NOTICE', 'raw_to_target', 'target_to_raw', 'SunSegError', 'DataError',
            'ParameterError', 'colorize', 'normalize_images', 'check_choice', 'check_positive', 'check_bool',
-           'seed_everything', 'resolve_device', 'cpu_has_native_bf16', 'resolve_precision', 'atomic_path',
-           'atomic_write_bytes', 'atomic_write_text', 'to_json', 'atomic_write_json', 'read_json', 'stable_hash',
-           'safe_name', 'safe_child', 'sun_seg_home', 'data_label', 'packaged_file']
+           'seed_everything', 'resolve_device', 'cpu_has_native_bf16', 'resolve_precision', 'allotted_cpus',
+           'atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'to_json', 'atomic_write_json', 'read_json',
+           'stable_hash', 'safe_name', 'safe_child', 'sun_seg_home', 'data_label', 'packaged_file']
 
 # %% ../nbs/00_core.ipynb #00840472
 CLASS_NAMES: tuple[str, ...] = (
@@ -166,6 +166,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "bf16": return torch.bfloat16
     if device.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+
+# %% ../nbs/00_core.ipynb #6aaf5735
+def allotted_cpus() -> int:
+    "CPUs this process may run on: its affinity mask (not `os.cpu_count()`, the whole node), capped by `SLURM_CPUS_PER_TASK`."
+    try: cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError): cpus = os.cpu_count() or 1  # macOS and Windows have no affinity mask
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.strip().isdigit() and int(slurm) > 0: cpus = min(cpus, int(slurm))
+    return max(1, cpus)
 
 # %% ../nbs/00_core.ipynb #8365b14a
 def _umask() -> int:

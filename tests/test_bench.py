@@ -32,15 +32,18 @@ def small_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_run(small_data):
     # the full profile (every configuration), with tiny sizes and without torch.compile (minutes on a CPU)
+    # (without the per-run overhead section: it launches a papermill kernel; `test_overhead_section` covers it)
     return run_bench(("unet",), (32, 32), 2, "cpu", data=small_data, quiet=True,
+                     sections=tuple(s for s in SECTIONS if s != "overhead"),
                      model_options={"unet": {"unet_width": 8}}, overrides={**TINY, "compile": False})
 
 
 def test_record_has_the_documented_schema(tiny_run):
     check_record(tiny_run)
-    assert set(tiny_run) == set(RECORD_FIELDS) - {"cuda"}  # every section ran but the CUDA one (skipped here)
+    # every section ran but the CUDA one and the peer (it fine-tunes the UPerNet; this run measures the U-Net only)
+    assert set(tiny_run) == set(RECORD_FIELDS) - {"cuda", "peer", "overhead"}
     assert tiny_run["schema"] == SCHEMA and not tiny_run["errors"], tiny_run["errors"]
-    assert set(tiny_run["skipped"]) == {"compile", "batch"}
+    assert set(tiny_run["skipped"]) == {"compile", "batch", "peer"}
     from sun_seg.core import to_json
     assert set(json.loads(to_json(tiny_run))) == set(tiny_run)  # JSON-able as written
     with pytest.raises(ValueError, match="unknown keys \\['extra'\\]"):
@@ -82,8 +85,10 @@ def test_targets_and_report(tiny_run):
     verdicts = {t["id"]: t["verdict"] for t in tiny_run["targets"]}
     assert set(verdicts) == {t.id for t in TARGETS}
     assert verdicts["eval_equal"] == "PASS" and verdicts["precision_choice"] == "PASS"
-    assert verdicts["gpu_unet_throughput"] == "NOT MEASURED"  # no GPU, not the study's size
-    assert all(v in ("PASS", "FAIL") for k, v in verdicts.items() if k != "gpu_unet_throughput")
+    # GPU-only targets and the peer's (no UPerNet in this run) are not measured; every other one is judged
+    not_measured = {"gpu_unet_throughput", "gpu_upernet_throughput", "train_ceiling", "peer_train", "peer_data", "peer_miou"}
+    assert {k for k, v in verdicts.items() if v == "NOT MEASURED"} == not_measured
+    assert all(v in ("PASS", "FAIL") for k, v in verdicts.items() if k not in not_measured)
     md = render_markdown(tiny_run)
     assert tiny_run["command"] in md and "native bf16" in md and "unet (unet_width=8" in md
     assert "Not measured (compile): torch.compile was not measured" in md
@@ -121,3 +126,45 @@ def test_command_line_writes_json_and_markdown(tmp_path, capsys):
     check_record(record)
     assert record["command"] == "sun-seg bench --quick --sections eval --device cpu"
     assert (tmp_path / "b.md").read_text() in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_upernet_folder(tmp_path_factory):
+    """A tiny UperNet saved with save_pretrained: the peer comparison's model without a download."""
+    from sun_seg.models.upernet import build_upernet
+    folder = tmp_path_factory.mktemp("tiny_upernet")
+    build_upernet(None, backbone_config=dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1]), hidden_size=16,
+                  auxiliary_channels=8).net.save_pretrained(folder)
+    return folder
+
+
+def test_peer_section_compares_engine_and_trainer(small_data, tiny_upernet_folder):
+    """`--sections peer` times the engine and transformers' Trainer on the same fine-tuning and judges three targets."""
+    run = run_bench(("upernet",), (32, 32), 2, "cpu", sections=("peer",), data=small_data, quiet=True,
+                    model_options={"upernet": {"pretrained": str(tiny_upernet_folder)}},
+                    overrides={**TINY, "peer_steps": 2, "peer_data_steps": 2, "peer_eval_images": 2})
+    check_record(run)
+    peer = run["peer"]
+    assert peer["engine_images_per_second"] > 0 and peer["trainer_images_per_second"] > 0
+    assert peer["data_speedup"] == pytest.approx(peer["engine_data_images_per_second"] / peer["trainer_data_images_per_second"])
+    verdicts = {t["id"]: t["verdict"] for t in run["targets"]}
+    assert {verdicts[k] for k in ("peer_train", "peer_data", "peer_miou")} <= {"PASS", "FAIL"}
+    assert "Against transformers' Trainer" in render_markdown(run)
+
+
+def test_peer_is_skipped_without_upernet(small_data):
+    run = run_bench(("unet",), (32, 32), 2, "cpu", sections=("peer",), data=small_data, quiet=True,
+                    model_options={"unet": {"unet_width": 8}}, overrides=TINY)
+    assert "peer" not in run and "upernet" in run["skipped"]["peer"]
+
+
+@pytest.mark.slow
+def test_overhead_section_splits_a_launched_run(tmp_path):
+    """A demo run launched through papermill: fixed cost before the first step and after the last epoch, and one epoch."""
+    run = run_bench(("unet",), (32, 32), 2, "cpu", sections=("overhead",), quiet=True, overrides=TINY)
+    check_record(run)
+    o = run["overhead"]
+    assert o["epochs"] == 2 and o["epoch_seconds"] > 0
+    assert o["before_first_step_seconds"] > 0 and o["after_last_epoch_seconds"] >= 0
+    assert o["fixed_seconds"] + 2 * o["epoch_seconds"] == pytest.approx(o["total_seconds"], rel=0.25)
+    assert "Per-run overhead" in render_markdown(run)

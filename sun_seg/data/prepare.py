@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import sun_seg
-from ..core import (CLASS_NAMES, NUM_CLASSES, DataError, ParameterError, atomic_write_json, atomic_write_text,
+from ..core import (CLASS_NAMES, NUM_CLASSES, DataError, allotted_cpus, ParameterError, atomic_write_json, atomic_write_text,
                           raw_to_target, read_json)
 from .formats import (CACHE_FORMAT, CACHE_IMAGES, CACHE_INDEX, CACHE_LABELS, CACHE_SKIPPED, CACHE_STATS,
                                   CACHE_VERSION, cache_checksum, format_bytes, free_bytes, write_error)
@@ -270,7 +270,7 @@ def prepare(src: str | os.PathLike, # SUN RGB-D in any form (official, preproces
            ) -> Path:
     "Decode, check and store every sample of `src` in a memory-mapped cache at `out`; returns `out`."
     size = None if size is None else parse_size(size)  # None keeps every image's own size
-    if workers is None: workers = min(os.cpu_count() or 1, 8)
+    if workers is None: workers = min(allotted_cpus(), 8)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ParameterError("workers", f"got {workers!r}; expected an int >= 0")
     reader = open_reader(src)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from huggingface_hub import PyTorchModelHubMixin
 
 from ..core import NUM_CLASSES, ParameterError, check_positive
 
@@ -71,7 +72,8 @@ class OutConv(nn.Conv2d):
         super().__init__(in_channels, n_classes, kernel_size=1)
 
 # %% ../../nbs/10_models.unet.ipynb #8acc5959
-class UNet(nn.Module):
+# the hub mixin gives `save_pretrained` / `UNet.from_pretrained(folder)`: safetensors and a config.json of the arguments
+class UNet(nn.Module, PyTorchModelHubMixin, library_name="sun_seg", tags=["semantic-segmentation", "sun-rgbd"]):
     "U-Net for semantic segmentation: logits `(N, n_classes, H, W)` for normalised images `(N, in_channels, H, W)`."
     has_aux: bool = False  # no auxiliary head: `with_aux` is accepted and ignored
     aux_loss_weight: float = 0.0

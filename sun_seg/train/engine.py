@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from fastcore.basics import patch
 
-from ..core import (CLASS_NAMES, DEMO_NOTICE, IGNORE_INDEX, NUM_CLASSES, DataError, ParameterError,
+from ..core import (CLASS_NAMES, allotted_cpus, DEMO_NOTICE, IGNORE_INDEX, NUM_CLASSES, DataError, ParameterError,
                           SunSegError, atomic_write_json, data_label, normalize_images, read_json, resolve_device,
                           resolve_precision, safe_child, seed_everything, stable_hash)
 from ..metrics import confusion_matrix, summarize
@@ -439,7 +440,12 @@ def _count(model: nn.Module, trainable: bool) -> int:
 def _auto_workers(device: torch.device, world: int) -> int:
     if device.type != "cuda": return 0  # on a CPU the workers would compete with the training for the cores
     # decoding and augmenting 480x640 images costs tens of ms each: a GPU needs many workers to be kept busy
-    return max(1, min(16, (os.cpu_count() or 1) // max(world, 1) - 1))
+    return max(1, min(16, allotted_cpus() // max(world, 1) - 1))  # the CPUs this job got, not the node's
+
+def _process_start() -> float | None:
+    "When this process started (seconds since the epoch), or None where psutil cannot tell."
+    try: return psutil.Process().create_time()
+    except Exception: return None
 
 class Trainer:
     "One training run: set up from a `RunPlan`, resumed from its folder when it has one."
@@ -457,6 +463,8 @@ class Trainer:
         self.flops_per_image = self.train_flops_per_image = None
         self.identity = run_identity(plan.config, plan.data_info, plan.dtype)
         self.started = time.perf_counter()
+        # wall-clock times of this session, so a launcher can tell its fixed cost from the epochs (see `record`)
+        self.timeline = {"process_start": _process_start(), "first_step": None, "last_epoch_end": None}
 
 # %% ../../nbs/30c_train.engine.ipynb #5bb8f2cb
 @patch
@@ -551,6 +559,7 @@ def train_epoch(self: Trainer, epoch: int) -> dict:
     bar = _progress_bar(self.train_loader, f"epoch {epoch}/{c.epochs}" if self.progress else False, total=len(self.batches))
     try:
         for images_u8, targets in bar:
+            if self.timeline["first_step"] is None: self.timeline["first_step"] = time.time()
             if self.device_jitter is not None:  # seeded per step and process: resumes and reruns repeat it
                 generator = torch.Generator().manual_seed(derive_seed(c.seed, epoch, "jitter", steps, self.procs.rank))
                 images_u8 = self.device_jitter(images_u8.to(device, non_blocking=True), generator)
@@ -679,7 +688,8 @@ def record(self: Trainer) -> dict:
             "train_images_per_second": self.train_images / self.train_seconds if self.train_seconds else math.nan,
             "device": str(self.device), "precision": str(self.dtype).replace("torch.", ""),
             "world_size": self.procs.world, "micro_batch_size": self.micro, "accumulation_steps": self.accumulation,
-            "val": self.best_val, **({"test": self.test_result} if self.test_result else {})}
+            "val": self.best_val, **({"test": self.test_result} if self.test_result else {}),
+            "timeline": {**self.timeline, "written": time.time()}}
 
 @patch
 def write_metrics(self: Trainer) -> dict:
@@ -745,6 +755,7 @@ def run_epochs(self: Trainer) -> dict:
         self.history.append(row)
         self.stopped_early = self.stopper.should_stop and epoch < c.epochs
         self.save_epoch(improved)
+        self.timeline["last_epoch_end"] = time.time()
         if self.progress:
             print(f"epoch {epoch}/{c.epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
                   f"val mIoU {row['val_miou']:.4f}{' (best)' if improved else ''}, {row['seconds']:.1f} s", flush=True)
