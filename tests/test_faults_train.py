@@ -26,7 +26,7 @@ from sun_seg.train.runs import load_training_state, read_events, save_weights, w
 from conftest import ROOT
 from train_fixtures import InterruptAt, param_pairs, tiny_params, weights_of, write_tiny_release
 
-TIMING = {"seconds", "train_images_per_second", "wall_seconds"}  # the only numbers a resume may change
+TIMING = {"seconds", "train_images_per_second", "wall_seconds", "timeline"}  # the only numbers a resume may change (timeline: clock times)
 
 # --------------------------------------------------------------------------------------------------------------------
 # The fault injector: SUN_SEG_FAULT="point@n:action" acts at the n-th event of `point` (see its docstring).
