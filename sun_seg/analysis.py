@@ -11,17 +11,20 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from .core import (CLASS_NAMES, NUM_CLASSES, PALETTE, DataError, atomic_path, atomic_write_json,
+from .core import (CLASS_NAMES, NUM_CLASSES, PALETTE, DataError, SunSegError, atomic_path, atomic_write_json,
                           atomic_write_text, colorize, read_json, safe_child, stable_hash, to_json)
+from .metrics import bootstrap_miou_difference, image_counts_path, load_image_counts
 from .study import (FINAL_STATUSES, GridRun, read_metrics, read_study_record, record_evaluations, record_runs,
                            run_state, select_best)
 
 # %% auto #0
-__all__ = ['QUESTIONS', 'TITLE_SIZE', 'LABEL_SIZE', 'LEGEND_SIZE', 'model_name', 'load_runs', 'load_history', 'class_iou',
-           'aggregate_entries', 'Column', 'StudyTable', 'format_value', 'display_frame', 'table_t1', 'table_t2',
-           'selections', 'table_t3', 'table_t4', 'training_flops', 'time_to_best', 'table_t5', 'best_run_ids',
-           'seconds_to_reach', 'research_answers', 'figure_runs', 'class_iou_frame', 'curves_frame',
-           'class_epochs_frame', 'confusion_frames', 'data_summary', 'load_qualitative', 'plot_curves',
+__all__ = ['EXPLODED', 'BOOTSTRAP_RESAMPLES', 'BOOTSTRAP_SEED', 'BASELINES_VERSION', 'BASELINE_LABELS', 'QUESTIONS', 'TITLE_SIZE',
+           'LABEL_SIZE', 'LEGEND_SIZE', 'model_name', 'run_flags', 'device_label', 'load_runs', 'load_history',
+           'class_iou', 'aggregate_entries', 'Column', 'StudyTable', 'format_value', 'display_frame', 'run_counts',
+           'miou_interval', 'difference_interval', 'beyond_noise', 'interval_text', 'noise_text', 'data_baselines',
+           'is_demo', 'table_t1', 'table_t2', 'selections', 'table_t3', 'table_t4', 'training_flops', 'time_to_best',
+           'table_t5', 'best_run_ids', 'seconds_to_reach', 'research_answers', 'figure_runs', 'class_iou_frame',
+           'curves_frame', 'class_epochs_frame', 'confusion_frames', 'data_summary', 'load_qualitative', 'plot_curves',
            'plot_class_iou', 'plot_class_epochs', 'plot_confusion', 'plot_void_share', 'plot_class_frequency',
            'plot_predictions', 'footer', 'save_figure', 'markdown_table', 'write_table', 'build_tables', 'figure_data',
            'build_figures', 'build_run_figures', 'build_analysis']
@@ -43,6 +46,36 @@ def model_name(params: dict) -> str:
     "The study's name of a run's model: U-Net or ConvNeXt (UPerNet with a ConvNeXt backbone)."
     return {"unet": "U-Net", "upernet": "ConvNeXt"}.get(params.get("model"), str(params.get("model")))
 
+# %% ../nbs/50_analysis.ipynb #5548d6fa
+EXPLODED = 10.0  # a validation loss above this many times its first epoch's: the run blew up
+
+def run_flags(run_dir: str | os.PathLike, # a run folder
+              params: dict | None = None, # its parameters (default: its params.json)
+             ) -> list[str]:
+    "What a run's history says that its status does not: a loss that exploded, a plateau scheduler that never fired."
+    run_dir = Path(run_dir)
+    try: h = pd.read_csv(run_dir / "history.csv")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError): return []
+    if h.empty or "val_loss" not in h: return []
+    params = _read_optional(run_dir / "params.json") if params is None else params
+    flags, val = [], h["val_loss"].astype(float)
+    losses = h[[c for c in ("train_loss", "val_loss") if c in h]].astype(float).to_numpy()
+    if not np.isfinite(losses).all():
+        flags.append("loss exploded (non-finite)")
+    elif len(val) > 1 and val.iloc[0] > 0 and val.max() > EXPLODED * val.iloc[0]:
+        worst = val.idxmax()
+        flags.append(f"loss exploded (val loss {val.max():.4g} at epoch {int(h.epoch[worst])}, {val.iloc[0]:.4g} at epoch {int(h.epoch.iloc[0])})")
+    if params.get("scheduler") == "plateau" and "lr" in h and h.lr.notna().all() and h.lr.nunique() == 1:
+        flags.append(f"scheduler never fired (lr {h.lr.iloc[0]:g} in all {len(h)} epochs)")
+    return flags
+
+_ARCHITECTURES = {"x86_64", "amd64", "i386", "i686", "aarch64", "arm64", "armv7l", "ppc64le", "s390x"}
+
+def device_label(name: str | None) -> str | None:
+    "A recorded device name; an architecture alone (older runs on a CPU) becomes `CPU (model not recorded: x86_64)`."
+    if not name: return None
+    return f"CPU (model not recorded: {name})" if str(name).strip().lower() in _ARCHITECTURES else str(name)
+
 # %% ../nbs/50_analysis.ipynb #1137eecd
 def load_runs(out: str | os.PathLike, # a study's output folder
              ) -> pd.DataFrame:
@@ -59,6 +92,7 @@ def load_runs(out: str | os.PathLike, # a study's output folder
         p = run.params
         rows.append(dict(
             entry=run.entry, seed=run.seed, run_id=run.run_id, status=status, reason=reason,
+            flags="; ".join(run_flags(run_dir, p)),
             tables=",".join(run.tables), model=model_name(p), finetune=p.get("finetune") or None,
             lr=_num(p.get("lr")), scheduler=p.get("scheduler"), augment=p.get("augment"),
             weighted_loss=p.get("weighted_loss"), epochs_budget=_num(p.get("epochs")),
@@ -72,7 +106,7 @@ def load_runs(out: str | os.PathLike, # a study's output folder
             batch_size=_num(p.get("batch_size")), max_train_batches=_num(p.get("max_train_batches", 0)),
             wall_seconds=_num(metrics.get("wall_seconds")),
             train_images_per_second=_num(metrics.get("train_images_per_second")),
-            device=metrics.get("device") or env.get("device_name"), device_name=env.get("device_name"),
+            device=metrics.get("device") or env.get("device_name"), device_name=device_label(env.get("device_name")),
             precision=metrics.get("precision"), world_size=_num(metrics.get("world_size", env.get("world_size", 1))),
             train_images=_num(data.get("size")), data_fingerprint=metrics.get("data_fingerprint")))
     return pd.DataFrame(rows)
@@ -124,6 +158,7 @@ class Column:
     header: str
     key: str
     fmt: str = "f3"
+    missing: str = ""  # a frame column whose text (e.g. "not evaluated") replaces NaN in this column; default: the row's `na`
 
 @dataclass
 class StudyTable:
@@ -153,12 +188,122 @@ def display_frame(table: StudyTable) -> pd.DataFrame:
         cells = []
         for _, row in table.frame.iterrows():
             text = format_value(row.get(col.key), col.fmt)
+            if text == "NaN" and isinstance(row.get(col.missing or "na"), str) and row.get(col.missing or "na"):
+                text = row.get(col.missing or "na")  # not a failure: e.g. a baseline has no epochs, a run no test planned
             sd = row.get(f"{col.key}_sd")
             if sd is not None and not (isinstance(sd, float) and math.isnan(sd)) and col.fmt not in ("text", "signed"):
                 text += f" ± {format_value(sd, col.fmt)} (n={int(row.get('n', 0))})"
             cells.append(text)
         out.append(cells)
     return pd.DataFrame(list(zip(*out)) if len(table.frame) else [], columns=[c.header for c in table.columns])
+
+# %% ../nbs/50_analysis.ipynb #778fbf4c
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 1000, 0  # the intervals' resamples and seed: the same runs give the same intervals
+
+def run_counts(out: str | os.PathLike, run_id: str, split: str = "val") -> tuple | None:
+    "A run's per-image `(index, intersection, union)` on `split` for the result its record holds (None: not saved, or of another epoch)."
+    run_dir = safe_child(Path(out) / "runs", run_id, "run_id")
+    counts = load_image_counts(image_counts_path(run_dir, split))
+    if counts is None: return None
+    metrics = read_metrics(run_dir)
+    epoch = (metrics.get(split) or {}).get("epoch", metrics.get("best_epoch"))
+    if epoch is not None and counts["epoch"] is not None and int(epoch) != counts["epoch"]: return None
+    return counts["index"], counts["intersection"], counts["union"]
+
+def _counts_of(out, run_ids: list[str], split: str) -> list | None:
+    found = [run_counts(out, r, split) for r in run_ids]
+    if not found or any(f is None for f in found) or any(not np.array_equal(f[0], found[0][0]) for f in found): return None
+    return found
+
+def miou_interval(out: str | os.PathLike, run_ids: list[str], split: str = "val") -> dict | None:
+    "The mean mIoU of `run_ids` (seeds) with its bootstrap interval over the split's images; None without per-image counts."
+    found = _counts_of(out, run_ids, split)
+    if found is None: return None
+    return bootstrap_miou_difference([(i, u) for _, i, u in found], resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
+
+def difference_interval(out: str | os.PathLike, a_ids: list[str], b_ids: list[str], split: str = "val") -> dict | None:
+    "mIoU of `b_ids` minus that of `a_ids` (means over seeds) with its paired bootstrap interval over the same images; None when unknown."
+    a, b = _counts_of(out, a_ids, split), _counts_of(out, b_ids, split)
+    if a is None or b is None or not np.array_equal(a[0][0], b[0][0]): return None
+    return bootstrap_miou_difference([(i, u) for _, i, u in a], [(i, u) for _, i, u in b],
+                                     resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
+
+def beyond_noise(interval: dict | None) -> bool | None:
+    "Whether a difference's interval excludes 0 (None when there is no interval)."
+    return None if interval is None else bool(interval["low"] > 0 or interval["high"] < 0)
+
+def interval_text(interval: dict | None, signed: bool = False) -> str:
+    "`[low, high]` of an interval, or `not known`."
+    if interval is None: return "not known"
+    fmt = "signed" if signed else "f3"
+    return f"[{format_value(interval['low'], fmt)}, {format_value(interval['high'], fmt)}]"
+
+def noise_text(interval: dict | None) -> str:
+    "A difference and what its interval says: `+0.012 [-0.004, +0.030]: within the noise of our runs`."
+    if interval is None: return "no noise estimate (no per-image counts)"
+    verdict = "beyond the noise of our runs" if beyond_noise(interval) else "within the noise of our runs"
+    return f"{format_value(interval['value'], 'signed')} {interval_text(interval, True)}: {verdict}"
+
+# %% ../nbs/50_analysis.ipynb #38c4c905
+BASELINES_VERSION = 1
+BASELINE_LABELS = {"majority": "majority class", "colour": "colour only"}
+
+def data_baselines(out: str | os.PathLike, # a study's output folder
+                  ) -> dict:
+    "The data's majority-class and colour-only baselines (cached in `data/baselines.json`): `{split: {name: {miou, pixel_accuracy, images, interval}}}`, or `{'missing': why}`."
+    out = Path(out)
+    data = read_study_record(out)["data"]
+    key = {"version": BASELINES_VERSION, "fingerprint": data.get("fingerprint"), "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED}
+    cache = out / "data" / "baselines.json"
+    if cache.is_file():
+        try: cached = read_json(cache)
+        except (OSError, ValueError): cached = {}
+        if isinstance(cached, dict) and cached.get("key") == key: return cached["baselines"]
+    root = Path(str(data.get("root") or ""))
+    if not data.get("root") or not root.is_dir(): return {"missing": f"the study's data is not on this machine ({data.get('root')})"}
+    from sun_seg.data import SunRGBD
+    from sun_seg.data.analysis import pixel_baselines
+    try:
+        if SunRGBD(root, "fit").fingerprint != data.get("fingerprint"):
+            return {"missing": f"the data at {root} is not the study's (another fingerprint)"}
+        raw = pixel_baselines(root)
+    except (SunSegError, OSError) as e:
+        return {"missing": f"the data at {root} cannot be read ({e})"}
+    result = {"majority_class": raw["majority_class"], "levels": raw["levels"]}
+    for split in ("val", "test"):
+        result[split] = {name: {"miou": b["miou"], "pixel_accuracy": b["pixel_accuracy"], "images": len(b["union"]),
+                                "interval": bootstrap_miou_difference([(b["intersection"], b["union"])], resamples=BOOTSTRAP_RESAMPLES,
+                                                                      seed=BOOTSTRAP_SEED) if len(b["union"]) else None}
+                         for name, b in raw[split].items()}
+    atomic_write_json(cache, {"key": key, "baselines": result})
+    return result
+
+def _baseline_label(baselines: dict, name: str) -> str:
+    if name == "majority": return f"majority class (every pixel: {baselines['majority_class']})"
+    return f"colour only ({baselines['levels']}x{baselines['levels']}x{baselines['levels']} colour bins)"
+
+# %% ../nbs/50_analysis.ipynb #d351c9c3
+def is_demo(record: dict) -> bool:
+    "Whether the study's record says its data is the generated demo dataset."
+    return (record.get("data") or {}).get("kind") == "demo"
+
+def _for_data(record: dict, columns: list, notes: list, split: str = "validation") -> tuple[list, list]:
+    "The columns and notes a table shows for its data: on demo data no difference to the study, and why."
+    notes = notes + [f"95% intervals: {BOOTSTRAP_RESAMPLES:,} bootstrap resamples (seed {BOOTSTRAP_SEED}) of the {split} images, "
+                     "from each run's per-image intersections and unions; a difference is beyond the noise of our runs when its interval excludes 0."]
+    if not is_demo(record): return columns, notes
+    return ([c for c in columns if not c.key.startswith("diff_")],
+            notes + ["Demo data: the study's values are shown for reference; differences to them are not, since a demo number says "
+                     "nothing about SUN RGB-D. What these numbers can show is whether two of our results differ by more than the noise of our runs."])
+
+def _final_ids(runs: pd.DataFrame, entry: str) -> list[str]:
+    "Run ids of an entry's seeds with a result (the ones the tables average)."
+    ok = runs[(runs.entry == entry) & runs.status.isin(FINAL_STATUSES) & runs.best_val_miou.notna()]
+    return list(ok.run_id)
+
+def _flags(runs: pd.DataFrame, entry: str) -> str:
+    flags = [f for text in runs.loc[runs.entry == entry, "flags"].fillna("") for f in text.split("; ") if f]
+    return "; ".join(dict.fromkeys(flags))
 
 # %% ../nbs/50_analysis.ipynb #bbc6fbf9
 def _entries(record: dict) -> dict:
@@ -178,6 +323,18 @@ def _add_study_values(frame: pd.DataFrame, record: dict, table: str, columns: di
     return frame
 
 # %% ../nbs/50_analysis.ipynb #a86e9744
+def _last_finite(out: str | os.PathLike, runs: pd.DataFrame, entry: str) -> str:
+    "What a run of `entry` that did not complete recorded: its status and its last epoch with finite numbers."
+    texts = []
+    for _, r in runs[runs.entry == entry].iterrows():
+        if r.status == "completed": continue
+        h = load_history(out, r.run_id)
+        finite = h[np.isfinite(h["val_loss"].astype(float)) & np.isfinite(h["val_miou"].astype(float))] if len(h) else h
+        last = (f"last finite: epoch {int(finite.epoch.iloc[-1])}, val loss {float(finite.val_loss.iloc[-1]):.3f}, val mIoU"
+                f" {float(finite.val_miou.iloc[-1]):.3f}") if len(finite) else "no finite epoch"
+        texts.append(f"{r.status}; {last}")
+    return "; ".join(texts)
+
 def table_t1(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyTable:
     "T1, the U-Net learning-rate sweep: best epoch, validation loss and mIoU at it, ours and the study's."
     record, runs = read_study_record(out), load_runs(out) if runs is None else runs
@@ -186,14 +343,27 @@ def table_t1(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
     frame = agg.set_index("entry").loc[entries].reset_index()
     frame.insert(0, "row", [_entries(record)[e]["tables"]["T1"] for e in entries])
     frame = _add_study_values(frame, record, "T1", {"best_epoch": "epoch", "val_loss": "val_loss", "best_val_miou": "val_miou"})
+    frame["val_miou_ci"] = [interval_text(miou_interval(out, _final_ids(runs, e))) for e in frame.entry]
+    frame["flags"] = [_flags(runs, e) for e in frame.entry]
+    frame["recorded"] = [_last_finite(out, runs, e) for e in entries]
     columns = [Column("Learning rate", "row", "text"), Column("Epochs (budget)", "epochs_budget", "int"),
                Column("Epoch", "best_epoch", "int"), Column("Study: epoch", "study_best_epoch", "int"),
                Column("Val loss", "val_loss", "f3"), Column("Study: val loss", "study_val_loss", "f3"),
-               Column("Val mIoU", "best_val_miou", "f3"), Column("Study: val mIoU", "study_best_val_miou", "f3"),
-               Column("Δ val mIoU", "diff_best_val_miou", "signed"), Column("Status", "status", "text")]
-    return StudyTable("T1", record["tables"]["T1"]["title"], frame, columns,
-                      ["Epoch: the best epoch (highest validation mIoU); val loss and mIoU at that epoch.",
-                       "Epochs (budget): this profile's epoch budget (the study's 20 / 75 / 100 under the demo profile's mapping)."])
+               Column("Val mIoU", "best_val_miou", "f3"), Column("Val mIoU 95% interval", "val_miou_ci", "text"),
+               Column("Study: val mIoU", "study_best_val_miou", "f3"),
+               Column("Δ val mIoU", "diff_best_val_miou", "signed"), Column("Status", "status", "text"),
+               Column("Our run recorded (not completed)", "recorded", "text"), Column("Flags", "flags", "text")]
+    columns, notes = _for_data(record, columns, [
+        "Epoch: the best epoch (highest validation mIoU) within the row's whole budget: the sweep trains"
+        " without early stopping (patience 0), as the study ran it; val loss and mIoU at that epoch.",
+        "The study's 0.01 row (epoch and val loss NaN, val mIoU 0.008) is most likely a collapsed model"
+        " scored after its loss became NaN: NaN logits predict one class everywhere, which scores about"
+        " that class's IoU over the 37 classes (wall, some 30% of the pixels: 0.3 / 37 = 0.008). Our"
+        " runs stop at the first non-finite loss (status diverged) and show their last finite epoch.",
+        "Epochs (budget): this profile's epoch budget (the study's 20 / 75 / 100 under the demo profile's mapping).",
+        "Flags (from history.csv): 'loss exploded' when the validation loss rose above 10x its first epoch's or became non-finite; "
+        "'scheduler never fired' when a plateau scheduler kept the same learning rate in every epoch (the row then cannot show its effect)."])
+    return StudyTable("T1", record["tables"]["T1"]["title"], frame, columns, notes)
 
 # %% ../nbs/50_analysis.ipynb #41981952
 def table_t2(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyTable:
@@ -208,15 +378,36 @@ def table_t2(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
     frame = _add_study_values(frame, record, "T2", {"trainable_params": "trainable_params", "best_epoch": "best_epoch",
                                                      "best_val_miou": "val_miou"})
     frame["trainable_params_sd"] = math.nan  # the same on every seed: no spread to show
+    frame["val_miou_ci"] = [interval_text(miou_interval(out, _final_ids(runs, e))) for e in frame.entry]
+    best = {m: g.best_val_miou.idxmax() for m, g in frame.groupby("model") if g.best_val_miou.notna().any()}
+    frame["vs_best"] = [("best of its model" if best.get(r.model) == i else "not known" if r.model not in best or math.isnan(r.best_val_miou)
+                         else noise_text(difference_interval(out, _final_ids(runs, frame.entry[best[r.model]]), _final_ids(runs, r.entry))))
+                        for i, r in frame.iterrows()]
+    frame["flags"] = [_flags(runs, e) for e in frame.entry]
+    frame["kind"], frame["na"] = "model", ""
+    baselines = data_baselines(out)
+    if "missing" not in baselines:
+        frame = pd.concat([frame, pd.DataFrame([
+            dict(entry=f"baseline-{name}", model="Baseline", row=_baseline_label(baselines, name), kind="baseline", na="-",
+                 best_val_miou=b["miou"], val_miou_ci=interval_text(b["interval"]), status="computed from the data", n=1, seeds=1)
+            for name, b in ((n, baselines["val"][n]) for n in BASELINE_LABELS)])], ignore_index=True)
     columns = [Column("Model", "model", "text"), Column("Hyperparameters", "row", "text"),
                Column("Trainable parameters", "trainable_params", "count"),
                Column("Study: trainable parameters", "study_trainable_params", "count"),
                Column("Epochs (budget)", "epochs_budget", "int"),
                Column("Best epoch", "best_epoch", "int"), Column("Study: best epoch", "study_best_epoch", "int"),
-               Column("Val mIoU", "best_val_miou", "f4"), Column("Study: val mIoU", "study_best_val_miou", "f4"),
-               Column("Δ val mIoU", "diff_best_val_miou", "signed"), Column("Status", "status", "text")]
-    return StudyTable("T2", record["tables"]["T2"]["title"], frame, columns,
-                      ["Val mIoU: the best epoch's validation mIoU (model selection on the validation split)."])
+               Column("Val mIoU", "best_val_miou", "f4"), Column("Val mIoU 95% interval", "val_miou_ci", "text"),
+               Column("Study: val mIoU", "study_best_val_miou", "f4"),
+               Column("Δ val mIoU", "diff_best_val_miou", "signed"),
+               Column("Vs the model's best row (95% interval)", "vs_best", "text"), Column("Status", "status", "text"),
+               Column("Flags", "flags", "text")]
+    notes = ["Val mIoU: the best epoch's validation mIoU (model selection on the validation split).",
+             "Vs the model's best row: this row's val mIoU minus that of its model's best row, on the same validation images."]
+    notes.append("Baselines (computed from the data, not trained): the majority class and the best classifier of a single pixel's "
+                 "colour, both fit on the fit split and scored on the validation images at their stored size; a model must beat them to "
+                 "have learned more than the data gives away." if "missing" not in baselines else f"Baselines not shown: {baselines['missing']}.")
+    columns, notes = _for_data(record, columns, notes)
+    return StudyTable("T2", record["tables"]["T2"]["title"], frame, columns, notes)
 
 # %% ../nbs/50_analysis.ipynb #374ff902
 def _label(record: dict, entry: str | None) -> str | None:
@@ -233,22 +424,26 @@ def selections(out: str | os.PathLike) -> dict:
 def table_t3(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyTable:
     "T3 (Table IV): the best configuration of each model on the test split, beside its validation mIoU."
     record, runs = read_study_record(out), load_runs(out) if runs is None else runs
-    rows = []
+    rows, tested_ids = [], []
     for ev, sel in zip(record["evaluations"], selections(out).values()):
         chosen = runs[runs.run_id.isin(sel["run_ids"])]
         tested = chosen[chosen.test_miou.notna()]
         status = {"selected": "evaluated" if len(tested) else "selected, not evaluated yet",
                   "waiting": "waiting for " + ", ".join(sel["waiting"]), "none": "no completed candidate"}[sel["status"]]
         rep = ev.get("reported", {})
+        tested_ids.append(list(tested.run_id))
+        ci = miou_interval(out, tested_ids[-1], "test") if len(tested) else None
         rows.append(dict(entry=sel["entry"], evaluation=ev["name"], model=ev["label"], row=_label(record, sel["entry"]),
                          study_choice=rep.get("study_choice"), n=len(tested),
                          test_miou=float(tested.test_miou.mean()) if len(tested) else math.nan,
                          test_miou_sd=float(tested.test_miou.std(ddof=1)) if len(tested) > 1 else math.nan,
                          val_miou=float(tested.best_val_miou.mean()) if len(tested) else math.nan,
                          val_miou_sd=float(tested.best_val_miou.std(ddof=1)) if len(tested) > 1 else math.nan,
-                         study_test_miou=_num(rep.get("test_miou")), study_val_miou=_num(rep.get("val_miou")), status=status))
+                         study_test_miou=_num(rep.get("test_miou")), study_val_miou=_num(rep.get("val_miou")), status=status,
+                         kind="model", test_ci=interval_text(ci) if len(tested) else "", na=""))
     frame = pd.DataFrame(rows, columns=["entry", "evaluation", "model", "row", "study_choice", "n", "test_miou", "test_miou_sd",
-                                        "val_miou", "val_miou_sd", "study_test_miou", "study_val_miou", "status"])  # none: empty
+                                        "val_miou", "val_miou_sd", "study_test_miou", "study_val_miou", "status", "kind",
+                                        "test_ci", "na"])  # none: empty
     frame["diff_test_miou"] = frame.test_miou - frame.study_test_miou
     frame["diff_val_miou"] = frame.val_miou - frame.study_val_miou
     frame["val_minus_test"] = frame.val_miou - frame.test_miou
@@ -258,19 +453,30 @@ def table_t3(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
         diff = dict(entry=None, evaluation="difference", model="Difference (test mIoU)", row=f"{b.model} - {a.model}",
                     test_miou=b.test_miou - a.test_miou, study_test_miou=b.study_test_miou - a.study_test_miou,
                     val_miou=b.val_miou - a.val_miou, study_val_miou=b.study_val_miou - a.study_val_miou,
-                    status=None, n=min(a.n, b.n))
+                    status=None, n=min(a.n, b.n), kind="difference", na="",
+                    test_ci=noise_text(difference_interval(out, tested_ids[0], tested_ids[1], "test")) if a.n and b.n else "")
         diff["diff_test_miou"] = diff["test_miou"] - diff["study_test_miou"]
         diff["diff_val_miou"] = diff["val_miou"] - diff["study_val_miou"]
         frame = pd.concat([frame, pd.DataFrame([diff])], ignore_index=True)
+    baselines = data_baselines(out)
+    if "missing" not in baselines:
+        frame = pd.concat([frame, pd.DataFrame([
+            dict(entry=None, evaluation=f"baseline-{name}", model="Baseline", row=_baseline_label(baselines, name), kind="baseline",
+                 na="-", test_miou=b["miou"], test_ci=interval_text(b["interval"]), val_miou=baselines["val"][name]["miou"],
+                 status="computed from the data", n=1) for name, b in ((n, baselines["test"][n]) for n in BASELINE_LABELS)])], ignore_index=True)
     columns = [Column("Model", "model", "text"), Column("Selected configuration", "row", "text"),
                Column("Study's choice", "study_choice", "text"),
-               Column("Test mIoU", "test_miou", "f3"), Column("Study: test mIoU", "study_test_miou", "f3"),
+               Column("Test mIoU", "test_miou", "f3"), Column("Test mIoU 95% interval (difference: with its verdict)", "test_ci", "text"),
+               Column("Study: test mIoU", "study_test_miou", "f3"),
                Column("Δ test mIoU", "diff_test_miou", "signed"),
                Column("Val mIoU", "val_miou", "f3"), Column("Study: val mIoU", "study_val_miou", "f3"),
                Column("Val - test", "val_minus_test", "signed"), Column("Study: val - test", "study_val_minus_test", "signed"),
                Column("Status", "status", "text")]
-    return StudyTable("T3", record["tables"]["T3"]["title"], frame, columns,
-                      ["Each model's configuration is chosen on the validation split (best val mIoU over the T2 rows); the test split is used once, to report."])
+    notes = ["Each model's configuration is chosen on the validation split (best val mIoU over the T2 rows); the test split is used once, to report."]
+    notes.append("Baselines (computed from the data, not trained): majority class and colour only, fit on the fit split, scored on the "
+                 "test images at their stored size." if "missing" not in baselines else f"Baselines not shown: {baselines['missing']}.")
+    columns, notes = _for_data(record, columns, notes, "test")
+    return StudyTable("T3", record["tables"]["T3"]["title"], frame, columns, notes)
 
 # %% ../nbs/50_analysis.ipynb #89fd7ae5
 def table_t4(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyTable:
@@ -281,19 +487,23 @@ def table_t4(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
     for eff in record["effects"]:
         base, var = agg.loc[eff["baseline"]], agg.loc[eff["variant"]]
         effect = var.best_val_miou - base.best_val_miou
+        noise = difference_interval(out, _final_ids(runs, eff["baseline"]), _final_ids(runs, eff["variant"]))
         rows.append(dict(effect_name=eff["name"], baseline=_label(record, eff["baseline"]), variant=_label(record, eff["variant"]),
                          baseline_entry=eff["baseline"], variant_entry=eff["variant"],
                          baseline_val_miou=base.best_val_miou, variant_val_miou=var.best_val_miou, effect=effect,
                          study_effect=_num(eff.get("reported")), diff_effect=effect - _num(eff.get("reported")),
+                         effect_ci=interval_text(noise, True), beyond_noise={True: "yes", False: "no", None: "not known"}[beyond_noise(noise)],
                          status=base.status if base.status == var.status else f"{base.status} / {var.status}"))
     columns = [Column("Change", "effect_name", "text"), Column("Baseline", "baseline", "text"), Column("Variant", "variant", "text"),
                Column("Baseline val mIoU", "baseline_val_miou", "f4"), Column("Variant val mIoU", "variant_val_miou", "f4"),
-               Column("Effect", "effect", "signed"), Column("Study: effect", "study_effect", "signed"),
+               Column("Effect", "effect", "signed"), Column("Effect 95% interval", "effect_ci", "text"),
+               Column("Beyond the noise of our runs?", "beyond_noise", "text"), Column("Study: effect", "study_effect", "signed"),
                Column("Δ", "diff_effect", "signed"), Column("Status", "status", "text")]
     frame = pd.DataFrame(rows, columns=["effect_name", "baseline", "variant", "baseline_entry", "variant_entry", "baseline_val_miou",
-                                        "variant_val_miou", "effect", "study_effect", "diff_effect", "status"])  # no effects: empty
-    return StudyTable("T4", record["tables"]["T4"]["title"], frame, columns,
-                      ["Effect: variant minus baseline, validation mIoU (means over seeds); the study rounds its effects to 0.01."])
+                                        "variant_val_miou", "effect", "study_effect", "diff_effect", "effect_ci", "beyond_noise",
+                                        "status"])  # no effects: empty
+    columns, notes = _for_data(record, columns, ["Effect: variant minus baseline, validation mIoU (means over seeds); the study rounds its effects to 0.01."])
+    return StudyTable("T4", record["tables"]["T4"]["title"], frame, columns, notes)
 
 # %% ../nbs/50_analysis.ipynb #1acfb50b
 def training_flops(runs: pd.DataFrame) -> pd.Series:
@@ -328,16 +538,20 @@ def table_t5(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
     agg.insert(2, "tables", [first.loc[e, "tables"] for e in agg.entry])
     agg.insert(3, "device", [first.loc[e, "device_name"] or first.loc[e, "device"] for e in agg.entry])
     agg["trainable_params_sd"] = agg["gflops_per_image_sd"] = math.nan
+    agg["test_missing"] = np.where(agg.test_miou.isna() & agg.status.isin(FINAL_STATUSES), "not evaluated", "")
+    agg["flags"] = [_flags(runs, e) for e in agg.entry]
     columns = [Column("Model", "model", "text"), Column("Configuration", "row", "text"), Column("Table", "tables", "text"),
                Column("Trainable parameters", "trainable_params", "count"), Column("Epochs run", "epochs_completed", "int"),
                Column("Best epoch", "best_epoch", "int"), Column("Wall time (s)", "wall_seconds", "f1"),
                Column("Time to best (s)", "time_to_best", "f1"), Column("Device-hours", "device_hours", "f4"),
                Column("Device", "device", "text"), Column("Images/s (training)", "train_images_per_second", "f1"),
                Column("GFLOPs/image (forward)", "gflops_per_image", "f2"), Column("Training PFLOP", "training_pflop", "f4"),
-               Column("Val mIoU", "best_val_miou", "f3"), Column("Test mIoU", "test_miou", "f3"), Column("Status", "status", "text")]
+               Column("Val mIoU", "best_val_miou", "f3"), Column("Test mIoU", "test_miou", "f3", missing="test_missing"),
+               Column("Status", "status", "text"), Column("Flags", "flags", "text")]
     return StudyTable("T5", record["tables"]["T5"]["title"], agg, columns,
                       ["Training PFLOP = counted training FLOPs per image (forward + backward) x images per epoch x epochs run (validation not counted).",
-                       "Device-hours = wall time x processes (GPUs) / 3600. The study reports no cost numbers: no study column."])
+                       "Device-hours = wall time x processes (GPUs) / 3600, on the device named (a GPU, or the CPU's model). The study reports no cost numbers: no study column.",
+                       "Test mIoU: 'not evaluated' where the study plans no test evaluation of the run (only each model's selected configuration is tested)."])
 
 # %% ../nbs/50_analysis.ipynb #2cd92b22
 def _f(x: float, fmt: str = "f3") -> str: return format_value(x, fmt)
@@ -346,8 +560,16 @@ def _best(frame: pd.DataFrame, col: str) -> pd.Series | None:
     ok = frame[frame[col].notna()]
     return None if ok.empty else ok.loc[ok[col].idxmax()]
 
-def _rq1(runs, t1, t2, t4) -> list[str]:
+def _compared(ours: float, interval: dict | None, study: float, demo: bool) -> str:
+    "`(ours; 95% interval ...: within the noise of our runs; study ...)`: our difference, its noise, the study's."
+    noise = ("no noise estimate" if interval is None else f"95% interval {interval_text(interval, True)}: "
+             + ("beyond" if beyond_noise(interval) else "within") + " the noise of our runs")
+    return f"({_f(ours, 'signed')}; {noise}; {'the study: ' if demo else 'study '}{_f(study, 'signed')})"
+
+def _rq1(runs, t1, t2, t4, out=None, demo: bool = False) -> list[str]:
     lines = []
+    ids = (lambda e: _final_ids(runs, e))
+    between = (lambda a, b: difference_interval(out, ids(a), ids(b)) if out is not None else None)
     p = runs.groupby("entry", sort=False).first()
     t1f = t1.frame.assign(lr=[p.loc[e, "lr"] for e in t1.frame.entry], scheduler=[p.loc[e, "scheduler"] for e in t1.frame.entry])
     plain = t1f[t1f.scheduler == "none"]
@@ -362,31 +584,46 @@ def _rq1(runs, t1, t2, t4) -> list[str]:
             if len(short):
                 s = short.iloc[0]
                 lines.append(f"Training longer at LR {r.lr:g} ({_f(s.epochs_budget, 'int')} -> {_f(r.epochs_budget, 'int')} epochs): val mIoU "
-                             f"{_f(s.best_val_miou)} -> {_f(r.best_val_miou)} ({_f(r.best_val_miou - s.best_val_miou, 'signed')}; "
-                             f"study {_f(r.study_best_val_miou - s.study_best_val_miou, 'signed')}).")
+                             f"{_f(s.best_val_miou)} -> {_f(r.best_val_miou)} "
+                             + _compared(r.best_val_miou - s.best_val_miou, between(s.entry, r.entry), r.study_best_val_miou - s.study_best_val_miou, demo) + ".")
     for r in t1f[t1f.scheduler == "plateau"].itertuples():
         base = plain[(plain.lr == r.lr) & (plain.epochs_budget == r.epochs_budget)]
         if len(base):
             b = base.iloc[0]
-            lines.append(f"Plateau scheduler at LR {r.lr:g}: val mIoU {_f(b.best_val_miou)} -> {_f(r.best_val_miou)} "
-                         f"({_f(r.best_val_miou - b.best_val_miou, 'signed')}; study {_f(r.study_best_val_miou - b.study_best_val_miou, 'signed')}).")
+            line = (f"Plateau scheduler at LR {r.lr:g}: val mIoU {_f(b.best_val_miou)} -> {_f(r.best_val_miou)} "
+                    + _compared(r.best_val_miou - b.best_val_miou, between(b.entry, r.entry), r.study_best_val_miou - b.study_best_val_miou, demo) + ".")
+            if "scheduler never fired" in (r.flags or ""):
+                line += (" The scheduler never reduced the learning rate in this run (history.csv's lr), so this row cannot show "
+                         "its effect: the budget is too short for the validation loss to plateau.")
+            lines.append(line)
     for r in t4.frame.itertuples():
-        agree = "" if math.isnan(r.effect) or math.isnan(r.study_effect) else (
-            " Same direction as the study." if np.sign(r.effect) == np.sign(r.study_effect) else " Opposite direction to the study.")
-        lines.append(f"{r.effect_name}: {_f(r.effect, 'signed')} val mIoU (study {_f(r.study_effect, 'signed')}).{agree}")
-    t2f = t2.frame
+        noise = between(r.baseline_entry, r.variant_entry)
+        if demo:
+            lines.append(f"{r.effect_name}: {_f(r.effect, 'signed')} val mIoU; {_compared(r.effect, noise, r.study_effect, demo)[1:-1].split('; ', 1)[1]}.")
+        else:
+            agree = "" if math.isnan(r.effect) or math.isnan(r.study_effect) else (
+                " Same direction as the study." if np.sign(r.effect) == np.sign(r.study_effect) else " Opposite direction to the study.")
+            lines.append(f"{r.effect_name}: {_f(r.effect, 'signed')} val mIoU {_compared(r.effect, noise, r.study_effect, demo)}.{agree}")
+    t2f = t2.frame[t2.frame.get("kind", pd.Series("model", index=t2.frame.index)) == "model"]
     for model in t2f.model.unique():
         rows = t2f[t2f.model == model]
         ours, theirs = _best(rows, "best_val_miou"), _best(rows, "study_best_val_miou")
         if ours is not None:
             lines.append(f"Best {model} configuration (T2): {ours.row}, val mIoU {_f(ours.best_val_miou, 'f4')}"
                          + (f"; the study's: {theirs.row} ({_f(theirs.study_best_val_miou, 'f4')})." if theirs is not None else "."))
+    base = t2.frame[t2.frame.get("kind", pd.Series("model", index=t2.frame.index)) == "baseline"]
+    if len(base) and len(t2f) and t2f.best_val_miou.notna().any():
+        colour = base[base.entry == "baseline-colour"]
+        best = _best(t2f, "best_val_miou")
+        lines.append("Baselines from the data (T2, validation): " + ", ".join(f"{r.row} {_f(r.best_val_miou)}" for r in base.itertuples())
+                     + (f"; the best model ({best.model}: {best.row}) is {_f(best.best_val_miou - colour.best_val_miou.iloc[0], 'signed')} "
+                        "above colour only." if len(colour) else "."))
     return lines or ["No finished runs yet."]
 
 # %% ../nbs/50_analysis.ipynb #773abae8
 def _rq2(out, t3) -> list[str]:
     frame = t3.frame
-    models = frame[frame.evaluation != "difference"]
+    models = frame[frame.kind == "model"]
     lines = []
     for r in models.itertuples():
         lines.append(f"{r.model}: test mIoU {_f(r.test_miou)} (study {_f(r.study_test_miou)}), val mIoU {_f(r.val_miou)} "
@@ -394,7 +631,8 @@ def _rq2(out, t3) -> list[str]:
     diff = frame[frame.evaluation == "difference"]
     if len(diff):
         d = diff.iloc[0]
-        lines.append(f"{d.row}: {_f(d.test_miou, 'signed')} test mIoU (study {_f(d.study_test_miou, 'signed')}).")
+        lines.append(f"{d.row}: {_f(d.test_miou, 'signed')} test mIoU (study {_f(d.study_test_miou, 'signed')}); on our test images: "
+                     f"{d.test_ci or 'not known'}.")
     for r in models.itertuples():
         if not math.isnan(r.val_minus_test):
             lines.append(f"Generalisation, {r.model}: validation minus test mIoU {_f(r.val_minus_test, 'signed')} "
@@ -408,7 +646,7 @@ def _rq2(out, t3) -> list[str]:
     return lines or ["Not answered: the study file declares no test evaluations (T3)."]
 
 def _rq3(out, t3, t5, runs) -> list[str]:
-    frame = t3.frame[t3.frame.evaluation != "difference"]
+    frame = t3.frame[t3.frame.kind == "model"]
     if len(frame) != 2 or frame.entry.isna().any(): return ["Needs both test evaluations (T3) first."]
     cost = t5.frame.set_index("entry")
     (a, b) = [frame.iloc[i] for i in (0, 1)]
@@ -425,14 +663,23 @@ def _rq3(out, t3, t5, runs) -> list[str]:
     if not math.isnan(reach):
         lines.append(f"{b.model} first reached {a.model}'s best validation mIoU ({_f(a.val_miou)}) after {_f(reach, 'f1')} s of "
                      f"training, against {_f(ca.time_to_best, 'f1')} s for {a.model} to reach it.")
+    extra = cb.device_hours - ca.device_hours
+    device = cb.device if cb.device == ca.device else f"{ca.device} / {cb.device}"
+    diff = t3.frame[t3.frame.kind == "difference"]
+    noise = diff.test_ci.iloc[0] if len(diff) else ""
     if math.isnan(gain):
         verdict = "Not answered yet: a test evaluation is missing."
+    elif "within the noise" in (noise or ""):
+        verdict = (f"Not shown on these runs: {b.model} minus {a.model} is {100 * gain:+.1f} mIoU points on the test split, within the noise "
+                   f"of our runs ({noise.split(':')[0]} over the test images); its extra training cost "
+                   f"({_f(extra, 'sci')} device-hours on {device}) buys no measurable gain here.")
     elif gain > 0 and not math.isnan(ratio) and ratio <= 1:
         verdict = f"Justified: {b.model} is better and reached its best in less training time than {a.model}."
     elif gain > 0:
-        verdict = (f"{b.model} is better by {_f(gain)} mIoU and costs {_f(ratio, 'f2')}x the training time to its best epoch: "
-                   f"{_f(cb.device_hours - ca.device_hours, 'sci')} extra device-hours, i.e. "
-                   f"{_f(gain / max(cb.device_hours - ca.device_hours, 1e-12), 'sci')} mIoU per extra device-hour.")
+        per_hour = (f"i.e. {_f(100 * gain / extra, 'sci')} mIoU points per extra device-hour" if extra > 0
+                    else "and no extra device-hours in all")
+        verdict = (f"{b.model} is better by {100 * gain:.1f} mIoU points (mIoU x 100) and costs {_f(ratio, 'f2')}x the training time to its "
+                   f"best epoch: {_f(extra, 'sci')} extra device-hours on {device}, {per_hour}.")
     else:
         verdict = f"Not justified on these runs: {b.model} is not better than {a.model} on the test split."
     return lines + [verdict]
@@ -460,7 +707,8 @@ QUESTIONS = {
 def research_answers(out: str | os.PathLike, tables: dict, runs: pd.DataFrame | None = None) -> list[dict]:
     "RQ1-RQ3: `[{'id', 'question', 'answer': [sentences], 'evidence': [table and figure ids]}]`."
     runs = load_runs(out) if runs is None else runs
-    return [dict(id="RQ1", question=QUESTIONS["RQ1"], answer=_rq1(runs, tables["T1"], tables["T2"], tables["T4"]),
+    return [dict(id="RQ1", question=QUESTIONS["RQ1"], answer=_rq1(runs, tables["T1"], tables["T2"], tables["T4"], out,
+                                                                        is_demo(read_study_record(out))),
                  evidence=["T1", "T2", "T4", "Fa", "Fb", "F3", "F5"]),
             dict(id="RQ2", question=QUESTIONS["RQ2"], answer=_rq2(out, tables["T3"]), evidence=["T3", "F6", "F8", "F9"]),
             dict(id="RQ3", question=QUESTIONS["RQ3"], answer=_rq3(out, tables["T3"], tables["T5"], runs), evidence=["T5", "T3", "F-top"])]

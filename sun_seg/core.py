@@ -13,11 +13,13 @@ import torch
 
 # %% auto #0
 __all__ = ['CLASS_NAMES', 'NUM_CLASSES', 'VOID_LABEL', 'IGNORE_INDEX', 'PALETTE', 'VOID_COLOUR', 'IMAGENET_MEAN', 'IMAGENET_STD',
-           'DATA_ENV', 'HOME_ENV', 'DEMO_NOTICE', 'raw_to_target', 'target_to_raw', 'SunSegError', 'DataError',
-           'ParameterError', 'colorize', 'normalize_images', 'check_choice', 'check_positive', 'check_bool',
-           'seed_everything', 'resolve_device', 'cpu_has_native_bf16', 'resolve_precision', 'allotted_cpus',
-           'atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'to_json', 'atomic_write_json', 'read_json',
-           'stable_hash', 'safe_name', 'safe_child', 'sun_seg_home', 'data_label', 'packaged_file']
+           'DATA_ENV', 'HOME_ENV', 'DEMO_NOTICE', 'LEASE_ENV', 'HOST_ENV', 'raw_to_target', 'target_to_raw',
+           'SunSegError', 'DataError', 'ParameterError', 'colorize', 'normalize_images', 'check_choice',
+           'check_positive', 'check_bool', 'seed_everything', 'resolve_device', 'cpu_has_native_bf16',
+           'resolve_precision', 'cpu_model_name', 'allotted_cpus', 'atomic_path', 'atomic_write_bytes',
+           'atomic_write_text', 'to_json', 'atomic_write_json', 'read_json', 'stable_hash', 'safe_name', 'safe_child',
+           'sun_seg_home', 'data_label', 'packaged_file', 'LockHeld', 'lock_host', 'lease_seconds', 'Lease',
+           'fcntl_flock', 'hold', 'die_with_parent']
 
 # %% ../nbs/00_core.ipynb #00840472
 CLASS_NAMES: tuple[str, ...] = (
@@ -167,6 +169,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
 
+# %% ../nbs/00_core.ipynb #11e3374f
+def cpu_model_name() -> str:
+    "The CPU's model name (`/proc/cpuinfo`, else the platform's processor string), never just the architecture if it can help it."
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"): return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
 # %% ../nbs/00_core.ipynb #6aaf5735
 def allotted_cpus() -> int:
     "CPUs this process may run on: its affinity mask (not `os.cpu_count()`, the whole node), capped by `SLURM_CPUS_PER_TASK`."
@@ -280,3 +290,266 @@ def packaged_file(name: str, # the file's name in the package's `templates/` fol
     package = Path(sun_seg.__file__).resolve().parent
     if source is not None and (package.parent / source).is_file(): return package.parent / source
     return package / "templates" / name
+
+# %% ../nbs/00_core.ipynb #b3d2f6a1
+import errno, socket, threading, time, warnings
+from typing import Callable
+
+LEASE_ENV = "SUN_SEG_LEASE_SECONDS"  # environment variable: seconds a lock's holder may go silent before it counts as dead
+HOST_ENV = "SUN_SEG_HOSTNAME"  # environment variable: the host name locks record (default: this machine's; tests simulate hosts)
+_TOKENS_ENV = "SUN_SEG_LOCK_TOKENS"  # leases held by a parent for its children (the study for the notebook it runs)
+_NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+_HELD: dict[str, "Lease"] = {}  # the leases this process holds, by path (taking one twice nests)
+_WARNED: set[str] = set()
+
+class LockHeld(SunSegError):
+    "Another live process holds a lock; `owner` says which (`process PID on HOST since ...`)."
+    def __init__(self, path: str | os.PathLike, what: str, owner: str):
+        self.path, self.what, self.owner = Path(path), what, owner
+        super().__init__(f"{what} is held by {owner} ({path}); wait for it to finish, or stop that process first")
+
+def lock_host() -> str:
+    "The host name a lock records: `$SUN_SEG_HOSTNAME`, else this machine's."
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+def lease_seconds() -> float:
+    "How long a lock's holder may go without a heartbeat before another host takes its lock over (`$SUN_SEG_LEASE_SECONDS`, 120)."
+    try: return max(float(os.environ.get(LEASE_ENV) or 120), 0.5)
+    except ValueError: raise ParameterError(LEASE_ENV, f"got {os.environ[LEASE_ENV]!r}; expected seconds, e.g. 120") from None
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid(): return False  # a record of this pid that this process does not hold: an earlier process's
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OverflowError): return True
+    return True
+
+def _read_fd(fd: int) -> bytes:
+    return os.pread(fd, 1 << 16, 0)
+
+def _record(data: bytes) -> dict | None:
+    "The holder a lock file names, or None when it is free (empty, released, or unreadable)."
+    try: rec = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError): return None
+    return rec if isinstance(rec, dict) and rec.get("token") and not rec.get("released") else None
+
+class Lease:
+    """An exclusive lock on the file `path`, for one writer of a folder at a time, on one machine or many.
+
+    Held two ways at once: an OS file lock (`flock`: free the moment its holder dies, even by SIGKILL) and a lease
+    record in the file (host, pid, token, since) whose modification time is refreshed every quarter lease by a
+    heartbeat thread. A process that gets the file lock still respects a record of another host whose heartbeat is
+    fresh (shared file systems whose `flock` does not reach other hosts); a holder that died on another host is taken
+    over once its heartbeat is older than the lease, never while it lives. Where `flock` is not supported (ENOSYS,
+    ENOLCK, EOPNOTSUPP: Lustre without `-o flock`, some NFS mounts) it warns and decides from the record alone,
+    taking a free or dead holder's lock through an exclusively created `<path>.claim` file, so that two processes
+    never both take it. Taking a lease this process holds already nests; the children of a holder (the notebook a
+    study runs) find its token in `$SUN_SEG_LOCK_TOKENS` and work under it. With `remove`, the file exists only while
+    the lease is held (the holder deletes it before letting go; a taker checks that the file it locked is still the
+    one at `path`)."""
+    def __init__(self, path: str | os.PathLike, # the lock file (kept; its content says who holds it)
+                 what: str = "this folder", # what it protects, for messages
+                 lease: float | None = None, # seconds without heartbeat before a holder on another host counts as dead
+                 remove: bool = False, # delete the file when released (nothing is left beside the folder it guards)
+                ):
+        self.path, self.what, self.remove = Path(path), what, remove
+        self.lease = float(lease) if lease is not None else lease_seconds()
+        self.fd, self.token, self.flocked, self.depth, self.inherited, self._stop, self._outer = None, None, False, 0, False, None, None
+
+    @property
+    def held(self) -> bool: return self.depth > 0
+
+    def _key(self) -> str: return str(self.path.absolute())
+
+    def acquire(self, wait: float | None = 0, # seconds to wait for a holder (None: as long as it lives)
+                on_wait: Callable[[str], None] | None = None, # told the holder once, when it has to wait
+                poll: float = 0.2) -> bool:
+        "Take the lock; False when another live process still holds it after `wait` seconds."
+        deadline = None if wait is None else time.monotonic() + wait
+        told = False
+        while True:
+            got = self._try()
+            while got is None: got = self._try()  # the file was removed under us: lock the one now at `path`
+            if got: return True
+            if deadline is not None and time.monotonic() >= deadline: return False
+            if on_wait and not told: on_wait(self.owner()); told = True
+            time.sleep(poll)
+
+    def _try(self) -> bool | None:
+        if self.depth:
+            self.depth += 1; return True
+        outer = _HELD.get(self._key())
+        if outer is not None:  # this process holds it already (the engine inside the study's in-process trainer)
+            outer.depth += 1; self.depth, self._outer = 1, outer; return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        try:
+            got = self._flock(fd)
+            if got and not self._same_file(fd):  # deleted by its last holder between our open and our lock
+                fcntl_flock(fd, unlock=True); os.close(fd); return None
+            data = _read_fd(fd)
+            rec = _record(data)
+            if rec is not None and rec["token"] in os.environ.get(_TOKENS_ENV, "").split(",") and (got is False or self._alive(rec, fd)):
+                os.close(fd); self.depth, self.inherited = 1, True  # a parent holds it for this process
+                return True
+            if got is False or (rec is not None and self._alive(rec, fd, flocked=bool(got))):
+                if got: fcntl_flock(fd, unlock=True)
+                os.close(fd); return False
+            if got is None:
+                claimed = self._claim(fd, data)
+                if not claimed:
+                    os.close(fd); return claimed
+        except BaseException:
+            os.close(fd); raise
+        self._take(fd, bool(got))
+        return True
+
+    def _same_file(self, fd: int) -> bool:
+        try: st = os.stat(self.path)
+        except FileNotFoundError: return False
+        f = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (f.st_dev, f.st_ino)
+
+    def _flock(self, fd: int) -> bool | None:
+        "True: got the OS lock; False: another process holds it; None: this file system has no `flock`."
+        try: return fcntl_flock(fd)
+        except OSError as e:
+            if e.errno not in _NO_FLOCK: raise
+            if self._key() not in _WARNED:
+                _WARNED.add(self._key())
+                warnings.warn(f"{self.path}: this file system does not support file locks (flock: {e.strerror}); "
+                              f"the lock relies on its lease record alone (a dead holder on another host is taken over "
+                              f"after {self.lease:.0f} s without heartbeat)", RuntimeWarning, stacklevel=4)
+            return None
+
+    def _alive(self, rec: dict, fd: int, flocked: bool = False) -> bool:
+        "Whether the holder `rec` names still lives (this process holds the OS lock when `flocked`)."
+        if rec.get("host") == lock_host():
+            return not flocked and _pid_alive(int(rec.get("pid") or 0))  # the OS lock is free: its holder here has died
+        return time.time() - os.fstat(fd).st_mtime < self.lease  # another host's: alive while its heartbeat is fresh
+
+    def _claim_path(self) -> Path: return self.path.with_name(self.path.name + ".claim")
+
+    def _take_claim(self) -> bool:
+        "Create `<path>.claim` exclusively (False: another process is claiming; a claim older than the lease is removed)."
+        claim = self._claim_path()
+        try: os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE))
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                if time.time() - claim.stat().st_mtime > max(self.lease, 10): claim.unlink()  # a claimer died mid-claim
+            return False
+        return True
+
+    def _claim(self, fd: int, seen: bytes) -> bool | None:
+        "Without `flock`: take a free lock only through `<path>.claim`, and only if the file is unchanged since `seen`."
+        if not self._take_claim(): return False
+        try:
+            if not self._same_file(fd): return None  # removed by its last holder: take the one now at `path`
+            if _read_fd(fd) != seen: return False  # another process took it meanwhile
+            self._write(fd, self._new_record())
+            return True
+        finally:
+            self._claim_path().unlink(missing_ok=True)
+
+    def _new_record(self) -> dict:
+        self.token = os.urandom(12).hex()
+        return {"host": lock_host(), "pid": os.getpid(), "since": time.time(), "token": self.token, "what": self.what,
+                "lease_seconds": self.lease}
+
+    @staticmethod
+    def _write(fd: int, rec: dict) -> None:
+        data = (json.dumps(rec) + "\n").encode()
+        os.ftruncate(fd, 0); os.pwrite(fd, data, 0); os.fsync(fd)
+
+    def _take(self, fd: int, flocked: bool) -> None:
+        if flocked: self._write(fd, self._new_record())
+        self.fd, self.flocked, self.depth = fd, flocked, 1
+        _HELD[self._key()] = self
+        tokens = [t for t in os.environ.get(_TOKENS_ENV, "").split(",") if t]
+        os.environ[_TOKENS_ENV] = ",".join(tokens + [self.token])
+        self._stop = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(fd, self._stop), daemon=True, name=f"lease {self.path.name}").start()
+
+    def _heartbeat(self, fd: int, stop: threading.Event) -> None:
+        while not stop.wait(self.lease / 4):
+            with contextlib.suppress(OSError): os.utime(fd)
+
+    def release(self) -> None:
+        "Let the lock go (the file stays, marked released; nested takes release at the last)."
+        if not self.depth: return
+        self.depth -= 1
+        outer = self._outer
+        if outer is not None:  # nested in another Lease object of this process
+            if not self.depth: self._outer = None
+            return outer.release()
+        if self.depth: return  # nested
+        if self.inherited:  # the parent's lease: the parent lets it go
+            self.inherited = False; return
+        self._stop.set()
+        _HELD.pop(self._key(), None)
+        os.environ[_TOKENS_ENV] = ",".join(t for t in os.environ.get(_TOKENS_ENV, "").split(",") if t and t != self.token)
+        fd, self.fd = self.fd, None
+        try:
+            with contextlib.suppress(OSError):
+                if self.remove and self.flocked: self.path.unlink()  # while still locked: a taker re-checks the file
+                elif self.remove and self._take_claim():
+                    try: self.path.unlink()
+                    finally: self._claim_path().unlink(missing_ok=True)
+                else: self._write(fd, {"released": time.time(), "host": lock_host(), "pid": os.getpid()})
+            if self.flocked: fcntl_flock(fd, unlock=True)
+        finally:
+            os.close(fd)
+
+    def owner(self) -> str:
+        "Who holds the lock: `process PID on HOST since HH:MM`, or `nobody`."
+        try: rec = _record(self.path.read_bytes())
+        except OSError: rec = None
+        if rec is None: return "nobody (it was just released)"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(rec.get("since") or 0)))
+        return f"process {rec.get('pid')} on {rec.get('host')} since {since}"
+
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.release()
+
+def fcntl_flock(fd: int, unlock: bool = False) -> bool:
+    "`flock` `fd` exclusively without waiting: True when taken (or released), False when another holds it; OSError where unsupported."
+    try: import fcntl
+    except ImportError: raise OSError(errno.ENOSYS, "no fcntl on this platform") from None
+    try: fcntl.flock(fd, fcntl.LOCK_UN if unlock else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError: return False
+    return True
+
+def hold(path: str | os.PathLike, # the lock file (beside the folder it guards; deleted when released)
+         what: str, # what it protects, for messages ("the cache /data/cache")
+         wait: float | None = None, # seconds to wait for another holder (None: as long as it lives; 0: not at all)
+         log: Callable[[str], None] | None = print, # where "waiting for ..." goes
+         unwritable_ok: bool = True, # where no lock file can be made, go on unlocked: nobody can write there either
+        ) -> Lease | contextlib.nullcontext:
+    "Take a removable `Lease` on `path` (use as `with hold(...):`), waiting for another holder; `LockHeld` when it is still held."
+    lease = Lease(path, what, remove=True)
+    say = (lambda owner: log(f"waiting for {what}: held by {owner}")) if log else None
+    try: taken = lease.acquire(wait, on_wait=say)
+    except OSError:
+        if not unwritable_ok: raise
+        return contextlib.nullcontext()  # the write itself then fails with its own, named error
+    if not taken: raise LockHeld(path, what, lease.owner())
+    return lease
+
+
+# %% ../nbs/00_core.ipynb #e6a5c9d4
+def die_with_parent(parent: int | None = None, # the parent's pid (default: this process's parent now)
+                   ) -> None:
+    "Make this worker process end when its parent does, even by SIGKILL: `PR_SET_PDEATHSIG` on Linux, else a thread that polls."
+    parent = parent or os.getppid()
+    try:
+        import ctypes, signal
+        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+        if os.getppid() != parent: os._exit(1)  # the parent died before the call
+        return
+    except (OSError, AttributeError, TypeError):
+        pass  # not Linux: poll
+    def watch():
+        while os.getppid() == parent: time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="die with parent").start()

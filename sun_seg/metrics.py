@@ -4,15 +4,18 @@
 
 # %% ../nbs/20_metrics.ipynb #17652b28
 from __future__ import annotations
-import math
+import math, os
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .core import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from .core import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, DataError, atomic_path
 
 # %% auto #0
-__all__ = ['confusion_matrix', 'iou_per_class', 'miou', 'pixel_accuracy', 'class_accuracy', 'mean_class_accuracy', 'summarize']
+__all__ = ['confusion_matrix', 'iou_per_class', 'miou', 'pixel_accuracy', 'class_accuracy', 'mean_class_accuracy', 'summarize',
+           'image_counts', 'miou_from_counts', 'bootstrap_miou_difference', 'image_counts_path', 'save_image_counts',
+           'load_image_counts']
 
 # %% ../nbs/20_metrics.ipynb #0a6d32bd
 def _histogram(index: torch.Tensor, bins: int) -> torch.Tensor:
@@ -103,3 +106,85 @@ def summarize(cm: torch.Tensor, # (C, C) confusion matrix over a whole split
         raise ValueError(f"confusion matrix is {tuple(cm.shape)} but there are {len(class_names)} class names")
     return {"miou": miou(cm), "pixel_accuracy": pixel_accuracy(cm), "mean_class_accuracy": mean_class_accuracy(cm),
             "iou_per_class": dict(zip(class_names, iou_per_class(cm).tolist())), "pixels": int(cm.sum())}
+
+# %% ../nbs/20_metrics.ipynb #36eb9150
+def image_counts(pred: torch.Tensor, # predicted classes (N, H, W)
+                 target: torch.Tensor, # ground truth (N, H, W): 0..num_classes-1, void = `ignore_index`
+                 num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
+                ) -> torch.Tensor:
+    "(N, 2, C) int64 on `target`'s device: each image's intersection (`[:, 0]`) and union (`[:, 1]`) per class, void left out."
+    n = len(target)
+    t = target.reshape(n, -1).long()
+    p = pred.reshape(n, -1).long().to(t.device).clamp(0, num_classes - 1)
+    valid = (t != ignore_index) & (t >= 0) & (t < num_classes)
+    base = torch.arange(n, device=t.device)[:, None] * (num_classes * num_classes)
+    index = torch.where(valid, base + t * num_classes + p, n * num_classes * num_classes)  # void: one dropped bin
+    cms = _histogram(index.reshape(-1), n * num_classes * num_classes + 1)[:-1].view(n, num_classes, num_classes)
+    tp = cms.diagonal(dim1=1, dim2=2)
+    return torch.stack([tp, cms.sum(1) + cms.sum(2) - tp], dim=1)
+
+def miou_from_counts(intersection: np.ndarray, # (N, C) per image, or (C,)
+                     union: np.ndarray, # the same shape
+                    ) -> float:
+    "mIoU of the summed counts: the mean IoU over classes with a non-zero union (what `miou` gives for the split)."
+    i = np.asarray(intersection, dtype=np.float64).reshape(-1, np.shape(intersection)[-1]).sum(0)
+    u = np.asarray(union, dtype=np.float64).reshape(-1, np.shape(union)[-1]).sum(0)
+    return float((i[u > 0] / u[u > 0]).mean()) if (u > 0).any() else math.nan
+
+# %% ../nbs/20_metrics.ipynb #41736ddd
+def _miou_rows(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:
+    "mIoU of each row of summed counts (R, C) (NaN where no class is present)."
+    present = union > 0
+    total = np.where(present, intersection / np.maximum(union, 1), 0).sum(1)
+    classes = present.sum(1)
+    return np.where(classes > 0, total / np.maximum(classes, 1), np.nan)
+
+def bootstrap_miou_difference(a: list, # counts of the first result: one `(intersection, union)` pair per seed, (N, C) each
+                              b: list | None = None, # the second result on the same N images (None: `a`'s mIoU alone)
+                              resamples: int = 1000, # bootstrap resamples of the images
+                              seed: int = 0, # the resampling's seed (the same seed gives the same interval)
+                              level: float = 0.95, # the interval's coverage
+                             ) -> dict:
+    "mIoU(b) - mIoU(a) (means over seeds) and its percentile bootstrap interval, resampling the images (paired)."
+    pairs = list(a) + list(b or [])
+    n = {np.shape(i)[0] for i, _ in pairs}
+    if len(n) != 1 or not n.pop():
+        raise ValueError("the counts must cover the same (non-zero) number of images: " + ", ".join(str(np.shape(i)[0]) for i, _ in pairs))
+    images = np.shape(pairs[0][0])[0]
+    weights = np.random.default_rng(seed).multinomial(images, np.full(images, 1 / images), size=resamples).astype(np.float64)
+    def mean_miou(group, w):  # w: (R, N) image weights; the split's mIoU of each resample, mean over seeds
+        return np.mean([_miou_rows(w @ np.asarray(i, np.float64), w @ np.asarray(u, np.float64)) for i, u in group], axis=0)
+    ones = np.ones((1, images))
+    point = mean_miou(a, ones)[0] if b is None else mean_miou(b, ones)[0] - mean_miou(a, ones)[0]
+    boot = mean_miou(a, weights) if b is None else mean_miou(b, weights) - mean_miou(a, weights)
+    low, high = np.nanquantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"value": float(point), "low": float(low), "high": float(high), "images": images, "resamples": resamples,
+            "seed": seed, "level": level}
+
+# %% ../nbs/20_metrics.ipynb #9a62c9b9
+def image_counts_path(run_dir: str | os.PathLike, split: str) -> Path:
+    "`<run_dir>/<split>_per_image.npz`: a run's per-image counts on `split` (`val` at the best epoch, `test`)."
+    return Path(run_dir) / f"{split}_per_image.npz"
+
+def save_image_counts(path: str | os.PathLike, # where (`image_counts_path`)
+                      counts: dict, # `index` (N,) image positions in the split, `intersection` and `union` (N, C)
+                      epoch: int | None = None, # the epoch whose weights were scored
+                      split: str = "val") -> Path:
+    "Write per-image counts as a compressed `.npz` (no pickles), atomically."
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, index=np.asarray(counts["index"], np.int64), intersection=np.asarray(counts["intersection"], np.int64),
+                            union=np.asarray(counts["union"], np.int64), epoch=np.int64(-1 if epoch is None else epoch),
+                            split=np.str_(split))
+    return Path(path)
+
+def load_image_counts(path: str | os.PathLike) -> dict | None:
+    "`{'index', 'intersection', 'union', 'epoch', 'split'}` from `save_image_counts`'s file (None when absent)."
+    path = Path(path)
+    if not path.is_file(): return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            epoch = int(z["epoch"])
+            return {"index": z["index"], "intersection": z["intersection"], "union": z["union"],
+                    "epoch": None if epoch < 0 else epoch, "split": str(z["split"])}
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"per-image counts cannot be read ({e}); delete the file and evaluate the run again", path) from None

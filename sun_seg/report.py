@@ -19,13 +19,13 @@ from pygments.lexers import PythonLexer
 
 import sun_seg
 from .core import CLASS_NAMES, DEMO_NOTICE, DataError, atomic_write_text, read_json, safe_child
-from .analysis import build_analysis, display_frame, format_value, load_history
-from .study import read_metrics, read_study_record, record_runs, run_state
+from .analysis import build_analysis, display_frame, format_value, is_demo, load_history
+from .study import FINAL_STATUSES, read_metrics, read_study_record, record_runs, run_state
 
 # %% auto #0
 __all__ = ['SITE_CSS', 'NAV', 'offline_problems', 'neutralize_html', 'executed_notebook_html', 'markdown_html', 'code_html',
-           'symbol_docs', 'notebook_doc', 'library_notebooks', 'site_environment', 'table_view', 'frame_view',
-           'settings_line', 'pretrain_note', 'build_site', 'add_cli']
+           'inline_markdown', 'symbol_docs', 'notebook_doc', 'library_notebooks', 'site_environment', 'table_view',
+           'frame_view', 'settings_line', 'pretrain_note', 'readable', 'settings_rows', 'build_site', 'add_cli']
 
 # %% ../nbs/51_report.ipynb #274ffc66
 from html.parser import HTMLParser
@@ -134,6 +134,14 @@ def markdown_html(text: str) -> Markup:
 def code_html(code: str) -> Markup:
     "Python source highlighted by Pygments."
     return Markup(highlight(code, PythonLexer(), _PYGMENTS))
+
+# %% ../nbs/51_report.ipynb #4eb5632e
+def inline_markdown(text: str | None) -> Markup:
+    "One line of Markdown (backticks, emphasis) as inline HTML, raw HTML escaped."
+    if not text: return Markup("")
+    html_text = str(markdown_html(str(text))).strip()
+    m = re.fullmatch(r"<p>(.*)</p>", html_text, re.S)
+    return Markup(m.group(1) if m else html_text)
 
 # %% ../nbs/51_report.ipynb #4dc0e82f
 def _directives(source: str) -> tuple[dict, str]:
@@ -329,17 +337,41 @@ sun-seg report --out {{ out }}                 # rebuilds tables, figures and th
 <h1>Data overview</h1>
 {{ m.kv(data_table) }}
 {% if summary %}<h2>Label quality and class imbalance</h2>{{ m.kv(summary) }}{% endif %}
+{% if baselines %}<h2>What needs no learning</h2><p>Two classifiers fit on the fit split without training a network: every pixel
+{{ majority }} (the majority class), and each pixel's colour alone (the best classifier of 16x16x16 colour bins), with 95% bootstrap
+intervals over the images. T2 and T3 show them beside the models.</p>{{ m.kv(baselines) }}{% endif %}
 {% for f in figures %}{{ m.figure(f, root) }}{% endfor %}
 {% if class_table %}<h2>Class frequency</h2>{{ m.study_table(class_table) }}{% endif %}
 {% endblock %}""",
 
 "tables.html": """{% extends "base.html" %}{% block main %}
 <h1>Tables</h1>
-<p>Our values beside the study's (columns "Study: ...", shaded) and the difference (Δ = ours - study). NaN means no value:
-a run that failed, diverged or has not run shows its status, never zeros. Several seeds show mean ± standard deviation (n).</p>
+{% if data.kind == 'demo' %}<p>Our values beside the study's (columns "Study: ...", shaded, for reference). On demo data the tables leave out
+the differences to the study (a demo number says nothing about SUN RGB-D) and show what these runs can show: each result's 95% interval
+and whether a difference between two of our results exceeds the noise of our own runs (a bootstrap over the validation or test images),
+beside baselines computed from the data (majority class, colour only).
+{% else %}<p>Our values beside the study's (columns "Study: ...", shaded) and the difference (Δ = ours - study), with each result's 95%
+interval and whether a difference between two of our results exceeds the noise of our own runs (a bootstrap over the images).
+{% endif %}NaN means no value: a run that failed, diverged or has not run shows its status, never zeros; "not evaluated": no test
+evaluation was planned for the run. Several seeds show mean ± standard deviation (n).</p>
 {% for t in tables %}<h2 id="{{ t.id }}">{{ t.id }}: {{ t.title }}</h2>{{ m.study_table(t) }}
 <ul class="notes">{% for n in t.notes %}<li>{{ n }}</li>{% endfor %}</ul>
-<p class="notes">Download: <a href="tables/{{ t.id }}.csv">CSV (full precision)</a> · <a href="tables/{{ t.id }}.md">Markdown</a></p>{% endfor %}
+<p class="notes">How these numbers were made: <a href="method.html">the method card</a> · Download: <a href="tables/{{ t.id }}.csv">CSV (full precision)</a> · <a href="tables/{{ t.id }}.md">Markdown</a></p>{% endfor %}
+{% endblock %}""",
+
+"method.html": """{% extends "base.html" %}{% block main %}
+<h1>Method card</h1>
+<p>Every choice that changes the numbers: the study's own words (or "not stated"), our value - checked against the
+code when the study runs, so it is what the runs did - and why. Rows whose parameters differ and what this profile
+({{ card_profile }}) changes are listed under each. Each run folder records its own as <code>method.json</code>.</p>
+{% if not card %}<p class="missing">This study record has no method card (a study file without <code>method:</code>, or a
+study.json written before the card existed): run <code>sun-seg study</code> again to record it.</p>{% endif %}
+<table class="data method"><thead><tr><th class="text">choice</th><th class="text">the study</th><th class="text">ours</th><th class="text">why</th></tr></thead><tbody>
+{% for e in card %}<tr id="{{ e.name }}"><td class="text">{{ e.name | replace('_', ' ') }}</td><td class="text">{{ e.study }}</td>
+<td class="text">{% for k, v in e.ours.items() %}<code>{{ k }}</code> = {{ v }}<br>{% endfor %}
+{% if e.profile_values %}<em>profile {{ card_profile }}:</em> {% for k, v in e.profile_values.items() %}<code>{{ k }}</code> = {{ v }}{{ ', ' if not loop.last }}{% endfor %}<br>{% endif %}
+{% for row, values in e.rows.items() %}<em>{{ row }}:</em> {% for k, v in values.items() %}<code>{{ k }}</code> = {{ v }}{{ ', ' if not loop.last }}{% endfor %}<br>{% endfor %}</td>
+<td class="text">{{ e.why }}</td></tr>{% endfor %}</tbody></table>
 {% endblock %}""",
 
 "figures.html": """{% extends "base.html" %}{% block main %}
@@ -367,7 +399,7 @@ a run that failed, diverged or has not run shows its status, never zeros. Severa
 {% if curve %}<figure><img src="{{ root }}figures/runs/{{ run.run_id }}.png" alt="training curves of {{ run.run_id }}"></figure>{% endif %}
 <h2>Results</h2>{{ m.kv(results) }}
 {% if iou %}<h2>IoU per class at the best epoch</h2>{{ m.study_table(iou) }}{% endif %}
-<h2>Parameters</h2>{{ m.kv(run.params) }}
+<h2>Parameters</h2>{{ m.kv(params) }}
 {% if history %}<h2>History</h2>{{ m.study_table(history) }}{% endif %}
 {% for title, d in extra %}<h2>{{ title }}</h2>{{ m.kv(d) }}{% endfor %}
 {% endblock %}""",
@@ -380,19 +412,19 @@ a run that failed, diverged or has not run shows its status, never zeros. Severa
 "api_index.html": """{% extends "base.html" %}{% block main %}
 <h1>API</h1><p>The library, one page per notebook (the notebooks in <code>nbs/</code> are its source).</p>
 {% if pages %}<table class="data"><thead><tr><th>module</th><th>notebook</th><th>what</th></tr></thead><tbody>
-{% for p in pages %}<tr><td class="text"><a href="{{ p.href }}">sun_seg.{{ p.module }}</a></td><td class="text">{{ p.source }}</td><td class="text">{{ p.subtitle }}</td></tr>{% endfor %}
+{% for p in pages %}<tr><td class="text"><a href="{{ p.href }}">sun_seg.{{ p.module }}</a></td><td class="text">{{ p.source }}</td><td class="text">{{ p.subtitle | md }}</td></tr>{% endfor %}
 </tbody></table>{% elif left_out %}<p class="missing">This build left the API pages out (sun-seg report --no-api).</p>
 {% else %}<p class="missing">The notebooks are not beside this installation of sun_seg: no API pages.</p>{% endif %}
 {% endblock %}""",
 
 "api_module.html": """{% extends "base.html" %}{% block main %}
-<h1>{{ doc.title }} <small><code>sun_seg.{{ doc.module }}</code></small></h1><p class="subtitle">{{ doc.subtitle }}</p>
+<h1>{{ doc.title }} <small><code>sun_seg.{{ doc.module }}</code></small></h1><p class="subtitle">{{ doc.subtitle | md }}</p>
 {% for c in doc.cells %}
 {% if c.kind == 'markdown' %}<div class="md">{{ c.html }}</div>
 {% elif c.kind == 'code' %}<div class="cell-code{{ ' exported' if c.exported }}">{{ c.html }}</div>
-{% else %}<div class="symbol" id="{{ c.name }}"><div class="sig">{{ c.signature }}</div>{% if c.doc %}<p><em>{{ c.doc }}</em></p>{% endif %}
+{% else %}<div class="symbol" id="{{ c.name }}"><div class="sig">{{ c.signature }}</div>{% if c.doc %}<p><em>{{ c.doc | md }}</em></p>{% endif %}
 {% if c.params %}<table class="data"><thead><tr><th>parameter</th><th>type</th><th>default</th><th>details</th></tr></thead><tbody>
-{% for p in c.params %}<tr><td class="text"><code>{{ p.name }}</code></td><td class="text">{{ p.type }}</td><td class="text">{{ p.default }}</td><td class="text">{{ p.doc }}</td></tr>{% endfor %}
+{% for p in c.params %}<tr><td class="text"><code>{{ p.name }}</code></td><td class="text">{{ p.type }}</td><td class="text">{{ p.default }}</td><td class="text">{{ p.doc | md }}</td></tr>{% endfor %}
 </tbody></table>{% endif %}</div>{% endif %}
 {% endfor %}
 {% endblock %}"""}
@@ -401,6 +433,7 @@ def site_environment() -> jinja2.Environment:
     "The Jinja2 environment of the site's templates, autoescape on."
     env = jinja2.Environment(loader=jinja2.DictLoader({"base.html": _BASE, "macros.html": _MACROS, **_PAGES}),
                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["md"] = inline_markdown
     env.globals["m"] = env.get_template("macros.html").make_module()
     return env
 
@@ -438,7 +471,7 @@ def frame_view(frame: pd.DataFrame, table_id: str, fmts: dict | None = None, hre
     return {"id": table_id, "headers": headers, "rows": rows}
 
 # %% ../nbs/51_report.ipynb #e89c8599
-NAV = [("index.html", "Overview"), ("data.html", "Data"), ("tables.html", "Tables"), ("figures.html", "Figures"),
+NAV = [("index.html", "Overview"), ("data.html", "Data"), ("tables.html", "Tables"), ("method.html", "Method"), ("figures.html", "Figures"),
        ("questions.html", "Research questions"), ("runs.html", "Runs"), ("api/index.html", "API")]
 
 def settings_line(record: dict) -> str:
@@ -468,6 +501,40 @@ def pretrain_note(record: dict) -> str:
         return ("The ConvNeXt runs fine-tune " + ", ".join(f"{v} ({k})" for k, v in weights.items())
                 + "; their two classifiers (decode and auxiliary head) are replaced by 37-class ones.")
     return "No pretrained weights are used in this study."
+
+# %% ../nbs/51_report.ipynb #aeee92f5
+def readable(value: Any, key: str = "") -> str:
+    "A recorded value as text: records as `name: value` pairs, long lists summarised, numbers shortened."
+    if value is None: return "-"
+    if isinstance(value, bool): return "yes" if value else "no"
+    if isinstance(value, dict): return "; ".join(f"{k}: {readable(v, str(k))}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if numbers and len(value) > 12:
+            return f"{len(value)} values, {readable(min(value))} to {readable(max(value))}"
+        return ", ".join(readable(v) for v in value) or "none"
+    if isinstance(value, float): return format_value(value, "f4") if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int): return f"{value:,}"
+    return str(value)
+
+def settings_rows(record: dict) -> dict:
+    "The study's settings, one readable row each: profile, its parameters and epoch budgets, seeds, weights, pretraining, defaults."
+    p, rows = record["profile"], {}
+    rows["profile"] = p["name"]
+    rows["description"] = p.get("description") or "-"
+    rows.update({f"parameter {k}": readable(v, k) for k, v in (p.get("params") or {}).items()})
+    if p.get("epochs"): rows["epoch budgets"] = ", ".join(f"the study's {k} -> {v}" for k, v in p["epochs"].items())
+    rows["seeds"] = readable(record["seeds"])
+    if p.get("pretrained"): rows["pretrained weights"] = readable(p["pretrained"])
+    pre = record.get("pretrain") or {}
+    for k, v in pre.items():
+        if k == "label_ids":
+            v = f"the 37 classes' ids among the head's {pre.get('num_labels')} labels ({len(v)} ids, seeded)"
+        elif k == "num_labels":
+            v = f"{v} labels" + (" (ADE20K)" if v == 150 else "")
+        rows[f"pretraining: {k}"] = readable(v, k)
+    rows.update({f"study default: {k}": readable(v, k) for k, v in (record.get("defaults") or {}).items()})
+    return rows
 
 # %% ../nbs/51_report.ipynb #e57ec658
 class _Site:
@@ -509,6 +576,8 @@ def _run_pages(site: _Site, analysis: dict, notebooks: bool):
         for split in ("val", "test"):
             for k in ("miou", "pixel_accuracy", "mean_class_accuracy", "loss", "images"):
                 if k in (metrics.get(split) or {}): results[f"{split} {k}"] = metrics[split][k]
+        if metrics.get("status") in FINAL_STATUSES and not metrics.get("test"): results["test"] = "not evaluated"
+        if r.flags: results["flags"] = r.flags
         results = {k: _shown(v) for k, v in results.items()}
         iou = {s: (metrics.get(s) or {}).get("iou_per_class") for s in ("val", "test")}
         iou_frame = pd.DataFrame({s: pd.Series(v, dtype=float) for s, v in iou.items() if v})
@@ -519,9 +588,11 @@ def _run_pages(site: _Site, analysis: dict, notebooks: bool):
                  if (run_dir / f).is_file()]
         record_path = out / "grid" / f"{r.run_id}.json"
         if record_path.is_file(): extra.append(("What the grid did", read_json(record_path)))
+        extra = [(title, {k: readable(v, k) for k, v in d.items()}) for title, d in extra]
         notebook = notebooks and (run_dir / "train.ipynb").is_file()
         status, reason = run_state(out, r.run_id)
         site.page(f"runs/{r.run_id}.html", "run.html", f"{r.entry} (seed {r.seed})", "Runs", run=run, status=status, reason=reason,
+                  params={k: readable(v, k) for k, v in run.params.items()},
                   results=results, iou=frame_view(iou_frame.rename_axis("class").reset_index(), "iou") if len(iou_frame) else None,
                   history=frame_view(history[keep], "history", {"epoch": "int", "lr": "sci"}) if len(history) else None,
                   curve=r.run_id in analysis["run_figures"], extra=extra, notebook=notebook)
@@ -559,6 +630,8 @@ def _api_pages(site: _Site, nbs: str | os.PathLike | None):
     site.page("api/index.html", "api_index.html", "API", "API", pages=pages, left_out=False)
 
 # %% ../nbs/51_report.ipynb #08a8dde3
+from .core import hold
+
 def build_site(out: str | os.PathLike, # a study's output folder (sun-seg study --out)
                analysis: dict | None = None, # `build_analysis(out)`'s result; built here when None
                api: bool = True, # also the API pages from the library's notebooks
@@ -567,7 +640,16 @@ def build_site(out: str | os.PathLike, # a study's output folder (sun-seg study 
               ) -> Path:
     "Build the static report site into `out/site` from the study's output folder; returns the site folder."
     out = Path(out).resolve()
-    record = read_study_record(out)
+    record = read_study_record(out)  # not a study folder: refused before a lock file is made there
+    with hold(out / ".report.lock", f"the report of {out}"):  # one report at a time; a second waits, then rebuilds
+        return _build_site(out, record, analysis, api, notebooks, nbs)
+
+def _remove_leftovers(out: Path) -> None:
+    "Remove the build folders of reports that were killed (the lock is held: no other report is building)."
+    for folder in [*out.glob(".site-building-*"), *out.glob(".site-old-*")]: shutil.rmtree(folder, ignore_errors=True)
+
+def _build_site(out: Path, record: dict, analysis: dict | None, api: bool, notebooks: bool, nbs) -> Path:
+    _remove_leftovers(out)
     analysis = analysis or build_analysis(out)
     final = out / "site"
     folder = out / f".site-building-{os.getpid()}"
@@ -585,18 +667,18 @@ def build_site(out: str | os.PathLike, # a study's output folder (sun-seg study 
         site.page("index.html", "index.html", "Overview", "Overview", runs=list(runs.run_id), entries=runs.entry.nunique(),
                   seeds=record["seeds"], status_counts=runs.status.value_counts().to_dict(), answers=analysis["answers"],
                   tables=tables, figures=figures, pretrain_note=pretrain_note(record), t3=next(t for t in tables if t["id"] == "T3"),
-                  profile_table={"profile": record["profile"]["name"], "description": record["profile"].get("description"),
-                                 **{f"parameter {k}": v for k, v in record["profile"].get("params", {}).items()},
-                                 "epoch budgets": record["profile"].get("epochs"), "seeds": record["seeds"],
-                                 "pretrained weights": record["profile"].get("pretrained"), "pretraining": record.get("pretrain"),
-                                 "study defaults": record.get("defaults")})
+                  profile_table=settings_rows(record))
         _data_page(site, analysis)
         site.page("tables.html", "tables.html", "Tables", "Tables", tables=tables)
+        site.page("method.html", "method.html", "Method card", "Method", card=record.get("method") or [],
+                  card_profile=record["profile"]["name"])
         site.page("figures.html", "figures.html", "Figures", "Figures", figures=figures)
         site.page("questions.html", "questions.html", "Research questions", "Research questions", answers=analysis["answers"])
-        run_list = runs[["entry", "seed", "run_id", "status", "reason", "best_epoch", "best_val_miou", "test_miou", "wall_seconds", "device"]]
+        run_list = runs[["entry", "seed", "run_id", "status", "reason", "flags", "best_epoch", "best_val_miou", "test_miou", "wall_seconds",
+                         "device_name"]].rename(columns={"device_name": "device"})
+        run_list = run_list.assign(test_miou=[_test_cell(v, s) for v, s in zip(runs.test_miou, runs.status)])
         site.page("runs.html", "runs.html", "Runs", "Runs", run_table=frame_view(
-            run_list, "runs", {"seed": "int", "best_epoch": "int", "wall_seconds": "f1", "best_val_miou": "f4", "test_miou": "f4"},
+            run_list, "runs", {"seed": "int", "best_epoch": "int", "wall_seconds": "f1", "best_val_miou": "f4", "test_miou": "text"},
             {"entry": [f"runs/{r}.html" for r in runs.run_id]}))
         _run_pages(site, analysis, notebooks)
         if api: _api_pages(site, nbs)
@@ -612,17 +694,29 @@ def build_site(out: str | os.PathLike, # a study's output folder (sun-seg study 
         shutil.rmtree(folder, ignore_errors=True)
     return final
 
+def _test_cell(value: float, status: str) -> str:
+    "A run's test mIoU, or why it has none: 'not evaluated' (a finished run the study does not test), NaN (no result)."
+    if value == value: return format_value(value, "f4")
+    return "not evaluated" if status in FINAL_STATUSES else "NaN"
+
 def _data_page(site: _Site, analysis: dict):
     from sun_seg.analysis import data_summary
     summary = data_summary(site.out)
     figures = [f for f in analysis["figures"] if f["kind"] in ("void_share", "class_frequency")]
     info, class_table = {}, None
     if summary:
-        info = {k: _shown(v) for k, v in summary["info"].items()}
+        info = {k.replace("_", " "): readable(v, k) for k, v in summary["info"].items()}
         freq = summary["class_statistics"].reset_index()
         class_table = frame_view(freq, "classes", {c: ("count" if c in ("pixels", "images", "image_pixels") else "f4")
                                                    for c in freq.columns if c != "class"})
-    site.page("data.html", "data.html", "Data", "Data", data_table={k: v for k, v in site.record["data"].items()},
+    from sun_seg.analysis import BASELINE_LABELS, data_baselines, interval_text
+    found = data_baselines(site.out)
+    baselines = {} if "missing" in found else {
+        f"{BASELINE_LABELS[name]} on {split}": f"mIoU {format_value(b['miou'], 'f3')} {interval_text(b['interval'])}, pixel accuracy "
+                                               f"{format_value(b['pixel_accuracy'], 'f3')} ({b['images']} images)"
+        for split in ("val", "test") for name, b in ((n, found[split][n]) for n in BASELINE_LABELS)}
+    site.page("data.html", "data.html", "Data", "Data", data_table={k: readable(v, k) for k, v in site.record["data"].items()},
+              baselines=baselines, majority=found.get("majority_class"),
               summary=info, figures=figures, class_table=class_table)
 
 # %% ../nbs/51_report.ipynb #08e2a726

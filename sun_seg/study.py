@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_study.ipynb #cfa2b0bd
 from __future__ import annotations
-import argparse, csv, dataclasses, fnmatch, inspect, math, os, shutil, socket, sys, time, traceback
+import argparse, csv, dataclasses, fnmatch, inspect, json, math, os, shutil, socket, sys, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -14,16 +14,17 @@ import yaml
 
 import sun_seg
 from .estimate import GridEstimate, RunTiming
-from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, SunSegError, atomic_path, atomic_write_json,
+from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, Lease, ParameterError, SunSegError, atomic_path, atomic_write_json,
                           check_choice, data_label, packaged_file, read_json, safe_child, safe_name, stable_hash)
 
 # %% auto #0
-__all__ = ['MAX_YAML_VALUES', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'PRETRAIN_KEYS', 'RUN_COST_FACTORS',
-           'FINAL_STATUSES', 'STUDY_RECORD', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect', 'FigureSpec', 'Profile',
-           'Study', 'parse_study', 'load_study', 'default_study_path', 'GridRun', 'resolve_params', 'resolve_grid',
-           'parse_shard', 'select_runs', 'run_cost', 'balanced_shards', 'slurm_shard', 'read_metrics', 'run_status',
-           'run_state', 'RunLock', 'run_grid', 'SimulatedTrainer', 'simulated_evaluate', 'select_best',
-           'run_evaluations', 'study_record', 'write_study_record', 'read_study_record', 'record_runs',
+__all__ = ['MAX_YAML_VALUES', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'METHOD_KEYS', 'PRETRAIN_KEYS',
+           'RUN_COST_FACTORS', 'FINAL_STATUSES', 'STUDY_RECORD', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect',
+           'FigureSpec', 'Profile', 'Study', 'parse_study', 'load_study', 'default_study_path', 'GridRun',
+           'resolve_params', 'resolve_grid', 'method_values_of', 'check_method_card', 'method_card',
+           'format_method_card', 'parse_shard', 'select_runs', 'run_cost', 'balanced_shards', 'slurm_shard',
+           'read_metrics', 'run_status', 'run_state', 'RunLock', 'run_grid', 'SimulatedTrainer', 'simulated_evaluate',
+           'select_best', 'run_evaluations', 'study_record', 'write_study_record', 'read_study_record', 'record_runs',
            'record_evaluations', 'simulate_study', 'engine_identify', 'data_of', 'papermill_trainer',
            'inprocess_trainer', 'pretrain_folder', 'pretrain_upernet', 'save_predictions', 'save_data_summary',
            'default_out_dir', 'run_study', 'add_cli']
@@ -144,6 +145,7 @@ class Study:
     effects: tuple
     figures: dict
     qualitative_scan: int = 200
+    method: dict = field(default_factory=dict)  # the method card: {name: {"study", "ours", "why"}}
 
     def entry(self, name: str) -> RunEntry:
         "The run entry called `name`."
@@ -300,7 +302,20 @@ def _parse_figure(fid: str, d, path, names: set) -> FigureSpec:
 
 # %% ../nbs/40_study.ipynb #f98104a1
 STUDY_KEYS = ("study", "title", "source", "seeds", "defaults", "profiles", "tables", "runs", "evaluations",
-              "effects", "figures", "qualitative_scan")
+              "effects", "figures", "qualitative_scan", "method")
+METHOD_KEYS = ("study", "ours", "why")  # of each method card entry
+
+def _parse_method(d, path) -> dict:
+    "The method card's shape: `{name: {'study', 'ours', 'why'}}` (its values are checked by `check_method_card`)."
+    card = {}
+    for name, entry in _mapping(d, "method", path).items():
+        where = f"method.{name}"
+        entry = _keys(_mapping(entry, where, path), where, path, METHOD_KEYS, METHOD_KEYS)
+        ours = _mapping(entry["ours"], f"{where}.ours", path)
+        if not ours: raise ParameterError(f"{where}.ours", "name at least one value", str(path))
+        card[str(name)] = {"study": _string(entry["study"], f"{where}.study", path), "ours": dict(ours),
+                           "why": _string(entry["why"], f"{where}.why", path)}
+    return card
 PRETRAIN_KEYS = ("num_labels", "images", "image_size", "epochs", "batch_size", "lr", "seed",
                  "backbone_config", "config_overrides")  # the last two make tiny models for tests
 
@@ -328,11 +343,12 @@ def parse_study(d: Any, # the study file's content (what `read_yaml` returns)
     names = set(entries) | {e.name for e in evaluations}
     figures = {str(k): _parse_figure(str(k), v, path, names) for k, v in _mapping(d.get("figures"), "figures", path).items()}
     scan = _positive_int(d.get("qualitative_scan", 200), "qualitative_scan", path)
+    method = _parse_method(d.get("method"), path)
     return Study(path=path, name=_string(d["study"], "study", path), title=str(d.get("title") or d["study"]),
                  source=str(d.get("source") or ""), seeds=_seeds(d["seeds"], "seeds", path),
                  defaults=defaults, profiles=profiles, tables=tables,
                  runs=tuple(entries.values()), evaluations=tuple(evaluations), effects=tuple(effects),
-                 figures=figures, qualitative_scan=scan)
+                 figures=figures, qualitative_scan=scan, method=method)
 
 def load_study(path: str | os.PathLike | None = None, # a study file; default: `default_study_path()`
               ) -> Study:
@@ -424,6 +440,87 @@ def resolve_grid(study: Study, # the parsed study file
             runs.append(GridRun(entry=entry.name, seed=seed, params=params, run_id=run_id,
                                 tables=dict(entry.tables), reported=dict(entry.reported)))
     return runs
+
+# %% ../nbs/40_study.ipynb #96ad8e0a
+_NOT_PER_ROW = ("model", "pretrained", "profile", "data_dir", "seed")  # named by the rows themselves
+
+def _card_params(study: Study, profile: Profile, entry: RunEntry | None = None) -> dict:
+    "The parameters the card describes: an entry's (or the study's defaults) under `profile`, for a UPerNet row."
+    upernet = next((e for e in study.runs if e.params.get("model", study.defaults.get("model")) == "upernet"), None)
+    base = resolve_params(study, profile, upernet, 0, pretrain_dir="(the profile's pretraining step)") if upernet else {}
+    params = {"profile": "full", **study.defaults, **profile.params,
+              **{k: base[k] for k in ("model", "pretrained") if k in base}}
+    if params.get("epochs") in profile.epochs: params["epochs"] = profile.epochs[params["epochs"]]  # the profile's budget
+    if entry is not None:
+        params = {**params, **resolve_params(study, profile, entry, 0, pretrain_dir="(the profile's pretraining step)")}
+    return params
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-12) or (a != a and b != b)
+    return _jsonable(a) == _jsonable(b)
+
+def method_values_of(study: Study, profile: Profile | str = "full", entry: RunEntry | None = None) -> dict:
+    "`sun_seg.train.method_values` of the study's parameters (or one entry's) under `profile`."
+    from sun_seg.train import TrainConfig, method_values
+    profile = study.profiles[profile] if isinstance(profile, str) else profile
+    config = TrainConfig.from_params(_card_params(study, profile, entry), source=f"{study.path}, profile {profile.name}")
+    return _jsonable(method_values(config))
+
+def check_method_card(study: Study) -> None:
+    "Refuse a method card whose values are not what the code does under the `full` profile, or that omits a choice."
+    if not study.method or "full" not in study.profiles: return
+    values, declared = method_values_of(study, "full"), {}
+    for name, entry in study.method.items():
+        for key, value in entry["ours"].items():
+            where = f"method.{name}.ours.{key}"
+            if key not in values:
+                raise ParameterError(where, f"is not a choice the code records; known: {', '.join(values)}", str(study.path))
+            if key in declared: raise ParameterError(where, f"is declared in method.{declared[key]} too", str(study.path))
+            if not _same_value(value, values[key]):
+                raise ParameterError(where, f"says {value!r}, but the code uses {values[key]!r} under profile full: correct"
+                                     " the card (or the parameter it describes)", str(study.path))
+            declared[key] = name
+    missing = [k for k in values if k not in declared]
+    if missing:
+        raise ParameterError("method", f"does not declare {', '.join(missing)}: every choice that changes the numbers"
+                             " needs an entry", str(study.path))
+
+# %% ../nbs/40_study.ipynb #55866225
+def method_card(study: Study, profile: Profile | str = "full") -> list[dict]:
+    "The card as shown: each entry with `rows` (entries whose value differs) and `profile` (what `profile` changes)."
+    from sun_seg.train import TrainConfig
+    profile = study.profiles[profile] if isinstance(profile, str) else profile
+    fields = set(TrainConfig.__dataclass_fields__) - set(_NOT_PER_ROW)
+    used = method_values_of(study, profile) if profile.name != "full" else {}
+    rows_of = {e.name: _card_params(study, profile, e) for e in study.runs}
+    card = []
+    for name, entry in study.method.items():
+        rows = {}
+        for row, params in rows_of.items():
+            differ = {k: _jsonable(params[k]) for k in entry["ours"] if k in fields and k in params
+                      and not _same_value(params[k], used.get(k, entry["ours"][k]))}
+            if differ: rows[row] = differ
+        changed = {k: used[k] for k in entry["ours"] if k in used and not _same_value(used[k], entry["ours"][k])}
+        card.append({"name": name, **entry, "rows": rows, "profile": profile.name, "profile_values": changed})
+    return card
+
+def _card_value(value) -> str:
+    return ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+
+def format_method_card(card: list[dict]) -> str:
+    "The card as text (`sun-seg study --list`)."
+    lines = ["Method card (reports/study.yaml `method:`; our values are the code's under the full profile):"]
+    for e in card:
+        lines.append(f"  {e['name'].replace('_', ' ')}: {_card_value(e['ours'])}")
+        lines.append(f"      study: {e['study']}")
+        lines.append(f"      why: {e['why']}")
+        if e["profile_values"]: lines.append(f"      profile {e['profile']}: {_card_value(e['profile_values'])}")
+        for row, values in e["rows"].items(): lines.append(f"      row {row}: {_card_value(values)}")
+    return "\n".join(lines)
 
 # %% ../nbs/40_study.ipynb #2c6b808c
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -545,37 +642,9 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError: return True
     return True
 
-class RunLock:
-    "An exclusive lock file for one run; `acquire()` returns False when another live process holds it."
-    def __init__(self, path: str | os.PathLike): self.path, self.held = Path(path), False
-
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if not self._stale(): return False
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f: f.write(f"{socket.gethostname()} {os.getpid()} {time.time():.0f}\n")
-            self.held = True
-            return True
-        return False
-
-    def _stale(self) -> bool:
-        try: host, pid, _ = self.path.read_text().split()
-        except (OSError, ValueError): return True
-        return host == socket.gethostname() and not _pid_alive(int(pid))
-
-    def owner(self) -> str:
-        try: host, pid, since = self.path.read_text().split()
-        except (OSError, ValueError): return "unknown"
-        return f"process {pid} on {host} since {time.strftime('%Y-%m-%d %H:%M', time.localtime(float(since)))}"
-
-    def release(self):
-        if self.held: self.path.unlink(missing_ok=True)
-        self.held = False
+class RunLock(Lease):
+    "The lease of one run folder (`runs/<run_id>/.lock`, the engine's own); `acquire()` returns False while another live process holds it."
+    def __init__(self, path: str | os.PathLike): super().__init__(path, f"the run {Path(path).parent.name}")
 
 # %% ../nbs/40_study.ipynb #e43529d4
 def _reason(e: BaseException) -> str:
@@ -628,7 +697,7 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
             ) -> list[dict]:
     "Train every run not finished yet; returns one outcome per run (entry, seed, run_id, status, action, seconds, reason)."
     out = Path(out)
-    runs_dir, grid_dir, lock_dir = out / "runs", out / "grid", out / "locks"
+    runs_dir, grid_dir = out / "runs", out / "grid"
     runs_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []
     pending = {r.run_id: r.params for r in runs if run_status(safe_child(runs_dir, r.run_id, "run_id")) not in FINAL_STATUSES}
@@ -644,10 +713,18 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
         if before in FINAL_STATUSES:
             log(f"{head}: {before} earlier, skipped")
             continue
-        lock = RunLock(safe_child(lock_dir, f"{run.run_id}.lock", "run_id"))
+        lock = RunLock(run_dir / ".lock")  # the engine's own lock: one per run folder
         if not lock.acquire():
-            outcome.update(action="locked", reason=f"being trained by {lock.owner()}")
-            log(f"{head}: locked by {lock.owner()}, skipped (delete {lock.path} if that process is gone)")
+            owner = lock.owner()
+            outcome.update(status="running", action="locked", reason=f"held by {owner}")
+            log(f"{head}: held by {owner}, skipped (it is being trained there; a dead holder's lock is taken over "
+                "once its lease ran out)")
+            continue
+        now, _ = run_state(out, run.run_id)
+        if now in FINAL_STATUSES:  # another process finished it between the first look and the lock
+            lock.release()
+            outcome.update(status=now)
+            log(f"{head}: {now} meanwhile by another process, skipped")
             continue
         action = {"absent": "started", "failed": "retried"}.get(before, "resumed")
         left = estimate.remaining(list(pending.values()))
@@ -722,6 +799,20 @@ def _split_metrics(row: dict, split: str, images: int) -> dict:
             "iou_per_class": {c: row[f"val_iou_{c}"] for c in CLASS_NAMES}, "split": split, "images": images,
             "confusion": _simulated_confusion(row)}
 
+def _save_simulated_counts(run_dir: Path, row: dict, split: str, images: int) -> None:
+    "Made-up per-image counts (`val_per_image.npz`, `test_per_image.npz`) whose sums give about the row's IoU per class."
+    from sun_seg.metrics import image_counts_path, save_image_counts
+    iou = np.nan_to_num(np.array([row[f"val_iou_{c}"] for c in CLASS_NAMES], dtype=float), nan=-1.0)
+    shared = np.random.default_rng(["val", "test"].index(split))  # the same images in every run: sizes, classes, difficulty
+    size = shared.integers(2_000, 20_000, (images, len(CLASS_NAMES)))
+    union = np.where((shared.random(size.shape) < 0.6) & (iou >= 0), size, 0)
+    difficulty = shared.normal(0, 0.08, (images, 1))
+    noise = np.random.default_rng(int(stable_hash(run_dir.name, 8), 16)).normal(0, 0.04, size.shape)
+    inter = union * np.clip(iou + difficulty + noise, 0, 1)
+    inter = np.minimum(np.round(inter * (iou.clip(0) * union.sum(0) / np.maximum(inter.sum(0), 1))), union)
+    save_image_counts(image_counts_path(run_dir, split), {"index": np.arange(images), "intersection": inter, "union": union},
+                      row["epoch"], split)
+
 # %% ../nbs/40_study.ipynb #2aaffd1a
 class SimulatedTrainer:
     "Writes run folders in the contract's form with made-up numbers (tests and examples only); can fail, diverge or be interrupted."
@@ -783,7 +874,9 @@ class SimulatedTrainer:
                        best_epoch=best["epoch"] if best else None, best_val_miou=best["val_miou"] if best else float("nan"),
                        epochs_completed=len(rows), stopped_early=False, wall_seconds=sum(r["seconds"] for r in rows),
                        train_images_per_second=float(np.mean([r["train_images_per_second"] for r in rows])))
-        if best: metrics["val"] = _split_metrics(best, "val", 20)
+        if best:
+            metrics["val"] = _split_metrics(best, "val", 20)
+            _save_simulated_counts(run_dir, best, "val", 20)
         atomic_write_json(run_dir / "metrics.json", metrics)
 
 def simulated_evaluate(run_dir: str | os.PathLike, # a run folder written by `SimulatedTrainer`
@@ -792,6 +885,7 @@ def simulated_evaluate(run_dir: str | os.PathLike, # a run folder written by `Si
     metrics = read_metrics(run_dir)
     row = _simulated_epoch(Path(run_dir).name + split, 99, metrics["best_val_miou"] * 1.02)
     metrics[split] = _split_metrics(row, split, 30)
+    _save_simulated_counts(Path(run_dir), {**row, "epoch": metrics.get("best_epoch")}, split, 30)
     atomic_write_json(Path(run_dir) / "metrics.json", metrics)
     return metrics[split]
 
@@ -873,7 +967,8 @@ def study_record(study: Study, profile: Profile, runs: list[GridRun], # the reso
             "evaluations": [dataclasses.asdict(e) for e in study.evaluations],
             "effects": [dataclasses.asdict(e) for e in study.effects],
             "figures": [dataclasses.asdict(f) for f in study.figures.values()],  # a list: JSON keys get sorted
-            "qualitative_scan": profile.qualitative_scan or study.qualitative_scan, "pretrain": pretrain, "sun_seg": sun_seg.__version__}
+            "qualitative_scan": profile.qualitative_scan or study.qualitative_scan, "pretrain": pretrain, "sun_seg": sun_seg.__version__,
+            "method": method_card(study, profile) if study.method else []}
 
 def write_study_record(out: str | os.PathLike, record: dict) -> Path:
     "Write `out/study.json`; refuses to mix two different studies or datasets in one output folder."
@@ -1295,6 +1390,7 @@ def run_study(study: str | os.PathLike | Study | None = None, # the study file (
     if profile not in study.profiles:
         raise ParameterError("profile", f"got {profile!r}; {study.path} defines {', '.join(study.profiles)}")
     prof = study.profiles[profile]
+    check_method_card(study)  # a card that is not what the code does stops here, before anything trains
     out = _check_out(Path(out) if out else default_out_dir(prof)).resolve()  # `a/../b` must not create `a`
     root = _profile_data(prof, data_dir, str(study.path))
     pretrain_dir, _ = _pretrain(prof, device, log, make=False)
@@ -1310,6 +1406,7 @@ def run_study(study: str | os.PathLike | Study | None = None, # the study file (
             state = run_state(out, r.run_id)[0] if (out / "runs").is_dir() else "absent"
             log(f"{'*' if r in chosen else ' '} {r.entry:40s} seed {r.seed}  {state:11s} {r.run_id}")
         log(f"{len(chosen)} of {len(runs)} runs in this selection (*); data: {data_label(data['kind'], data['fingerprint'])}")
+        if study.method: log("\n" + format_method_card(method_card(study, prof)))
         return {"out": out, "runs": runs, "outcomes": [], "evaluations": {}, "predictions": {}}
     log(data_label(data["kind"], data["fingerprint"]))
     needs_weights = pretrain_dir is not None and any(r.params.get("pretrained") == pretrain_dir for r in chosen)
@@ -1355,7 +1452,8 @@ def _study(args) -> int:
                                 else papermill_trainer(log_output=not args.quiet, device=args.device)),
                        device=args.device, list_only=args.list)
     if args.list: return 0
-    failed = [o for o in result["outcomes"] if o["status"] not in FINAL_STATUSES]
+    held = [o for o in result["outcomes"] if o["action"] == "locked"]
+    failed = [o for o in result["outcomes"] if o["status"] not in FINAL_STATUSES and o not in held]
     if args.no_report or shard is not None:
         print(f"report not built{' (a shard: build it once every shard is done)' if shard else ''}: "
               f"sun-seg report --out {result['out']}")
@@ -1365,8 +1463,11 @@ def _study(args) -> int:
         print(f"report: {site / 'index.html'}")
     retry = (f" ({', '.join(o['entry'] + ': ' + o['status'] for o in failed)}; the same command again retries them)"
              if failed else "")
-    print(f"sun-seg study: {len(result['outcomes'])} runs in this invocation, {len(failed)} not finished{retry}; "
-          f"total {time.time() - start:.0f} s")
+    if held:
+        print(f"still running in other processes (the report shows only finished runs; run `sun-seg report --out "
+              f"{result['out']}` once they finish): " + "; ".join(f"{o['entry']} seed {o['seed']}: {o['reason']}" for o in held))
+    print(f"sun-seg study: {len(result['outcomes'])} runs in this invocation, {len(failed)} not finished{retry}"
+          f"{f', {len(held)} held by other processes' if held else ''}; total {time.time() - start:.0f} s")
     return 1 if failed else 0
 
 def add_cli(subparsers) -> None:

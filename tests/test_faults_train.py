@@ -260,6 +260,10 @@ WRONG_VALUE = {
     "aux_loss_weight": [-0.1, math.nan],
     "plateau_factor": [0, 1.0, 1.5],
     "plateau_patience": [-1],
+    "val_method": ["random", "Official"],
+    "val_fraction": [0, 1.0, -0.1, math.nan],
+    "val_seed": [-1, 2.0],
+    "pretrained_revision": ["", "a b"],
 }
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 

@@ -7,6 +7,7 @@ from torch import nn
 from transformers import UperNetForSemanticSegmentation
 
 from sun_seg.core import CLASS_NAMES, IGNORE_INDEX, DataError, ParameterError, normalize_images
+from train_fixtures import write_published_checkpoint
 from sun_seg.models import (FINETUNE_CHOICES, UPERNET_CHECKPOINT, UNet, UperNetSegmenter, build_model, build_upernet,
                             flop_breakdown, model_profile, upernet_config)
 
@@ -360,3 +361,40 @@ def test_full_unet_training_step_bf16_channels_last():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         train_step(model, size=(67, 91))
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The published checkpoint as published: openmmlab/upernet-convnext-tiny was written in 2023 by transformers 4.26,
+# its config.json carries that era's fields and its weights may exist only as a pickled pytorch_model.bin.
+
+def test_published_checkpoint_as_published_loads_every_tensor_but_the_classifiers(tmp_path):
+    """The 2023 folder through the engine's `pretrained` path: every tensor but the two classifiers exactly, and the
+    classifiers 37-way (GitHub issue 10)."""
+    from sun_seg.train import TrainConfig, build_run_model
+    folder = tmp_path / "upernet-convnext-tiny"
+    published = write_published_checkpoint(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "pytorch_model.bin"]  # no safetensors
+    model = build_run_model(TrainConfig(model="upernet", pretrained=str(folder)).validate())
+    loaded = model.net.state_dict()
+    assert set(loaded) == set(published)
+    heads = {f"{c}.{w}" for c in CLASSIFIERS for w in ("weight", "bias")}
+    for name, tensor in published.items():
+        if name in heads:
+            assert loaded[name].shape[0] == 37, name
+        else:
+            assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    assert model.num_classes == 37 and model.config.id2label[36] == CLASS_NAMES[36]
+    assert model.config.loss_ignore_index == IGNORE_INDEX
+    assert model.finetune == "decoder"
+
+
+def test_pinned_commit_must_be_the_folders(tmp_path):
+    """A folder from `hf download --local-dir` names its commit; a `pretrained_revision` pinning another is refused."""
+    folder = tmp_path / "upernet-convnext-tiny"
+    write_published_checkpoint(folder)
+    meta = folder / ".cache" / "huggingface" / "download"
+    meta.mkdir(parents=True)
+    (meta / "config.json.metadata").write_text("a" * 40 + "\netag\n1.0\n")
+    with pytest.raises(ParameterError, match="parameter `pretrained_revision`"):
+        build_upernet(folder, revision="b" * 40)
+    assert build_upernet(folder, revision="a" * 40).num_classes == 37

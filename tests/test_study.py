@@ -21,6 +21,7 @@ from sun_seg.study import (GridRun, SimulatedTrainer, RunLock, load_study, parse
                            run_grid, run_state, run_study, select_runs, simulate_study, stable_hash)
 
 from conftest import ROOT
+from lock_fixtures import hold_in_another_process, stop
 
 STUDY = ROOT / "reports" / "study.yaml"
 
@@ -158,13 +159,16 @@ def test_skip_resume_failure(tmp_path):
 
 
 def test_a_locked_run_is_left_to_its_owner(tmp_path):
+    """A run held by another live process (the engine's own lock, runs/<id>/.lock) is skipped, saying by whom."""
     run = toy_runs(1)[0]
-    lock = RunLock(tmp_path / "locks" / f"{run.run_id}.lock")
-    assert lock.acquire()
-    lines = []
-    outcomes = run_grid([run], tmp_path, SimulatedTrainer(), log=lines.append)
-    assert outcomes[0]["action"] == "locked" and "locked by process" in lines[0]
-    lock.release()
+    holder = hold_in_another_process(tmp_path / "runs" / run.run_id / ".lock")
+    try:
+        lines = []
+        outcomes = run_grid([run], tmp_path, SimulatedTrainer(), log=lines.append)
+        assert outcomes[0]["action"] == "locked" and f"held by process {holder.pid} on " in lines[0]
+        assert outcomes[0]["status"] == "running" and not (tmp_path / "runs" / run.run_id / "metrics.json").exists()
+    finally:
+        stop(holder)
     assert run_grid([run], tmp_path, SimulatedTrainer(), log=lines.append)[0]["status"] == "completed"
 
 
@@ -299,3 +303,55 @@ def test_tiny_study_end_to_end_through_papermill(tmp_path):
 
 def read_metrics_of(out, run_id):
     return read_json(out / "runs" / run_id / "metrics.json")
+
+
+# ---- the method card (GitHub issue 10) --------------------------------------------------------------------------
+
+def test_method_card_is_what_the_code_does():
+    """Every `ours` value of reports/study.yaml's method card equals sun_seg.train.method_values under the full profile
+    (the parameters and the engine's fixed choices), and every such choice is declared: the card cannot drift."""
+    from sun_seg.study import check_method_card, method_values_of
+    study = load_study(STUDY)
+    check_method_card(study)
+    declared = {k for e in study.method.values() for k in e["ours"]}
+    assert declared == set(method_values_of(study, "full"))
+    assert {"validation_split", "augmentation", "loss", "class_weights", "optimizer", "scheduler", "early_stopping",
+            "image_size", "evaluation", "precision", "pretrained"} <= set(study.method)
+    for name, entry in study.method.items():
+        assert entry["study"] and entry["why"], name
+    d = read_yaml(STUDY)
+    d["method"]["optimizer"]["ours"]["weight_decay"] = 0.01
+    with pytest.raises(ParameterError, match=r"method\.optimizer\.ours\.weight_decay.*the code uses 0\.0"):
+        check_method_card(parse_study(d, STUDY))
+
+
+def test_method_card_quotes_are_the_studys_words():
+    """Every quoted phrase in a card's `study` field is in the study's text (or the field says "not stated")."""
+    import re
+    texts = sorted(Path("/work/shared/study").glob("000_*.txt")) if Path("/work/shared/study").is_dir() else []
+    if not texts: pytest.skip("the study's text is not on this machine")
+    text = re.sub(r"[*\s]+", " ", texts[0].read_text())
+    for name, entry in load_study(STUDY).method.items():
+        quotes = re.findall(r'"([^"]+)"', entry["study"])
+        assert quotes or entry["study"].startswith("not stated"), name
+        for q in quotes:
+            if entry["study"].startswith("not stated"): continue
+            assert re.sub(r"\s+", " ", q) in text, (name, q)
+
+
+def test_t1_sweep_trains_its_whole_budget_under_every_profile():
+    """The T1 rows run without early stopping (patience 0) as the study ran them, in the full and the demo profile."""
+    from sun_seg.study import resolve_params
+    study = load_study(STUDY)
+    for profile in ("full", "demo"):
+        for e in study.runs:
+            params = resolve_params(study, study.profiles[profile], e, 0, pretrain_dir="/x")
+            assert (params["patience"] == 0) == ("T1" in e.tables), (profile, e.name)
+
+
+def test_study_list_prints_the_method_card(tmp_path):
+    lines = []
+    run_study(STUDY, "demo", tmp_path / "out", trainer=never_train, list_only=True, log=lines.append)
+    text = "\n".join(lines)
+    assert "Method card" in text and "validation split: val_method=seeded" in text
+    assert "row unet-lr1e-2-20ep: patience=0, epochs=2" in text and "profile demo: image_size=64x80" in text

@@ -77,6 +77,33 @@ def test_run_folder_contract(data, tmp_path):
     original = evaluate_run(run_dir, split="test", original_size=True, progress=False)
     assert original["original_size"] and original["pixels"] > 0
     assert json.loads((run_dir / "metrics.json").read_text())["test"]["original_size"] is True
+    _check_per_image_counts(run_dir, metrics, original)
+
+
+def _check_per_image_counts(run_dir, metrics, retested):
+    """The engine keeps each image's intersections and unions (the report's bootstrap needs them); summed, they are the record."""
+    from sun_seg.metrics import image_counts_path, load_image_counts, miou_from_counts
+    val = load_image_counts(image_counts_path(run_dir, "val"))
+    assert val["epoch"] == metrics["best_epoch"] and val["split"] == "val"
+    assert val["union"].shape == (metrics["val"]["images"], len(CLASS_NAMES))
+    assert list(val["index"]) == list(range(metrics["val"]["images"]))
+    assert miou_from_counts(val["intersection"], val["union"]) == pytest.approx(metrics["best_val_miou"], abs=1e-12)
+    # the test evaluation's, replaced by a later evaluation of the test split (here at the original size)
+    test = load_image_counts(image_counts_path(run_dir, "test"))
+    assert len(test["union"]) == 6 and (test["intersection"] <= test["union"]).all()
+    assert miou_from_counts(test["intersection"], test["union"]) == pytest.approx(retested["miou"], abs=1e-12)
+
+
+def test_per_image_counts_give_the_recorded_miou(data, tmp_path):
+    """A fit with its test evaluation: val_per_image.npz and test_per_image.npz sum to the recorded mIoUs."""
+    from sun_seg.metrics import image_counts_path, load_image_counts, miou_from_counts
+    record = fit(tiny_params(data, tmp_path, test=True, epochs=1), progress=False)
+    run_dir = tmp_path / record["run_id"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    test = load_image_counts(image_counts_path(run_dir, "test"))
+    assert test["epoch"] == metrics["best_epoch"]
+    assert miou_from_counts(test["intersection"], test["union"]) == pytest.approx(metrics["test"]["miou"], abs=1e-12)
+    _check_per_image_counts(run_dir, metrics, metrics["test"])
 
 
 def test_finished_run_is_reported_not_retrained(data, tmp_path):
@@ -288,3 +315,63 @@ def test_weighted_loss_uses_the_training_splitweights_of(data, tmp_path):
     assert json.loads((tmp_path / plain["run_id"] / "data.json").read_text())["class_weights"] is None
     # the validation loss is the weighted criterion: it differs from the unweighted one on the same first step
     assert weighted["val"]["loss"] != plain["val"]["loss"]
+
+
+def test_run_records_method_split_and_loaded_commit(data, tmp_path):
+    """method.json, the validation split as a parameter, and the hub commit of the pretrained folder: recorded in
+    environment.json and part of the run id, while a folder that names no commit keeps the id without it (issue 10)."""
+    from sun_seg.train import method_values, run_identity
+    from train_fixtures import write_published_checkpoint
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--openmmlab--upernet-convnext-tiny" / "snapshots" / commit
+    write_published_checkpoint(snapshot)
+    params = tiny_params(data, tmp_path / "runs", model="upernet", pretrained=str(snapshot), unet_width=64, epochs=1,
+                         max_train_batches=1, max_eval_batches=1, val_fraction=0.3, val_seed=2)
+    record = fit(params, progress=False)
+    run_dir = tmp_path / "runs" / record["run_id"]
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["pretrained_commit"] == commit and env["pretrained_revision"] == "main"
+    plan = plan_run(params, quiet=True)
+    assert run_identity(plan.config, plan.data_info, plan.dtype)["params"]["pretrained_commit"] == commit
+    method = json.loads((run_dir / "method.json").read_text())
+    assert method == json.loads(json.dumps(method_values(plan.config)))
+    assert (method["val_fraction"], method["val_seed"], method["aux_loss_weight"]) == (0.3, 2, 0.4)
+    data_json = json.loads((run_dir / "data.json").read_text())
+    assert (data_json["val_method"], data_json["val_fraction"], data_json["val_seed"]) == ("seeded", 0.3, 2)
+    plain = tmp_path / "plain"
+    write_published_checkpoint(plain)
+    assert plan_run({**params, "pretrained": str(plain)}, quiet=True).run_id != record["run_id"]
+    assert plan_run({**params, "val_seed": 3}, quiet=True).run_id != record["run_id"]
+
+
+def test_hub_id_not_in_the_cache_is_named_with_the_commit_it_will_load(data, tmp_path, monkeypatch):
+    """A hub id the cache does not hold: plan_run fetches only its config.json into the cache (as huggingface_hub
+    does: refs/<revision> and snapshots/<commit>/), so the run id carries the commit the weights will be loaded at,
+    the same before and after the download; offline (HF_HUB_OFFLINE) nothing is fetched and the id has no commit."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from sun_seg.train import run_identity
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    calls = []
+
+    def fake_download(repo_id, filename, revision=None, **kw):  # what hf_hub_download leaves in the cache
+        calls.append((repo_id, filename, revision))
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / filename).write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / (revision or "main")).write_text(commit)
+        return str(repo / "snapshots" / commit / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    params = tiny_params(data, tmp_path / "runs", model="upernet", pretrained="someone/upernet", unet_width=64)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = plan_run(params, quiet=True)
+    assert calls == [] and "pretrained_commit" not in run_identity(offline.config, offline.data_info, offline.dtype)["params"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    online = plan_run(params, quiet=True)
+    assert calls == [("someone/upernet", "config.json", "main")] and online.run_id != offline.run_id
+    assert run_identity(online.config, online.data_info, online.dtype)["params"]["pretrained_commit"] == commit
+    assert plan_run(params, quiet=True).run_id == online.run_id and len(calls) == 1  # now from the cache

@@ -20,7 +20,7 @@ from .sunrgbd import SunRGBD
 # %% auto #0
 __all__ = ['CLASS_WEIGHT_METHODS', 'REDNET_WEIGHTS', 'WEIGHTS_CACHE_VERSION', 'sensor_counts', 'void_share_summary',
            'plot_void_share', 'class_statistics', 'plot_class_frequency', 'weights_from_statistics',
-           'weights_cache_path', 'class_weights', 'dataset_statistics', 'add_cli']
+           'weights_cache_path', 'class_weights', 'pixel_baselines', 'dataset_statistics', 'add_cli']
 
 # %% ../../nbs/04_data.analysis.ipynb #e63a3b49
 def _check_stats(stats: pd.DataFrame) -> pd.DataFrame:
@@ -189,6 +189,44 @@ def class_weights(dataset: SunRGBD, # the training split (normally `fit`), witho
             _cache_classes(path, {"key": key, "kind": dataset.kind, "images": len(dataset), "weights": weights,
                                   "classes": classes.reset_index().to_dict("list")})
     return torch.tensor(weights_from_statistics(classes, method), dtype=torch.float32)
+
+# %% ../../nbs/04_data.analysis.ipynb #1477dd5d
+def pixel_baselines(root: str | os.PathLike, # data folder (any form)
+                    splits: tuple = ("val", "test"), # the splits to score
+                    levels: int = 16, # colour bins per channel
+                   ) -> dict:
+    "Majority-class and colour-only baselines fit on `fit`: `{split: {'majority'|'colour': {miou, pixel_accuracy, index, intersection, union}}}`."
+    from sun_seg.metrics import image_counts, miou_from_counts
+    def pixels(split):  # (quantised colour code, target with 255 = void) of each image of a split
+        ds = SunRGBD(root, split)
+        for rec in ds.records:
+            q = ds.reader.read_image(rec).astype(np.int64) * levels // 256
+            yield (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2], ds.reader.read_target(rec).astype(np.int64)
+    table = np.zeros(levels ** 3 * NUM_CLASSES, np.int64)
+    for code, target in pixels("fit"):
+        keep = target < NUM_CLASSES
+        table += np.bincount(code[keep] * NUM_CLASSES + target[keep], minlength=len(table))
+    table = table.reshape(levels ** 3, NUM_CLASSES)
+    if not table.any(): raise DataError("the fit split has no labeled pixel: no baseline can be fit", root)
+    lut, majority = table.argmax(1), int(table.sum(0).argmax())
+    result = {"majority_class": CLASS_NAMES[majority], "levels": levels}
+    for split in splits:
+        rows = {"majority": [], "colour": []}
+        correct, labeled = {"majority": 0, "colour": 0}, 0
+        for code, target in pixels(split):
+            t = torch.from_numpy(target)[None]
+            labeled += int((target < NUM_CLASSES).sum())
+            for name, pred in (("majority", np.full_like(target, majority)), ("colour", lut[code])):
+                counts = image_counts(torch.from_numpy(pred)[None], t)[0].numpy()
+                rows[name].append(counts)
+                correct[name] += int(counts[0].sum())
+        result[split] = {}
+        for name, counts in rows.items():
+            counts = np.stack(counts) if counts else np.zeros((0, 2, NUM_CLASSES), np.int64)
+            result[split][name] = {"miou": miou_from_counts(counts[:, 0], counts[:, 1]) if len(counts) else float("nan"),
+                                   "pixel_accuracy": correct[name] / labeled if labeled else float("nan"),
+                                   "index": np.arange(len(counts)), "intersection": counts[:, 0], "union": counts[:, 1]}
+    return result
 
 # %% ../../nbs/04_data.analysis.ipynb #351989a3
 def dataset_statistics(root: str | os.PathLike | None = None, # data folder (any form); None: the default demo dataset

@@ -1391,12 +1391,14 @@ def _approx_bytes(n_images: int, scale: float) -> int:
     return int(n_images * pixels)
 
 # %% ../../nbs/03_data.demo.ipynb #9f79d078
+from ..core import die_with_parent, hold
+
 def _rendered(specs: list, workers: int, bar) -> Iterator:
     if workers <= 1:
         for spec in specs:
             yield _render_spec(spec); bar.update(1)
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, die_with_parent, (os.getpid(),)) as pool:
         for frame in pool.imap(_render_spec, specs, chunksize=4):
             yield frame; bar.update(1)
 
@@ -1431,6 +1433,12 @@ def make_demo_dataset(out: str | os.PathLike, # folder to create (or that holds 
     check_positive("workers", workers, kind=int)
     out = Path(out).expanduser()
     if _is_demo_of(out, params): return out
+    with hold(out.parent / f".{out.name}.lock", f"the demo dataset {out}", log=print if progress else None):
+        return _make_held(out, params, workers, overwrite, progress)  # one generation per folder; a second waits for it
+
+def _make_held(out: Path, params: dict, workers: int, overwrite: bool, progress: bool) -> Path:
+    n_train, n_test, seed, domain, scale = (params[k] for k in ("n_train", "n_test", "seed", "domain", "scale"))
+    if _is_demo_of(out, params): return out  # made by the process we waited for
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if demo_marker(out) is None:
             raise DataError("is not empty and holds no demo dataset: refusing to write into it. "

@@ -174,10 +174,13 @@ def _read_journal(part: Path, params: dict) -> tuple[dict[int, dict], int, int]:
     return done, img_end, lab_end
 
 # %% ../../nbs/01b_data.prepare.ipynb #8a9cdfa1
+from ..core import die_with_parent, hold
+
 _WORKER_READER = None
 
-def _init_worker(reader, size):
+def _init_worker(reader, size, parent=None):
     global _WORKER_READER
+    die_with_parent(parent)  # a killed prepare (SIGKILL, SIGTERM) leaves no decoding process behind
     _WORKER_READER = (reader, size)
 
 def _work(pos_rec):
@@ -190,7 +193,7 @@ def _results(reader, todo: list[int], size, workers: int):
     if workers <= 1 or len(todo) < 16:
         for pos in todo: yield pos, prepare_sample(reader, reader.records[pos], size)
         return
-    with cf.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(reader, size)) as pool:
+    with cf.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(reader, size, os.getpid())) as pool:
         pending = collections.deque()
         it = iter(todo)
         try:
@@ -276,6 +279,12 @@ def prepare(src: str | os.PathLike, # SUN RGB-D in any form (official, preproces
     reader = open_reader(src)
     out = Path(out).expanduser().absolute()
     params = {"version": CACHE_VERSION, "source_fingerprint": reader.fingerprint(), "size": list(size) if size else None}
+    with hold(out.parent / f".{out.name}.lock", f"the cache {out}", log=print if progress else None):
+        return _prepare_held(reader, out, params, size, skip_bad, workers, overwrite, verify, progress)
+
+def _prepare_held(reader, out: Path, params: dict, size, skip_bad: bool, workers: int, overwrite: bool, verify: bool,
+                  progress: bool) -> Path:
+    "`prepare` under the cache's lock: one writer per output folder; a second one waits, then finds the cache done."
     state = _check_out(out, reader.root, params, overwrite, verify, progress)
     if state == "done":
         if progress: print(f"{out} already holds this cache: nothing to do")

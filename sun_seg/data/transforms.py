@@ -18,7 +18,8 @@ from fastcore.basics import patch
 from ..core import IGNORE_INDEX, ParameterError, check_bool, check_positive
 
 # %% auto #0
-__all__ = ['parse_size', 'SegmentationTransform', 'train_transform', 'eval_transform', 'BatchColourJitter']
+__all__ = ['SCALE_RANGE', 'FLIP_PROBABILITY', 'JITTER', 'parse_size', 'SegmentationTransform', 'train_transform',
+           'eval_transform', 'BatchColourJitter']
 
 # %% ../../nbs/02_data.transforms.ipynb #4a3a93c7
 _SIZE_TEXT = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*$")
@@ -62,14 +63,18 @@ def _check_pair(image: torch.Tensor, target: torch.Tensor) -> None:
                              f" got {tuple(getattr(target, 'shape', ()))}")
 
 # %% ../../nbs/02_data.transforms.ipynb #6d8f9b1f
+SCALE_RANGE = (0.5, 2.0)  # random scale factors (our choice; the study names no recipe)
+FLIP_PROBABILITY = 0.5  # horizontal flip
+JITTER = 0.2  # brightness/contrast/saturation ±JITTER, hue ±JITTER/4
+
 class SegmentationTransform:
     "Joint image/label transform: `(image uint8 (3,H,W), target (H,W)) -> (image uint8, target of the same dtype)`."
     def __init__(self,
                  size: int | str | Sequence[int] | None, # output (H, W); None keeps the size (eval only)
                  augment: bool = False, # random scale, crop, flip, jitter; False: a plain resize
-                 scale_range: tuple[float, float] = (0.5, 2.0), # random scale factors, relative to covering the crop
+                 scale_range: tuple[float, float] = SCALE_RANGE, # random scale factors, relative to covering the crop
                  hflip: bool = True, # random horizontal flip (augment only)
-                 jitter: float = 0.2, # brightness/contrast/saturation ±jitter, hue ±jitter/4; 0 turns it off
+                 jitter: float = JITTER, # brightness/contrast/saturation ±jitter, hue ±jitter/4; 0 turns it off
                 ):
         self.size = None if size is None else parse_size(size)
         self.augment, self.hflip = check_bool("augment", augment), check_bool("hflip", hflip)
@@ -127,7 +132,7 @@ def _augment(self: SegmentationTransform, image, mask):
         image = F.resize(F.crop(image, y0, x0, y1 - y0, x1 - x0), [ch, cw],
                          interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
         mask = F.resize(F.crop(mask, y0, x0, y1 - y0, x1 - x0), [ch, cw])
-    if self.hflip and torch.rand(()).item() < 0.5:
+    if self.hflip and torch.rand(()).item() < FLIP_PROBABILITY:
         image, mask = F.horizontal_flip(image), F.horizontal_flip(mask)
     if self._colour is not None: image = self._colour(image)
     return image, mask
@@ -146,9 +151,9 @@ def __call__(self: SegmentationTransform,
 # %% ../../nbs/02_data.transforms.ipynb #7a00fbfb
 def train_transform(size: int | str | Sequence[int], # crop size (H, W), e.g. "64x80"
                     *, augment: bool = True, # False: the study's woAugment (a plain resize)
-                    scale_range: tuple[float, float] = (0.5, 2.0), # random scale factors
+                    scale_range: tuple[float, float] = SCALE_RANGE, # random scale factors
                     hflip: bool = True, # random horizontal flip
-                    jitter: float = 0.2, # photometric jitter strength (0 = off)
+                    jitter: float = JITTER, # photometric jitter strength (0 = off)
                    ) -> SegmentationTransform:
     "The training transform: random scale, padded crop to `size`, flip and jitter; a plain resize when not `augment`."
     return SegmentationTransform(size, augment=augment, scale_range=scale_range, hflip=hflip, jitter=jitter)
@@ -161,7 +166,7 @@ def eval_transform(size: int | str | Sequence[int] | None = None, # resize to (H
 # %% ../../nbs/02_data.transforms.ipynb #c98283ae
 class BatchColourJitter:
     "Brightness, contrast, saturation (±`jitter`) and hue (±`jitter`/4) jitter of a uint8 batch (N, 3, H, W), on its device."
-    def __init__(self, jitter: float = 0.2, # the strength, as in `train_transform`
+    def __init__(self, jitter: float = JITTER, # the strength, as in `train_transform`
                 ):
         self.jitter = float(check_positive("jitter", jitter, allow_zero=True))
         if self.jitter > 1: raise ParameterError("jitter", f"got {jitter}; use 0..1 (0.2 = ±20% brightness)")

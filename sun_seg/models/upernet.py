@@ -20,7 +20,7 @@ from .unet import check_model_input
 
 # %% auto #0
 __all__ = ['UPERNET_CHECKPOINT', 'FINETUNE_CHOICES', 'convnext_tiny_config', 'upernet_config', 'UperNetSegmenter',
-           'build_upernet']
+           'pretrained_commit', 'fetch_commit', 'build_upernet']
 
 # %% ../../nbs/11_models.upernet.ipynb #b17a4948
 UPERNET_CHECKPOINT = "openmmlab/upernet-convnext-tiny"  # ADE20K-pretrained UPerNet + ConvNeXt-T on the hub
@@ -162,10 +162,45 @@ def _where(pretrained: str | os.PathLike) -> tuple[str, bool]:
 def _offline_help(hub_id: str, reason: str) -> str:
     return (f"could not load {hub_id!r}: it is not a local folder, and the Hugging Face hub is unreachable and its "
             f"cache does not have it ({reason}). On a machine with internet run "
-            f"`hf download {hub_id} --include '*.json' '*.safetensors' --local-dir upernet-convnext-tiny` "
+            f"`hf download {hub_id} --include '*.json' '*.safetensors' '*.bin' --local-dir upernet-convnext-tiny` "
             f"(older huggingface_hub: `huggingface-cli download ...`), copy that folder here and pass its path as "
             f"`pretrained`; or run once with internet to fill the cache; or pass pretrained=None for random weights. "
             "(HF_HUB_OFFLINE=1 skips the network retries.)")
+
+# %% ../../nbs/11_models.upernet.ipynb #d5ae58b3
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+def _folder_commit(folder: Path) -> str | None:
+    if folder.parent.name == "snapshots" and _COMMIT.fullmatch(folder.name): return folder.name
+    meta = folder / ".cache" / "huggingface" / "download" / "config.json.metadata"
+    try: first = meta.read_text().splitlines()[0].strip() if meta.is_file() else ""
+    except (OSError, IndexError): first = ""
+    return first if _COMMIT.fullmatch(first) else None
+
+def pretrained_commit(pretrained: str | os.PathLike | None, # hub id or local folder (None: random weights)
+                      revision: str | None = None, # the hub revision asked for (branch, tag or commit)
+                      cache_dir: str | os.PathLike | None = None, # Hugging Face cache (default: the usual one)
+                     ) -> str | None:
+    "The hub commit `pretrained` resolves to, from local files only; None when nothing says."
+    if pretrained is None: return None
+    path = Path(pretrained).expanduser()
+    if path.is_dir(): return _folder_commit(path.resolve())
+    if revision and _COMMIT.fullmatch(revision): return revision
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(str(pretrained), "config.json", cache_dir=cache_dir, revision=revision or None)
+    except Exception: return None  # not a valid repo id for the cache: nothing says
+    return _folder_commit(Path(found).parent) if isinstance(found, str) else None
+
+def fetch_commit(hub_id: str, # a hub id (not a local folder)
+                 revision: str | None = None, # branch, tag or commit
+                ) -> str | None:
+    "Download only `config.json` of `hub_id` at `revision` into the cache (a few KB) and return its commit; None offline."
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"): return None
+    try:
+        from huggingface_hub import hf_hub_download
+        return _folder_commit(Path(hf_hub_download(hub_id, "config.json", revision=revision or None)).parent)
+    except Exception: return None  # no network or no such repo: the weights' own loading says why
 
 # %% ../../nbs/11_models.upernet.ipynb #30958749
 def _load_pretrained(source: str, is_local: bool, num_classes: int, local_files_only: bool,
@@ -213,5 +248,10 @@ def build_upernet(pretrained: str | os.PathLike | None = UPERNET_CHECKPOINT, # h
         raise ParameterError(name, "the architecture of a pretrained model comes from its checkpoint; "
                              "architecture options apply only with pretrained=None")
     source, is_local = _where(pretrained)
+    if is_local and revision and _COMMIT.fullmatch(revision):  # a pinned commit must be the folder's, when it says
+        found = pretrained_commit(source)
+        if found not in (None, revision):
+            raise ParameterError("pretrained_revision", f"pins {revision}, but {source} holds commit {found}: download the"
+                                 " pinned commit, or pin the one you have")
     net = _load_pretrained(source, is_local, num_classes, local_files_only, cache_dir, revision)
     return UperNetSegmenter(net, finetune, source=source)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import sun_seg
-from ..core import (DataError, ParameterError, SunSegError, atomic_write_bytes, atomic_write_text, packaged_file,
+from ..core import (DataError, Lease, ParameterError, SunSegError, atomic_write_bytes, atomic_write_text, packaged_file,
                           read_json, stable_hash)
 from .config import TrainConfig, run_identity
 from .engine import fit, plan_run
@@ -169,13 +169,12 @@ def _run_folder_is_ours(plan) -> bool:
             None, stable_hash(run_identity(plan.config, plan.data_info, plan.dtype))):
         return False  # fit refuses it, naming run_name; its notebook stays
     lock = plan.run_dir / ".lock"
+    if not lock.is_file(): return True
+    lease = Lease(lock, f"run {plan.run_id}")  # free, or held by this process (the study) or a parent: ours
     try:
-        import fcntl
-        with open(lock, "r") as f:  # probe: the training process holds it exclusively
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fcntl.flock(f, fcntl.LOCK_UN)
-    except BlockingIOError: return False
-    except (OSError, ImportError): pass  # no lock file yet, or no POSIX locks
+        if not lease.acquire(wait=0): return False  # another live process trains it: its notebook stays
+        lease.release()
+    except OSError: pass  # an unwritable folder: the training says so, naming it
     return True
 
 class _AtomicLocalFiles:

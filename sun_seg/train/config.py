@@ -11,15 +11,17 @@ from typing import Any
 
 import torch
 
-from ..core import (DATA_ENV, DataError, ParameterError, check_bool, check_choice, check_positive,
+from ..core import (DATA_ENV, IGNORE_INDEX, DataError, ParameterError, check_bool, check_choice, check_positive,
                           resolve_device, resolve_precision, safe_name, stable_hash)
-from ..data.transforms import parse_size
+from ..data.transforms import FLIP_PROBABILITY, JITTER, SCALE_RANGE, parse_size
 from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['MODELS', 'FINETUNE_DEPTHS', 'DEFAULT_FINETUNE', 'SCHEDULERS', 'PRECISIONS', 'PROFILES', 'DEVICE_TYPES', 'MIN_SIDE',
-           'MAX_SIDE', 'PAPERMILL_PATHS', 'DEMO_PROFILE', 'TrainConfig', 'resolve_data_dir', 'apply_profile',
-           'run_identity', 'run_id']
+           'MAX_SIDE', 'VAL_METHODS', 'PAPERMILL_PATHS', 'DEMO_PROFILE', 'ADAM_BETAS', 'ADAM_WEIGHT_DECAY',
+           'CLASS_WEIGHT_METHOD', 'AUX_LOSS_WEIGHTED', 'PLATEAU_MONITOR', 'EARLY_STOPPING_MONITOR', 'TrainConfig',
+           'resolve_data_dir', 'apply_profile', 'pretrained_commit_of', 'run_identity', 'run_id', 'evaluation_protocol',
+           'method_values']
 
 # %% ../../nbs/30a_train.config.ipynb #0e9a8b70
 MODELS = ("unet", "upernet")
@@ -30,6 +32,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 PROFILES = ("auto", "full", "demo")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 MIN_SIDE, MAX_SIDE = 32, 4096  # image_size bounds
+VAL_METHODS = ("seeded", "official")
 
 @dataclass
 class TrainConfig:
@@ -64,6 +67,10 @@ class TrainConfig:
     aux_loss_weight: float = 0.4  # upernet only: weight of the auxiliary head's cross-entropy
     plateau_factor: float = 0.1  # plateau scheduler: multiply the learning rate by this
     plateau_patience: int = 5  # plateau scheduler: epochs without a lower validation loss before reducing
+    val_method: str = "seeded"  # validation split: seeded (val_fraction of each sensor's train frames) | official (allsplit.mat)
+    val_fraction: float = 0.1  # seeded split: share of the train frames held out for validation
+    val_seed: int = 0  # seeded split: which frames
+    pretrained_revision: str = "main"  # upernet only: hub revision of `pretrained` (branch, tag or 40-hex commit)
 
 # %% ../../nbs/30a_train.config.ipynb #c28c1ebd
 def _check_int(name: str, value: Any, minimum: int = 0) -> int:
@@ -131,6 +138,13 @@ def validate(self: TrainConfig) -> TrainConfig:
     self.plateau_factor = float(check_positive("plateau_factor", self.plateau_factor))
     if self.plateau_factor >= 1: raise ParameterError("plateau_factor", f"got {self.plateau_factor}; use 0 < factor < 1")
     _check_int("plateau_patience", self.plateau_patience, 0)
+    check_choice("val_method", self.val_method, VAL_METHODS)
+    self.val_fraction = float(check_positive("val_fraction", self.val_fraction))
+    if self.val_fraction >= 1: raise ParameterError("val_fraction", f"got {self.val_fraction}; use 0 < fraction < 1 (0.1 = 10%)")
+    _check_int("val_seed", self.val_seed, 0)
+    if not _check_str("pretrained_revision", self.pretrained_revision).strip() or any(c.isspace() for c in self.pretrained_revision):
+        raise ParameterError("pretrained_revision", f"got {self.pretrained_revision!r}; give a hub branch, tag or commit"
+                             " (default 'main')")
     return self
 
 # %% ../../nbs/30a_train.config.ipynb #f883f108
@@ -202,6 +216,17 @@ _NOT_IDENTITY = ("out_dir", "num_workers", "micro_batch_size", "compile", "chann
                  "run_name", "profile")
 _DATA_IDENTITY = ("kind", "fingerprint", "val_method", "val_fraction", "val_seed")
 
+def pretrained_commit_of(config: TrainConfig, # a validated config
+                         fetch: bool = False, # a hub id not in the cache: fetch its config.json (the run loads it anyway)
+                        ) -> str | None:
+    "The hub commit of the UPerNet's `pretrained` weights, from local files (None: unknown, or no UPerNet)."
+    if config.model != "upernet" or config.pretrained.strip().lower() in ("none", "null", "random", ""): return None
+    from sun_seg.models.upernet import fetch_commit, pretrained_commit
+    commit = pretrained_commit(config.pretrained, config.pretrained_revision)
+    if commit is None and fetch and not Path(config.pretrained).expanduser().exists():
+        commit = fetch_commit(config.pretrained, config.pretrained_revision)
+    return commit
+
 def run_identity(config: TrainConfig, # the config as used (after `apply_profile`)
                  data_info: dict, # the training dataset's `info`
                  precision: torch.dtype | None = None, # the autocast dtype actually used
@@ -212,6 +237,11 @@ def run_identity(config: TrainConfig, # the config as used (after `apply_profile
         for k in ("pretrained", "aux_loss_weight"): params.pop(k)
     if config.scheduler != "plateau":
         for k in ("plateau_factor", "plateau_patience"): params.pop(k)
+    for k in ("val_method", "val_fraction", "val_seed"): params.pop(k)  # the split as used is in `data` below
+    # new parameters at their defaults stay out of the hash: existing runs keep their ids
+    if config.model != "upernet" or config.pretrained_revision == "main": params.pop("pretrained_revision")
+    commit = pretrained_commit_of(config)
+    if commit is not None: params["pretrained_commit"] = commit
     params["precision"] = str(precision or resolve_precision(config.precision, resolve_device(config.device))).replace("torch.", "")
     data = {k: data_info.get(k) for k in _DATA_IDENTITY}
     return {"params": params, "data": data}
@@ -226,3 +256,37 @@ def run_id(config: TrainConfig, data_info: dict, precision: torch.dtype | None =
     if not config.augment: parts.append("noaug")
     parts.append(stable_hash(run_identity(config, data_info, precision)))
     return safe_name("-".join(parts), "run_name")
+
+# %% ../../nbs/30a_train.config.ipynb #44211220
+ADAM_BETAS = (0.9, 0.999)  # torch's defaults; the study names Adam only
+ADAM_WEIGHT_DECAY = 0.0
+CLASS_WEIGHT_METHOD = "median_frequency"  # sun_seg.data.analysis.class_weights(method=...)
+AUX_LOSS_WEIGHTED = True  # the weighted variant weights the auxiliary head's cross-entropy too
+PLATEAU_MONITOR = "val_loss"  # ReduceLROnPlateau(mode="min") on the validation loss
+EARLY_STOPPING_MONITOR = "val_miou"  # the best epoch: highest validation mIoU
+
+def evaluation_protocol(config: TrainConfig) -> str:
+    "How validation and test scores are computed: at the training size (labels resized) or at each image's own size."
+    size = getattr(config, "eval_size", None) or ("original" if config.eval_original_size else "train")
+    return {"original": "original size (logits resized to each image's size)",
+            "train": "train size (labels resized nearest)"}.get(size, str(size))
+
+def method_values(config: TrainConfig, # a validated config (as used, after the profile)
+                 ) -> dict:
+    "Every choice that changes the run's numbers, by name: its parameters and the code's fixed choices."
+    c = config
+    seeded = c.val_method == "seeded"
+    return {"val_method": c.val_method, "val_fraction": c.val_fraction if seeded else None,
+            "val_seed": c.val_seed if seeded else None, "val_stratified_by": "sensor" if seeded else None,
+            "augment": c.augment, "scale_range": list(SCALE_RANGE), "crop": "random crop of image_size (void-padded)",
+            "flip_probability": FLIP_PROBABILITY, "colour_jitter": JITTER,
+            "loss": "cross-entropy", "ignore_label": IGNORE_INDEX, "aux_head": c.model == "upernet",
+            "aux_loss_weight": c.aux_loss_weight, "aux_loss_weighted": AUX_LOSS_WEIGHTED,
+            "weighted_loss": c.weighted_loss, "class_weight_formula": CLASS_WEIGHT_METHOD,
+            "optimizer": "Adam", "lr": c.lr, "adam_betas": list(ADAM_BETAS), "weight_decay": ADAM_WEIGHT_DECAY,
+            "batch_size": c.batch_size, "scheduler": c.scheduler, "plateau_monitor": PLATEAU_MONITOR,
+            "plateau_factor": c.plateau_factor, "plateau_patience": c.plateau_patience,
+            "early_stopping_monitor": EARLY_STOPPING_MONITOR, "patience": c.patience, "epochs": c.epochs,
+            "image_size": c.image_size, "evaluation_protocol": evaluation_protocol(c), "precision": c.precision,
+            "pretrained": c.pretrained if c.model == "upernet" else None,
+            "pretrained_revision": c.pretrained_revision if c.model == "upernet" else None}

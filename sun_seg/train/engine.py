@@ -4,7 +4,7 @@
 
 # %% ../../nbs/30c_train.engine.ipynb #29812230
 from __future__ import annotations
-import contextlib, hashlib, math, os, time
+import contextlib, hashlib, math, os, sys, time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -18,11 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from fastcore.basics import patch
 
-from ..core import (CLASS_NAMES, allotted_cpus, DEMO_NOTICE, IGNORE_INDEX, NUM_CLASSES, DataError, ParameterError,
+from ..core import (CLASS_NAMES, allotted_cpus, DEMO_NOTICE, IGNORE_INDEX, NUM_CLASSES, DataError, Lease, ParameterError,
                           SunSegError, atomic_write_json, data_label, normalize_images, read_json, resolve_device,
                           resolve_precision, safe_child, seed_everything, stable_hash)
 from ..metrics import confusion_matrix, summarize
-from .config import (DEFAULT_FINETUNE, TrainConfig, apply_profile, resolve_data_dir, run_id,
+from .config import (ADAM_BETAS, ADAM_WEIGHT_DECAY, AUX_LOSS_WEIGHTED, CLASS_WEIGHT_METHOD,
+                                  DEFAULT_FINETUNE, TrainConfig, apply_profile, method_values, pretrained_commit_of,
+                                  resolve_data_dir, run_id,
                                   run_identity)
 from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST_STATE, METRICS, PARAMS,
                                 EventLog, checkpoint_path, environment_info, load_training_state, load_weights, only_test_missing,
@@ -32,10 +34,10 @@ from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST
                                 _unwrap)
 
 # %% auto #0
-__all__ = ['PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches', 'EvalBatches', 'EvalSamples',
-           'collate_pairs', 'jitter_on_device', 'evaluate', 'build_run_model', 'find_micro_batch_size', 'RunPlan',
-           'plan_run', 'EarlyStopping', 'Callback', 'TensorBoardEvents', 'Diverged', 'RunOutOfMemory', 'Trainer', 'fit',
-           'repeat_params', 'load_run_model', 'evaluate_run']
+__all__ = ['METHOD', 'PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches', 'EvalBatches',
+           'EvalSamples', 'collate_pairs', 'jitter_on_device', 'evaluate', 'build_run_model', 'find_micro_batch_size',
+           'RunPlan', 'plan_run', 'EarlyStopping', 'Callback', 'TensorBoardEvents', 'Diverged', 'RunOutOfMemory',
+           'Trainer', 'fit', 'repeat_params', 'load_run_model', 'evaluate_run']
 
 # %% ../../nbs/30c_train.engine.ipynb #5095f59d
 def _loss_sum(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -189,6 +191,7 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
              channels_last: bool = False, # feed channels_last inputs
              num_classes: int = NUM_CLASSES, # classes in the confusion matrix
              progress: bool | str = False, # show a progress bar (a string: its label)
+             per_image: bool = False, # also return each image's intersection and union per class (`per_image`)
             ) -> dict:
     "`summarize` of the split's confusion matrix plus `loss`, `images` and the matrix itself; sums are all-reduced under DDP."
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -198,6 +201,7 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     pixels = torch.zeros((), dtype=torch.float64, device=device)
     images_seen = 0
+    image_rows = []  # per_image: (n, 2, C) counts of each piece, on the device until the end
     weight = None if class_weights is None else class_weights.to(device)
     bar = _progress_bar(loader, progress)
     try:
@@ -215,6 +219,7 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
                     if lg.shape[-2:] != t.shape[-2:]:
                         lg = F.interpolate(lg, size=t.shape[-2:], mode="bilinear", align_corners=False)
                     cm += confusion_matrix(lg.argmax(1), t, num_classes)  # uint8 targets take the fast path
+                    if per_image: image_rows.append(_image_counts(lg, t, num_classes))
                     t = t.long()
                     loss_sum += _loss_sum(lg, t, weight).double()
                     pixels += _loss_denominator(t, weight).double()
@@ -228,7 +233,27 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
     record["loss"] = float(loss_sum / pixels) if pixels > 0 else math.nan
     record["images"] = int(counts.item())
     record["confusion"] = cm.cpu().tolist()  # pixels: [truth][prediction] (the report's confusion-matrix figure)
+    if per_image: record["per_image"] = _gathered_image_counts(image_rows, loader, num_classes)
     return record
+
+# %% ../../nbs/30c_train.engine.ipynb #201e350b
+def _image_counts(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    from sun_seg.metrics import image_counts
+    return image_counts(logits.argmax(1), target, num_classes)
+
+def _gathered_image_counts(rows: list, loader, num_classes: int) -> dict:
+    "Per-image counts of all processes as `{index, intersection, union}` in the split's order (positions from `EvalBatches`)."
+    counts = torch.cat(rows).cpu().numpy() if rows else np.zeros((0, 2, num_classes), np.int64)
+    sampler = getattr(loader, "batch_sampler", None)
+    index = np.array([i for batch in sampler for i in batch], np.int64) if isinstance(sampler, EvalBatches) else np.arange(len(counts))
+    if len(index) != len(counts): index = np.arange(len(counts))
+    if _processes().distributed:  # each process scored its share of every batch: gather and put back in order
+        parts = [None] * _processes().world
+        dist.all_gather_object(parts, (index, counts))
+        index, counts = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        order = np.argsort(index, kind="stable")
+        index, counts = index[order], counts[order]
+    return {"index": index, "intersection": counts[:, 0], "union": counts[:, 1]}
 
 # %% ../../nbs/30c_train.engine.ipynb #00e6247e
 def _tqdm():
@@ -253,8 +278,9 @@ def build_run_model(config: TrainConfig) -> nn.Module:
     from sun_seg.models import build_model
     if config.model == "unet":
         return build_model("unet", num_classes=NUM_CLASSES, base_channels=config.unet_width)
-    return build_model("upernet", num_classes=NUM_CLASSES, pretrained=_pretrained_source(config),
-                       finetune=config.finetune or DEFAULT_FINETUNE)
+    source = _pretrained_source(config)
+    return build_model("upernet", num_classes=NUM_CLASSES, pretrained=source, finetune=config.finetune or DEFAULT_FINETUNE,
+                       **({"revision": config.pretrained_revision} if source is not None else {}))
 
 def _architecture(model: nn.Module) -> dict | None:
     "What rebuilds the model without its pretrained source: the transformers config of the UPerNet."
@@ -352,13 +378,17 @@ def _plan(config: TrainConfig | dict, quiet: bool) -> RunPlan:
         from sun_seg.data.demo import demo_root
         if not quiet and _processes().main: print(DEMO_NOTICE, flush=True)
         root = Path(demo_root())
-    data_info = _open_split(root, "fit").info  # a property that counts every split: read it once
+    split = {"val_method": asked.val_method, "val_fraction": asked.val_fraction, "val_seed": asked.val_seed}
+    data_info = _open_split(root, "fit", split).info  # a property that counts every split: read it once
     kind = data_info["kind"]
     used, changes = apply_profile(asked, kind)
     device = resolve_device(used.device)
     procs = _processes()
     if procs.distributed and device.type == "cuda": device = torch.device("cuda", procs.local_rank)
     dtype = resolve_precision(used.precision, device)
+    # a hub id the cache does not hold yet: its commit is fetched (config.json only) so that the run is named with
+    # the commit it will load, the same before and after the weights are downloaded
+    pretrained_commit_of(used, fetch=True)
     rid = run_id(used, data_info, dtype)
     run_dir = safe_child(out_dir, rid, "run_name")  # never outside out_dir (no `..`, no symlink leading out)
     if run_dir.exists() and not run_dir.is_dir():
@@ -460,6 +490,7 @@ class Trainer:
         self.epoch = 0  # last finished epoch
         self.stopped_early, self.status, self.reason = False, "running", None
         self.test_result: dict | None = None
+        self.image_counts: dict = {}  # split -> the last evaluation's per-image counts
         self.flops_per_image = self.train_flops_per_image = None
         self.identity = run_identity(plan.config, plan.data_info, plan.dtype)
         self.started = time.perf_counter()
@@ -469,7 +500,7 @@ class Trainer:
 # %% ../../nbs/30c_train.engine.ipynb #5bb8f2cb
 @patch
 def _setup_data(self: Trainer) -> None:
-    from sun_seg.data.transforms import BatchColourJitter, eval_transform, parse_size, train_transform
+    from sun_seg.data.transforms import JITTER, BatchColourJitter, eval_transform, parse_size, train_transform
     c, p = self.config, self.procs
     self.image_size = parse_size(c.image_size, "image_size")
     # targets stay uint8 through the loaders (a quarter of the bytes); they are widened once on the device
@@ -478,7 +509,7 @@ def _setup_data(self: Trainer) -> None:
     if len(self.val_split) == 0: raise DataError("the validation split is empty", self.plan.data_root)
     # on a GPU the photometric jitter (hue above all) would starve the model in the loader: it runs on the device
     self.device_jitter = BatchColourJitter() if c.augment and jitter_on_device(self.device) else None
-    loader_transform = train_transform(self.image_size, augment=c.augment, jitter=0 if self.device_jitter else 0.2)
+    loader_transform = train_transform(self.image_size, augment=c.augment, jitter=0 if self.device_jitter else JITTER)
     self.train_samples = TrainingSamples(self.fit_split, loader_transform, c.seed)
     self.batches = EpochBatches(len(self.fit_split), c.batch_size, c.seed, p.rank, p.world, c.max_train_batches)
     workers = c.num_workers if c.num_workers >= 0 else _auto_workers(self.device, p.world)
@@ -525,7 +556,8 @@ def _setup_model(self: Trainer) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable: raise ParameterError("finetune", "leaves no trainable parameter")
     # fused Adam: one kernel over all parameters instead of a loop of small ops (4x faster on CPU too)
-    self.optimizer = torch.optim.Adam(trainable, lr=c.lr, fused=self.device.type in ("cuda", "cpu"))
+    self.optimizer = torch.optim.Adam(trainable, lr=c.lr, betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY,
+                                      fused=self.device.type in ("cuda", "cpu"))
     self.scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", factor=c.plateau_factor,
                                                                  patience=c.plateau_patience)
                       if c.scheduler == "plateau" else None)
@@ -533,9 +565,9 @@ def _setup_model(self: Trainer) -> None:
     self.class_weights = None
     if c.weighted_loss:
         from sun_seg.data.analysis import class_weights
-        if self.procs.main: weights = class_weights(self.fit_split, method="median_frequency", progress=self.progress)
+        if self.procs.main: weights = class_weights(self.fit_split, method=CLASS_WEIGHT_METHOD, progress=self.progress)
         _barrier()  # the weights are cached by fingerprint: the other processes read rank 0's cache
-        if not self.procs.main: weights = class_weights(self.fit_split, method="median_frequency", progress=False)
+        if not self.procs.main: weights = class_weights(self.fit_split, method=CLASS_WEIGHT_METHOD, progress=False)
         self.class_weights = torch.as_tensor(weights, dtype=torch.float32).to(self.device)
     wrapped = model
     if self.procs.distributed:
@@ -575,7 +607,8 @@ def train_epoch(self: Trainer, epoch: int) -> dict:
                         out = model(x[part], with_aux=True) if self.has_aux else model(x[part])
                     logits, aux = out if isinstance(out, tuple) else (out, None)
                     main = _loss_sum(logits, y[part], self.class_weights)
-                    loss = main if aux is None else main + self.aux_weight * _loss_sum(aux, y[part], self.class_weights)
+                    aux_weights = self.class_weights if AUX_LOSS_WEIGHTED else None
+                    loss = main if aux is None else main + self.aux_weight * _loss_sum(aux, y[part], aux_weights)
                     # DDP averages the processes' gradients: scale so that the sum over processes is the batch's
                     (loss * (self.procs.world / denominator)).backward()
                 step_loss += (main.detach() / denominator).float()
@@ -607,6 +640,7 @@ def _state(self: Trainer) -> dict:
             "train_seconds": self.train_seconds, "train_images": self.train_images,
             "stopped_early": self.stopped_early, "rng": rng_state(), "identity": stable_hash(self.identity)}
 
+METHOD = "method.json"  # the run's `method_values`: every choice that changes its numbers
 PENDING = ".pending"  # suffix of weights written for an epoch whose state is not saved yet
 
 def _pending(path: Path) -> Path: return path.with_name(path.name + PENDING)
@@ -628,10 +662,14 @@ def save_epoch(self: Trainer, improved: bool) -> None:
     best, last = checkpoint_path(self.run_dir, "best"), checkpoint_path(self.run_dir, "last")
     tensors = {k: t.cpu() for k, t in _stored_tensors(self.model).items()}  # gathered, copied and hashed once
     digest = _digest(tensors)
-    if improved:
-        _save_tensors(tensors, digest, _pending(best), epoch=self.epoch, val_miou=self.stopper.best, run_id=self.plan.run_id)
-    _save_tensors(tensors, digest, _pending(last), epoch=self.epoch, run_id=self.plan.run_id)
-    save_training_state(self.run_dir / CHECKPOINTS / LAST_STATE, self._state())  # the commit
+    try:
+        if improved:
+            _save_tensors(tensors, digest, _pending(best), epoch=self.epoch, val_miou=self.stopper.best, run_id=self.plan.run_id)
+        _save_tensors(tensors, digest, _pending(last), epoch=self.epoch, run_id=self.plan.run_id)
+        save_training_state(self.run_dir / CHECKPOINTS / LAST_STATE, self._state())  # the commit
+    except Exception:  # a full disk, a size limit, a lost folder: this epoch is not saved, its weights only take space
+        for path in (_pending(best), _pending(last)): path.unlink(missing_ok=True)
+        raise
     _commit_pending(self.run_dir, self.epoch, self.stopper.best_epoch)
     write_history(self.run_dir / HISTORY, self.history)
     self.write_metrics()
@@ -716,8 +754,11 @@ def write_start(self: Trainer, resumed: bool) -> None:
                            autocast=self.dtype != torch.float32, channels_last=c.channels_last, compile=c.compile,
                            world_size=self.procs.world, micro_batch_size=self.micro,
                            accumulation_steps=self.accumulation, batch_size=c.batch_size,
-                           num_workers=self.num_workers, resumed=resumed, data_kind=plan.data_kind)
+                           num_workers=self.num_workers, resumed=resumed, data_kind=plan.data_kind,
+                           pretrained_revision=c.pretrained_revision if c.model == "upernet" else None,
+                           pretrained_commit=pretrained_commit_of(c))  # the commit loaded (the cache now holds it)
     atomic_write_json(self.run_dir / ENVIRONMENT, env)
+    atomic_write_json(self.run_dir / METHOD, method_values(c))
     if resumed: write_history(self.run_dir / HISTORY, self.history)  # the state's: the file may lag one epoch behind
     arch = _architecture(self.model)
     if arch is not None: atomic_write_json(self.run_dir / CHECKPOINTS / "model_config.json", arch)
@@ -755,6 +796,7 @@ def run_epochs(self: Trainer) -> dict:
         self.history.append(row)
         self.stopped_early = self.stopper.should_stop and epoch < c.epochs
         self.save_epoch(improved)
+        if improved: self.save_image_counts("val", epoch)  # the best epoch's, for the report's noise estimate
         self.timeline["last_epoch_end"] = time.time()
         if self.progress:
             print(f"epoch {epoch}/{c.epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
@@ -768,30 +810,35 @@ def run_epochs(self: Trainer) -> dict:
 def evaluate_split(self: Trainer, loader, split: str, progress=False) -> dict:
     result = evaluate(self.eval_model, loader, device=self.device, dtype=self.dtype, class_weights=self.class_weights,
                       micro_batch_size=self.micro, channels_last=self.config.channels_last,
-                      progress=progress if self.progress else False)
+                      progress=progress if self.progress else False, per_image=True)
+    self.image_counts[split] = result.pop("per_image")
     return {**result, "split": split}
+
+@patch
+def save_image_counts(self: Trainer, split: str, epoch: int | None) -> None:
+    "Write the split's per-image counts beside `metrics.json` (`val_per_image.npz`, `test_per_image.npz`)."
+    from sun_seg.metrics import image_counts_path, save_image_counts
+    if self.procs.main and split in self.image_counts:
+        save_image_counts(image_counts_path(self.run_dir, split), self.image_counts[split], epoch, split)
 
 # %% ../../nbs/30c_train.engine.ipynb #9e994602
 @contextlib.contextmanager
 def _run_lock(run_dir: Path, active: bool = True):
-    "Hold an exclusive lock on `run_dir/.lock` while training; refuse when another process holds it."
+    "Hold the lease `run_dir/.lock` while training; refuse when another live process holds it."
     if not active:
         yield; return
     try:
-        import fcntl
-    except ImportError:  # no POSIX file locks (Windows): no protection
-        yield; return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise DataError(f"another process (pid {f.read().strip() or '?'}) is training this run right now; wait for it,"
-                            " or stop it first", run_dir) from None
-        f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lease = Lease(run_dir / ".lock", f"the run folder {run_dir.name}")
+        taken = lease.acquire()
+    except OSError as e:
+        raise ParameterError("out_dir", f"cannot create or lock the run folder {run_dir} ({e.strerror or e}); "
+                             "choose an out_dir you can write to") from None
+    if not taken:
+        raise DataError(f"another process ({lease.owner()}) is training this run right now; wait for it,"
+                        " or stop it first", run_dir)
+    try: yield
+    finally: lease.release()
 
 # %% ../../nbs/30c_train.engine.ipynb #ecf2ac44
 def fit(config: TrainConfig | dict, # the run's parameters (a dict is checked like the notebook's)
@@ -817,13 +864,49 @@ def fit(config: TrainConfig | dict, # the run's parameters (a dict is checked li
         existing = {**existing, "run_dir": str(plan.run_dir), "trained": False}
         for cb in callbacks: cb.on_fit_end(None, existing)
         return existing
+    if procs.main: _check_writable(plan.run_dir)  # before the data and the model are set up
     trainer = Trainer(plan, [TensorBoardEvents(), *callbacks], progress)
     trainer.test_result = existing.get("test") if existing else None
     trainer._setup_data()  # nothing is written before the data and the model are set up without error
     trainer._setup_model()
     trainer.flops_per_image, trainer.train_flops_per_image = _profile(trainer.model, trainer.image_size, existing)
     with _run_lock(plan.run_dir, procs.main):
-        return _train(trainer)
+        try: return _train(trainer)
+        except OSError as e:
+            error = _resource_error(e, plan.run_dir)
+            if error is e: raise
+            raise error from e
+
+def _check_writable(run_dir: Path) -> None:
+    "Refuse, naming `out_dir`, a run folder that cannot be created or written (read-only, no permission, a file in the way)."
+    import errno, tempfile
+    existing = next((p for p in (run_dir, *run_dir.parents) if os.path.lexists(p)), None)
+    if existing is None: return
+    why = None
+    if not existing.is_dir(): why = f"{existing} is not a folder (a file, or a link to nothing)"
+    else:
+        try: os.rmdir(tempfile.mkdtemp(prefix=".sun-seg-probe-", dir=existing))  # a folder made and removed: nothing is left
+        except OSError as e:
+            why = {errno.EROFS: f"{existing} is on a read-only file system",
+                   errno.EACCES: f"this user may not write in {existing}", errno.EPERM: f"this user may not write in {existing}",
+                   errno.ENOSPC: f"the disk of {existing} is full"}.get(e.errno, f"no folder can be made in {existing} ({e.strerror})")
+    if why:
+        raise ParameterError("out_dir", f"{str(run_dir.parent)!r} cannot hold this run's folder: {why}; choose an out_dir "
+                             "you can write to")
+
+def _resource_error(e: OSError, run_dir: Path) -> Exception:
+    "A `DataError` naming the path and what to do for a full disk, a file size limit or an unwritable folder; else `e`."
+    from sun_seg.data.formats import write_error
+    return write_error(e, run_dir, keep="the run keeps its last saved epoch: once fixed, the same command resumes it")
+
+def _record_failure(trainer: Trainer) -> None:
+    "Write the failed status; on a full disk first free what the failed epoch left, so the status never stays `running`."
+    try: trainer.write_metrics()
+    except OSError:
+        _drop_stale_temporaries(trainer.run_dir)  # `save_epoch` already removed the weights of the unsaved epoch
+        try: trainer.write_metrics()
+        except OSError as e:
+            print(f"{trainer.run_dir}: could not record the failure in {METRICS} ({e.strerror or e})", file=sys.stderr, flush=True)
 
 def _drop_stale_temporaries(run_dir: Path) -> None:
     "Remove the temporary files of writes a killed process never finished (none of them is a record)."
@@ -853,8 +936,10 @@ def _train(trainer: Trainer) -> dict:
             trainer.status, trainer.reason = "failed", _out_of_memory_reason(trainer, e)
             trainer.write_metrics()
             raise RunOutOfMemory(trainer.reason) from e
-        trainer.status, trainer.reason = "failed", f"{type(e).__name__}: {e}"
-        trainer.write_metrics()
+        error = _resource_error(e, trainer.run_dir) if isinstance(e, OSError) else e
+        trainer.status, trainer.reason = "failed", (f"{type(e).__name__}: {e}" if error is e else str(error))
+        _record_failure(trainer)
+        if error is not e: raise error from e
         raise
     else:
         if plan.config.test and trainer.stopper.best_epoch is not None:
@@ -878,8 +963,10 @@ def _test_best(trainer: Trainer) -> dict:
     "Score the best weights on the test split (the model is left with them)."
     load_weights(trainer.model, checkpoint_path(trainer.run_dir, "best"), run_id=trainer.plan.run_id)
     loader = trainer.eval_loader(_open_split(trainer.plan, "test", target_dtype=torch.uint8))
-    return {**trainer.evaluate_split(loader, "test", progress="test"), "which": "best",
-            "epoch": trainer.stopper.best_epoch, "original_size": trainer.config.eval_original_size}
+    result = {**trainer.evaluate_split(loader, "test", progress="test"), "which": "best",
+              "epoch": trainer.stopper.best_epoch, "original_size": trainer.config.eval_original_size}
+    trainer.save_image_counts("test", trainer.stopper.best_epoch)
+    return result
 
 # %% ../../nbs/30c_train.engine.ipynb #42f255fb
 def _config_of(run_dir: Path) -> TrainConfig:
@@ -957,11 +1044,15 @@ def evaluate_run(run_dir: str | os.PathLike, # a run folder
     weights = data.get("class_weights")
     result = evaluate(model, loader, device=dev, dtype=dtype, channels_last=config.channels_last,
                       class_weights=None if weights is None else torch.tensor(weights),
-                      micro_batch_size=config.micro_batch_size or 0, progress=f"{split}" if progress else False)
+                      micro_batch_size=config.micro_batch_size or 0, progress=f"{split}" if progress else False,
+                      per_image=True)
+    counts = result.pop("per_image")
     meta = weights_metadata(checkpoint_path(run_dir, which))
     result.update(split=split, which=which, epoch=int(meta["epoch"]) if "epoch" in meta else None,
                   original_size=original)
     if split == "test" and procs.main:
         metrics = read_json(run_dir / METRICS)
         atomic_write_json(run_dir / METRICS, {**metrics, "test": result})
+        from sun_seg.metrics import image_counts_path, save_image_counts
+        save_image_counts(image_counts_path(run_dir, "test"), counts, result["epoch"], "test")
     return result

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 import sun_seg
 from ..core import (CLASS_NAMES, DataError, atomic_path, atomic_write_json, atomic_write_text, read_json,
-                          _FILE_MODE)
+                          cpu_model_name, _FILE_MODE)
 
 # %% auto #0
 __all__ = ['PARAMS', 'DATA', 'ENVIRONMENT', 'HISTORY', 'METRICS', 'NOTEBOOK', 'CHECKPOINTS', 'BEST', 'LAST', 'LAST_STATE',
@@ -108,11 +108,29 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike, **metadata) ->
     tensors = _stored_tensors(model)
     return _save_tensors(tensors, _digest(tensors), path, **metadata)
 
+def _write_failure(e: Exception, path: str | os.PathLike, tmp: Path) -> Exception:
+    "The `OSError` behind a failed weights or state write (safetensors and torch wrap a full disk or a file size limit in errors of their own); else `e`."
+    import contextlib, errno, re
+    found = re.search(r"\(os error (\d+)\)", str(e))  # safetensors: "I/O error: No space left on device (os error 28)"
+    if found: return OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(path))
+    if isinstance(e, RuntimeError) and "inline_container" in str(e):  # torch's writer tells no errno: look at the limits
+        try:
+            import resource
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if limit != resource.RLIM_INFINITY and tmp.stat().st_size >= limit - (1 << 16):
+                return OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(path))
+        except (ImportError, OSError): pass
+        with contextlib.suppress(OSError):
+            st = os.statvfs(tmp.parent)
+            if st.f_bavail * st.f_frsize < (1 << 20): return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return e
+
 def _save_tensors(tensors: dict[str, torch.Tensor], digest: str, path: str | os.PathLike, **metadata) -> Path:
     "`save_weights` for tensors already gathered and hashed (one model saved to several files is hashed once)."
     metadata = {**{k: str(v) for k, v in metadata.items()}, "sha256": digest}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try: save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as e: raise _write_failure(e, path, tmp) from e
         os.chmod(tmp, _FILE_MODE)  # safetensors recreates the file owner-only; records get the usual permissions
     return Path(path)
 
@@ -177,7 +195,9 @@ def set_rng_state(state: dict) -> None:
 # %% ../../nbs/30b_train.runs.ipynb #71bf6972
 def save_training_state(path: str | os.PathLike, state: dict) -> Path:
     "Save the resumable state (tensors and plain containers only) atomically."
-    with atomic_path(path) as tmp: torch.save(state, tmp)
+    with atomic_path(path) as tmp:
+        try: torch.save(state, tmp)
+        except Exception as e: raise _write_failure(e, path, tmp) from e
     return Path(path)
 
 def _short(error: Exception) -> str:
@@ -225,7 +245,7 @@ def environment_info(device: torch.device, **extra) -> dict:
         info.update(device_name=props.name, device_memory_gib=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     else:
-        info["device_name"] = platform.processor() or platform.machine()
+        info["device_name"] = cpu_model_name()  # the CPU model, not just "x86_64"
     return {**info, **extra}
 
 # %% ../../nbs/30b_train.runs.ipynb #4776b7d1
