@@ -1,7 +1,8 @@
 # sun_seg: every target installs what it needs into .venv first (Python 3.11+, what the pinned numpy and scipy need).
 #   make demo    the main job: the whole study on the generated demo dataset, then tables, figures, site
 #   make test    the default test suite (what CI runs)
-#   make lab     JupyterLab on nbs/ with this project's environment as the kernel
+#   make lab     JupyterLab on nbs/ with this project's environment as the kernel (notebooks saved clean)
+#   make kernel  the "Python (sun_seg)" kernel for a Jupyter of your own too (installed for your user)
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3.13 || command -v python3)
@@ -14,7 +15,7 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # the hub is forced offline only for the tests and the demo (which never need it); `make lab` may download a checkpoint
 OFFLINE := HF_HUB_OFFLINE=1
 
-.PHONY: help install demo test test-all lab report site bench export clean
+.PHONY: help install demo test test-all lab kernel report site bench export clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -38,8 +39,11 @@ test: $(STAMP)  ## default tests: notebooks (one item each), library, end-to-end
 test-all: $(STAMP)  ## every test: slow ones and notebook cells flagged `#| slow` too; CUDA ones run where a GPU is (else they skip)
 	$(OFFLINE) SUN_SEG_TEST_SLOW=1 $(BIN)/python -m pytest -m "slow or not slow"
 
-lab: $(STAMP)  ## JupyterLab on nbs/ with the project's kernel
-	$(BIN)/jupyter lab --notebook-dir=nbs
+lab: $(STAMP)  ## JupyterLab on nbs/ with the project's kernel; a notebook is saved as nbdev_clean leaves it
+	$(BIN)/jupyter lab --notebook-dir=nbs --ContentsManager.pre_save_hook=sun_seg.lab.clean_on_save
+
+kernel: $(STAMP)  ## "Python (sun_seg)" for a Jupyter outside .venv too: the kernelspec installed for your user
+	env -u JUPYTER_PLATFORM_DIRS $(BIN)/python -m ipykernel install --user --name sun_seg --display-name "Python (sun_seg)"
 
 report: $(STAMP)  ## rebuild the demo study's tables, figures and site from its runs (no training)
 	$(BIN)/sun-seg report --demo

@@ -11,8 +11,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from .core import (CLASS_NAMES, NUM_CLASSES, PALETTE, DataError, SunSegError, atomic_path, atomic_write_json,
-                          atomic_write_text, colorize, read_json, safe_child, stable_hash, to_json)
+from .core import (CLASS_NAMES, NUM_CLASSES, PALETTE, DataError, RunRecordError, SunSegError, atomic_path,
+                          atomic_write_json, atomic_write_text, colorize, read_json, read_run_history, safe_child,
+                          stable_hash, to_json)
 from .metrics import bootstrap_miou_difference, image_counts_path, load_image_counts
 from .study import (FINAL_STATUSES, GridRun, read_metrics, read_study_record, record_evaluations, record_runs,
                            run_state, select_best)
@@ -85,14 +86,16 @@ def load_runs(out: str | os.PathLike, # a study's output folder
     rows = []
     for run in record_runs(record):
         run_dir = safe_child(out / "runs", run.run_id, "run_id")
-        metrics, env = read_metrics(run_dir), _read_optional(run_dir / "environment.json")
-        data = _read_optional(run_dir / "data.json")
-        status, reason = run_state(out, run.run_id)
+        status, reason = run_state(out, run.run_id)  # `damaged` (with the fault) when a record of the run is
+        damaged = status == "damaged"  # then none of its numbers is used: its row shows the status and the reason
+        metrics = {} if damaged else read_metrics(run_dir)
+        env = {} if damaged else _read_optional(run_dir / "environment.json")
+        data = {} if damaged else _read_optional(run_dir / "data.json")
         if status == "absent": status = "not run yet"
         p = run.params
         rows.append(dict(
             entry=run.entry, seed=run.seed, run_id=run.run_id, status=status, reason=reason,
-            flags="; ".join(run_flags(run_dir, p)),
+            flags="" if damaged else "; ".join(run_flags(run_dir, p)),
             tables=",".join(run.tables), model=model_name(p), finetune=p.get("finetune") or None,
             lr=_num(p.get("lr")), scheduler=p.get("scheduler"), augment=p.get("augment"),
             weighted_loss=p.get("weighted_loss"), epochs_budget=_num(p.get("epochs")),
@@ -113,17 +116,19 @@ def load_runs(out: str | os.PathLike, # a study's output folder
 
 # %% ../nbs/50_analysis.ipynb #213e2d91
 def load_history(out: str | os.PathLike, run_id: str) -> pd.DataFrame:
-    "A run's `history.csv` (empty when the run has no finished epoch)."
-    path = safe_child(Path(out) / "runs", run_id, "run_id") / "history.csv"
-    if not path.is_file(): return pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "val_miou"])
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"history.csv cannot be read ({e}); the run folder is damaged", path) from None
+    "A run's checked `history.csv` (empty when the run has no finished epoch, or when its records are damaged: `load_runs` shows it so)."
+    run_dir = safe_child(Path(out) / "runs", run_id, "run_id")
+    path, empty = run_dir / "history.csv", pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "val_miou"])
+    if not path.is_file(): return empty
+    try: rows = read_run_history(path, read_metrics(run_dir) or None)
+    except RunRecordError: return empty  # never drawn or tabulated as if true
+    return pd.DataFrame(rows) if rows else empty
 
 def class_iou(out: str | os.PathLike, run_id: str, split: str = "val") -> pd.Series:
     "IoU per class (index `CLASS_NAMES`) of a run on `split` at its best epoch; NaN where unknown."
-    per_class = (read_metrics(safe_child(Path(out) / "runs", run_id, "run_id")).get(split) or {}).get("iou_per_class") or {}
+    try: metrics = read_metrics(safe_child(Path(out) / "runs", run_id, "run_id"))
+    except RunRecordError: metrics = {}  # a damaged run: shown as damaged, its numbers unknown
+    per_class = (metrics.get(split) or {}).get("iou_per_class") or {}
     return pd.Series([_num(per_class.get(c)) for c in CLASS_NAMES], index=list(CLASS_NAMES), name=run_id, dtype=float)
 
 # %% ../nbs/50_analysis.ipynb #85f0aac0
@@ -205,7 +210,8 @@ def run_counts(out: str | os.PathLike, run_id: str, split: str = "val") -> tuple
     run_dir = safe_child(Path(out) / "runs", run_id, "run_id")
     counts = load_image_counts(image_counts_path(run_dir, split))
     if counts is None: return None
-    metrics = read_metrics(run_dir)
+    try: metrics = read_metrics(run_dir)
+    except RunRecordError: return None  # a damaged run: no interval from it
     epoch = (metrics.get(split) or {}).get("epoch", metrics.get("best_epoch"))
     if epoch is not None and counts["epoch"] is not None and int(epoch) != counts["epoch"]: return None
     return counts["index"], counts["intersection"], counts["union"]

@@ -6,11 +6,10 @@
 from __future__ import annotations
 import argparse, importlib, sys
 
-from . import __version__
-from .core import SunSegError
+from . import __version__  # (the modules of the commands import torch: `sun-seg --help` imports none of them)
 
 # %% auto #0
-__all__ = ['COMMANDS', 'COMMAND_MODULES', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'COMMAND_MODULES', 'COMMAND_HELP', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #bcb7e9c9
 COMMANDS: dict[str, str] = {  # subcommand -> the module that adds it, in the order a study uses them
@@ -26,8 +25,21 @@ COMMANDS: dict[str, str] = {  # subcommand -> the module that adds it, in the or
     "bench": "sun_seg.bench",
 }
 COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
+COMMAND_HELP: dict[str, str] = {  # each subcommand's one-line help as its module gives it (checked below), for the overview
+    "demo-data": "generate the demo dataset (synthetic, SUN-RGBD-shaped)",
+    "download": "download SUN RGB-D (resumable, verified) and optionally prepare the cache",
+    "prepare": "decode SUN RGB-D once into a fast memory-mapped cache",
+    "data-summary": "counts per split and sensor, void share, class frequencies and weights",
+    "train": "train one run (the training notebook, through papermill)",
+    "study": "run the study's grid of trainings, then its report",
+    "report": "rebuild tables, figures and the report site from existing runs",
+    "predict": "label maps and colour overlays of your images with a trained run",
+    "export": "write a trained run as a Hugging Face model folder (from_pretrained)",
+    "bench": "measure the engine's speed: data, training step, evaluation, loop overhead",
+}
 
 def build_parser(command: str | None = None, # import only this subcommand's module (None: all of them)
+                 overview: bool = False, # import no module: the subcommands' names and one-line help only
                 ) -> argparse.ArgumentParser:
     "The `sun-seg` parser with every subcommand, or with `command` alone (a command starts seconds sooner)."
     parser = argparse.ArgumentParser(
@@ -35,6 +47,9 @@ def build_parser(command: str | None = None, # import only this subcommand's mod
         epilog="Run `sun-seg COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"sun_seg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    if overview:  # `sun-seg --help` answers at once: it lists the commands without importing them (and torch)
+        for name, text in COMMAND_HELP.items(): sub.add_parser(name, help=text)
+        return parser
     modules = [COMMANDS[command]] if command in COMMANDS else COMMAND_MODULES
     for name in modules:
         importlib.import_module(name).add_cli(sub)
@@ -48,8 +63,10 @@ def _command_in(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `sun-seg`: run a subcommand; errors sun_seg explains exit 2, Ctrl-C exits 130."
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command_in(argv))
+    command = _command_in(argv)
+    parser = build_parser(command, overview=command not in COMMANDS)  # no command: help, version or an error
     args = parser.parse_args(argv)
+    from sun_seg.core import SunSegError
     try:
         return int(args.func(args) or 0)
     except SunSegError as e:

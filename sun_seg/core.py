@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #31fd143e
 from __future__ import annotations
-import contextlib, functools, hashlib, json, os, platform, random, re, tempfile
+import contextlib, functools, hashlib, io, json, math, os, platform, random, re, tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,13 +13,14 @@ import torch
 
 # %% auto #0
 __all__ = ['CLASS_NAMES', 'NUM_CLASSES', 'VOID_LABEL', 'IGNORE_INDEX', 'PALETTE', 'VOID_COLOUR', 'IMAGENET_MEAN', 'IMAGENET_STD',
-           'DATA_ENV', 'HOME_ENV', 'DEMO_NOTICE', 'LEASE_ENV', 'HOST_ENV', 'raw_to_target', 'target_to_raw',
-           'SunSegError', 'DataError', 'ParameterError', 'colorize', 'normalize_images', 'check_choice',
-           'check_positive', 'check_bool', 'seed_everything', 'resolve_device', 'cpu_has_native_bf16',
-           'resolve_precision', 'cpu_model_name', 'allotted_cpus', 'atomic_path', 'atomic_write_bytes',
-           'atomic_write_text', 'to_json', 'atomic_write_json', 'read_json', 'stable_hash', 'safe_name', 'safe_child',
-           'sun_seg_home', 'data_label', 'packaged_file', 'LockHeld', 'lock_host', 'lease_seconds', 'Lease',
-           'fcntl_flock', 'hold', 'die_with_parent']
+           'RUN_STATUSES', 'HISTORY_REQUIRED', 'DATA_ENV', 'HOME_ENV', 'DEMO_NOTICE', 'LEASE_ENV', 'HOST_ENV',
+           'raw_to_target', 'target_to_raw', 'SunSegError', 'DataError', 'ParameterError', 'colorize',
+           'normalize_images', 'check_choice', 'check_positive', 'check_bool', 'seed_everything', 'resolve_device',
+           'cpu_has_native_bf16', 'resolve_precision', 'cpu_model_name', 'allotted_cpus', 'atomic_path',
+           'atomic_write_bytes', 'atomic_write_text', 'to_json', 'atomic_write_json', 'read_json', 'RunRecordError',
+           'read_run_json', 'check_run_metrics', 'read_run_metrics', 'read_run_history', 'stable_hash', 'safe_name',
+           'safe_child', 'sun_seg_home', 'data_label', 'packaged_file', 'LockHeld', 'lock_host', 'lease_seconds',
+           'Lease', 'fcntl_flock', 'hold', 'die_with_parent']
 
 # %% ../nbs/00_core.ipynb #00840472
 CLASS_NAMES: tuple[str, ...] = (
@@ -240,6 +241,109 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON ({e}); delete it or restore it from a backup", path) from None
+
+# %% ../nbs/00_core.ipynb #d6b30ccb
+class RunRecordError(DataError):
+    "A run folder's record (`metrics.json`, `history.csv`, ...) is damaged: `path` is the file, `what` the fault."
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.what = what
+        super().__init__(f"damaged run record: {what}. The run is shown as damaged and left out of the results; restore "
+                         "the file, or delete the run folder to train the run again", path)
+
+RUN_STATUSES = ("running", "completed", "diverged", "failed", "interrupted")  # what `metrics.json` may say
+_RUN_NUMBERS = ("best_val_miou", "wall_seconds", "train_images_per_second", "trainable_params", "total_params",
+                "flops_per_image", "train_flops_per_image", "world_size")
+_SPLIT_NUMBERS = ("miou", "loss", "pixel_accuracy", "mean_class_accuracy", "images")
+HISTORY_REQUIRED = ("epoch", "train_loss", "val_loss", "val_miou")  # the columns every `history.csv` has
+
+def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+def read_run_json(path: str | os.PathLike, what: str = "record") -> dict:
+    "A run folder's JSON record as a dict; a `RunRecordError` when it is not UTF-8, not JSON or not a JSON object."
+    path = Path(path)
+    try: text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e: raise RunRecordError(path, f"{path.name} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try: value = json.loads(text)
+    except json.JSONDecodeError as e: raise RunRecordError(path, f"{path.name} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise RunRecordError(path, f"{path.name} holds a JSON {type(value).__name__}, not the object a {what} is")
+    return value
+
+def check_run_metrics(metrics: dict, path: str | os.PathLike) -> dict:
+    "Check a `metrics.json` record: a known status, whole epochs, numbers where numbers belong; returns it."
+    name = Path(path).name
+    status = metrics.get("status")
+    if status not in RUN_STATUSES:
+        raise RunRecordError(path, f"{name} has status {status!r}; expected one of {', '.join(RUN_STATUSES)}")
+    if metrics.get("reason") is not None and not isinstance(metrics["reason"], str):
+        raise RunRecordError(path, f"{name} has a reason that is not text ({type(metrics['reason']).__name__})")
+    done = metrics.get("epochs_completed")
+    if done is None and status in ("completed", "diverged"):
+        raise RunRecordError(path, f"{name} says the run {status} but has no epochs_completed")
+    for key in ("epochs_completed", "best_epoch"):
+        v = metrics.get(key)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= (0 if key == "epochs_completed" else 1)):
+            raise RunRecordError(path, f"{name} has {key} {v!r}; expected a whole number of epochs")
+    if metrics.get("best_epoch") is not None and done is not None and metrics["best_epoch"] > done:
+        raise RunRecordError(path, f"{name} has best_epoch {metrics['best_epoch']} after its last completed epoch ({done})")
+    for key in _RUN_NUMBERS:
+        if metrics.get(key) is not None and not _is_number(metrics[key]):
+            raise RunRecordError(path, f"{name} has {key} {metrics[key]!r}; expected a number")
+    for split in ("val", "test"):
+        result = metrics.get(split)
+        if result is None: continue
+        if not isinstance(result, dict): raise RunRecordError(path, f"{name}'s {split} result is not an object")
+        for key in _SPLIT_NUMBERS:
+            if result.get(key) is not None and not _is_number(result[key]):
+                raise RunRecordError(path, f"{name} has {split} {key} {result[key]!r}; expected a number")
+        iou = result.get("iou_per_class")
+        if iou is not None and not (isinstance(iou, dict) and all(v is None or _is_number(v) for v in iou.values())):
+            raise RunRecordError(path, f"{name}'s {split} iou_per_class is not a mapping of class to number")
+    return metrics
+
+def read_run_metrics(path: str | os.PathLike) -> dict | None:
+    "A checked `metrics.json` (None when absent); a `RunRecordError` naming the file and the fault when it is damaged."
+    path = Path(path)
+    if not path.is_file(): return None
+    return check_run_metrics(read_run_json(path, "metrics record"), path)
+
+def read_run_history(path: str | os.PathLike, # a run's history.csv
+                     metrics: dict | None = None, # its metrics.json, to check the two agree
+                    ) -> list[dict]:
+    "The checked rows of a `history.csv`: epochs 1..n as int, numbers as float (NaN kept), `data_kind` as text."
+    import csv
+    path = Path(path)
+    try: text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e: raise RunRecordError(path, f"history.csv is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try: table = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as e: raise RunRecordError(path, f"history.csv is not CSV ({e})") from None
+    if not table: raise RunRecordError(path, "history.csv is empty (not even its header)")
+    header, rows = table[0], []
+    missing = [c for c in HISTORY_REQUIRED if c not in header]
+    if missing: raise RunRecordError(path, f"history.csv lacks the column(s) {', '.join(missing)}")
+    for line, cells in enumerate(table[1:], 2):
+        if not cells: continue
+        if len(cells) != len(header):
+            raise RunRecordError(path, f"history.csv line {line} has {len(cells)} values for {len(header)} columns")
+        row = {}
+        for k, v in zip(header, cells):
+            if k == "data_kind": row[k] = v; continue
+            try: row[k] = float(v) if v.strip() else math.nan  # an empty cell is a missing number (pandas writes NaN so)
+            except ValueError: raise RunRecordError(path, f"history.csv line {line}: {k} is {v[:40]!r}, not a number") from None
+        epoch = row["epoch"]
+        if not (math.isfinite(epoch) and epoch == int(epoch) and int(epoch) == len(rows) + 1):
+            raise RunRecordError(path, f"history.csv line {line}: epoch {cells[header.index('epoch')]!r} where epoch {len(rows) + 1} belongs")
+        row["epoch"] = int(epoch)
+        rows.append(row)
+    if metrics is not None and isinstance(metrics.get("epochs_completed"), int):
+        done, final = metrics["epochs_completed"], metrics.get("status") in ("completed", "diverged")
+        # a process killed between writing the history and the metrics leaves the history one epoch ahead; never more
+        if len(rows) > done + (0 if final else 1) or (final and len(rows) < done):
+            raise RunRecordError(path, f"history.csv has {len(rows)} epochs but metrics.json says {done} were completed "
+                                       f"(status {metrics.get('status')})")
+    return rows
+
+
 
 # %% ../nbs/00_core.ipynb #308aa8e0
 def stable_hash(obj: Any, length: int = 12) -> str:

@@ -8,7 +8,7 @@ import math, os, shutil
 from pathlib import Path
 
 from .core import (CLASS_NAMES, DEMO_NOTICE, IMAGENET_MEAN, IMAGENET_STD, DataError, ParameterError,
-                          atomic_write_json, atomic_write_text, data_label, read_json)
+                          atomic_write_json, atomic_write_text, check_run_metrics, data_label, read_json)
 from .train.runs import (CHECKPOINTS, DATA, FINAL_STATUSES, METRICS, PARAMS, checkpoint_path,
                                 weights_metadata)
 
@@ -24,7 +24,8 @@ def _record(path: Path, what: str) -> dict:
     if not path.is_file():
         raise DataError(f"not a complete run folder: {path.name} ({what}) is missing; give a folder written by"
                         " `sun-seg train` or `sun-seg study` (<out>/runs/<run_id>)", path)
-    record = read_json(path)  # names the file when it is not valid JSON
+    try: record = read_json(path)  # names the file when it is not valid JSON
+    except UnicodeDecodeError as e: raise DataError(f"is not UTF-8 text ({e.reason} at byte {e.start}): the file is damaged", path) from None
     if not isinstance(record, dict): raise DataError(f"holds a {type(record).__name__}, not a run record", path)
     return record
 
@@ -37,7 +38,7 @@ def check_run_folder(run_dir: str | os.PathLike, # a run folder, <out>/runs/<run
     if not run_dir.is_dir(): raise DataError("no such run folder", run_dir)
     params = _record(run_dir / PARAMS, "the run's parameters")
     data = _record(run_dir / DATA, "the data it trained on")
-    metrics = _record(run_dir / METRICS, "its status and scores")
+    metrics = check_run_metrics(_record(run_dir / METRICS, "its status and scores"), run_dir / METRICS)  # a damaged one named
     status = metrics.get("status")
     if status not in FINAL_STATUSES and not allow_unfinished:
         raise DataError(f"the run is not finished (status {status!r}); {_UNFINISHED}", run_dir / METRICS)

@@ -90,7 +90,7 @@ def predict(run_dir: str | os.PathLike, # a run folder (<out>/runs/<run_id>)
             progress: bool = True, # a progress bar
            ) -> dict:
     "Predict every image with a run's model; returns `{'written': [...], 'skipped': [(path, why)], ...}` (also `predictions.json`)."
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
     from sun_seg.train import load_run_model
     check_positive("batch_size", batch_size, kind=int)
     if which not in ("best", "last"): raise ParameterError("which", f"got {which!r}; choose 'best' or 'last'")

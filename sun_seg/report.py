@@ -257,7 +257,7 @@ table.data th, table.data td { border:1px solid var(--line); padding:.25rem .5re
 table.data th { background:var(--soft); text-align:center; }
 table.data td.text { text-align:left; } td.nan { color:#a33; }
 td.study, th.study { background:#f3f0fb; } td.diff { font-style:italic; }
-.status-completed { color:#17692c; } .status-failed, .status-diverged, .status-interrupted { color:#a33; font-weight:600; }
+.status-completed { color:#17692c; } .status-failed, .status-diverged, .status-interrupted, .status-damaged { color:#a33; font-weight:600; }
 .status-absent, .status-not, .status-running, .status-waiting, .status-selected { color:#8a6d00; }
 .notes { color:var(--muted); font-size:.85rem; }
 .box { background:var(--soft); border:1px solid var(--line); border-radius:6px; padding:.7rem 1rem; margin:1rem 0; }
@@ -569,7 +569,8 @@ def _run_pages(site: _Site, analysis: dict, notebooks: bool):
     for r in runs.itertuples():
         run = grid_runs[r.run_id]
         run_dir = safe_child(out / "runs", r.run_id, "run_id")
-        metrics = read_metrics(run_dir)
+        status, reason = run_state(out, r.run_id)  # `damaged: <fault>` when a record of the run is damaged
+        metrics = {} if status == "damaged" else read_metrics(run_dir)
         results = {k: metrics.get(k) for k in ("status", "reason", "best_epoch", "best_val_miou", "epochs_completed", "stopped_early",
                                                "trainable_params", "total_params", "flops_per_image", "wall_seconds",
                                                "train_images_per_second", "device", "precision") if k in metrics}
@@ -585,12 +586,11 @@ def _run_pages(site: _Site, analysis: dict, notebooks: bool):
         history = load_history(out, r.run_id)
         keep = [c for c in ("epoch", "train_loss", "val_loss", "val_miou", "val_pixel_accuracy", "lr", "seconds", "train_images_per_second") if c in history]
         extra = [(title, read_json(run_dir / f)) for title, f in (("Data", "data.json"), ("Environment", "environment.json"))
-                 if (run_dir / f).is_file()]
+                 if (run_dir / f).is_file() and status != "damaged"]
         record_path = out / "grid" / f"{r.run_id}.json"
         if record_path.is_file(): extra.append(("What the grid did", read_json(record_path)))
         extra = [(title, {k: readable(v, k) for k, v in d.items()}) for title, d in extra]
         notebook = notebooks and (run_dir / "train.ipynb").is_file()
-        status, reason = run_state(out, r.run_id)
         site.page(f"runs/{r.run_id}.html", "run.html", f"{r.entry} (seed {r.seed})", "Runs", run=run, status=status, reason=reason,
                   params={k: readable(v, k) for k, v in run.params.items()},
                   results=results, iou=frame_view(iou_frame.rename_axis("class").reset_index(), "iou") if len(iou_frame) else None,

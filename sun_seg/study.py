@@ -14,20 +14,21 @@ import yaml
 
 import sun_seg
 from .estimate import GridEstimate, RunTiming
-from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, Lease, ParameterError, SunSegError, atomic_path, atomic_write_json,
-                          check_choice, data_label, packaged_file, read_json, safe_child, safe_name, stable_hash)
+from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, Lease, ParameterError, RunRecordError, SunSegError,
+                          atomic_path, atomic_write_json, check_choice, data_label, packaged_file, read_json, read_run_history,
+                          read_run_json, read_run_metrics, safe_child, safe_name, stable_hash)
 
 # %% auto #0
-__all__ = ['MAX_YAML_VALUES', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'METHOD_KEYS', 'PRETRAIN_KEYS',
-           'RUN_COST_FACTORS', 'FINAL_STATUSES', 'STUDY_RECORD', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect',
-           'FigureSpec', 'Profile', 'Study', 'parse_study', 'load_study', 'default_study_path', 'GridRun',
-           'resolve_params', 'resolve_grid', 'method_values_of', 'check_method_card', 'method_card',
-           'format_method_card', 'parse_shard', 'select_runs', 'run_cost', 'balanced_shards', 'slurm_shard',
-           'read_metrics', 'run_status', 'run_state', 'RunLock', 'run_grid', 'SimulatedTrainer', 'simulated_evaluate',
-           'select_best', 'run_evaluations', 'study_record', 'write_study_record', 'read_study_record', 'record_runs',
-           'record_evaluations', 'simulate_study', 'engine_identify', 'data_of', 'papermill_trainer',
-           'inprocess_trainer', 'pretrain_folder', 'pretrain_upernet', 'save_predictions', 'save_data_summary',
-           'default_out_dir', 'run_study', 'add_cli']
+__all__ = ['MAX_YAML_VALUES', 'MAX_STUDY_BYTES', 'MAX_STUDY_DEPTH', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS',
+           'METHOD_KEYS', 'PRETRAIN_KEYS', 'RUN_COST_FACTORS', 'FINAL_STATUSES', 'STUDY_RECORD', 'read_yaml',
+           'RunEntry', 'Evaluation', 'Effect', 'FigureSpec', 'Profile', 'Study', 'parse_study', 'load_study',
+           'default_study_path', 'GridRun', 'resolve_params', 'resolve_grid', 'method_values_of', 'check_method_card',
+           'method_card', 'format_method_card', 'parse_shard', 'select_runs', 'run_cost', 'balanced_shards',
+           'slurm_shard', 'read_metrics', 'check_run_records', 'damaged_reason', 'run_status', 'run_state', 'RunLock',
+           'run_grid', 'SimulatedTrainer', 'simulated_evaluate', 'select_best', 'run_evaluations', 'study_record',
+           'write_study_record', 'read_study_record', 'record_runs', 'record_evaluations', 'simulate_study',
+           'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer', 'pretrain_folder',
+           'pretrain_upernet', 'save_predictions', 'save_data_summary', 'default_out_dir', 'run_study', 'add_cli']
 
 # %% ../nbs/40_study.ipynb #0106750d
 class _StrictLoader(yaml.SafeLoader):
@@ -58,15 +59,56 @@ def _count_values(data: Any, limit: int) -> int:
         elif isinstance(value, list): stack += value
     return count
 
+MAX_STUDY_BYTES = 1 << 20  # 1 MiB: a study file is a few KiB; a larger one is refused before YAML reads it
+MAX_STUDY_DEPTH = 32  # nesting levels (brackets, braces, indentation); a study file has about 6
+
+def _nesting_depth(text: str, limit: int) -> int:
+    "A cheap upper estimate of the nesting depth of YAML `text` (flow brackets plus block indentation levels), stopping past `limit`."
+    deepest, indents = 0, [-1]
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        if not stripped or stripped.startswith("#"): continue
+        indent = len(line) - len(stripped)
+        while stripped[:2] in ("- ", "-\t") or stripped == "-":  # each "- " opens a level of its own
+            indent += 2
+            stripped = stripped[2:].lstrip(" ") if len(stripped) > 1 else ""
+        while indents[-1] > indent: indents.pop()
+        if indents[-1] < indent: indents.append(indent)
+        flow, quote = 0, None
+        for ch in stripped:  # flow collections: [ ] { } outside quotes, up to a comment
+            if quote:
+                if ch == quote: quote = None
+            elif ch in "'\"": quote = ch
+            elif ch == "#": break
+            elif ch in "[{": flow += 1; deepest = max(deepest, len(indents) - 1 + flow)
+            elif ch in "]}": flow = max(flow - 1, 0)
+        deepest = max(deepest, len(indents) - 1)
+        if deepest > limit: break
+    return deepest
+
 def read_yaml(path: str | os.PathLike) -> Any:
-    "Read a YAML data file safely (no Python objects, no duplicate keys, bounded size), naming the file in every error."
+    "Read a YAML data file safely (no Python objects, no duplicate keys, bounded size and nesting), naming the file in every error."
     path = Path(path)
     if path.is_dir(): raise DataError("is a folder; pass the study file itself with --study FILE (e.g. reports/study.yaml)", path)
     if not path.is_file():
         raise DataError("study file not found; pass --study FILE (the repository's is reports/study.yaml)", path)
+    size = path.stat().st_size
+    if size > MAX_STUDY_BYTES:  # checked before YAML sees it: a huge file would take minutes and gigabytes
+        raise DataError(f"is {size:,} bytes, more than the {MAX_STUDY_BYTES:,} bytes (1 MiB) a study file may have (it "
+                        "has a few KiB): is this the right file? Write the study out plainly", path)
+    try:
+        with open(path, "rb") as f: text = f.read(MAX_STUDY_BYTES + 1).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not a text file in UTF-8 ({e}); a study file is YAML text", path) from None
+    if _nesting_depth(text, MAX_STUDY_DEPTH) > MAX_STUDY_DEPTH:
+        raise DataError(f"nests deeper than {MAX_STUDY_DEPTH} levels (brackets, braces or indentation); a study file "
+                        "needs about 6: write the study out plainly", path)
     try:
         with open(path, encoding="utf-8") as f:  # a file object: YAML's error marks name the file
             data = yaml.load(f, Loader=_StrictLoader)
+    except RecursionError:  # the depth scan above is an estimate; YAML's recursion is the last line of defence
+        raise DataError(f"nests too deeply to be read (more than {MAX_STUDY_DEPTH} levels); write the study out plainly",
+                        path) from None
     except yaml.YAMLError as e:
         raise DataError(f"not a valid study file: {e}", path) from None
     except (UnicodeDecodeError, ValueError) as e:
@@ -615,19 +657,32 @@ FINAL_STATUSES = ("completed", "diverged")
 # the study reads run folders without importing the training package (torch data loaders, transformers): these two
 # mirror `sun_seg.train.runs.read_metrics` / `run_status` with "nothing yet" as {} and "absent"
 def read_metrics(run_dir: str | os.PathLike) -> dict:
-    "A run folder's `metrics.json` ({} when absent)."
-    path = Path(run_dir) / "metrics.json"
-    return read_json(path) if path.is_file() else {}
+    "A run folder's checked `metrics.json` ({} when absent); a `RunRecordError` naming the file when it is damaged."
+    return read_run_metrics(Path(run_dir) / "metrics.json") or {}
+
+def check_run_records(run_dir: str | os.PathLike) -> dict:
+    "A run folder's checked `metrics.json` ({} when absent) after checking its `history.csv` against it: a `RunRecordError` when either is damaged."
+    metrics = read_metrics(run_dir)
+    if (Path(run_dir) / "history.csv").is_file(): read_run_history(Path(run_dir) / "history.csv", metrics or None)
+    for name in ("params.json", "data.json", "environment.json"):  # shown on the run's page: JSON objects too
+        if (Path(run_dir) / name).is_file(): read_run_json(Path(run_dir) / name)
+    return metrics
+
+def damaged_reason(error: RunRecordError) -> str:
+    "How a damaged run is shown: `damaged: <fault> (<file>)`."
+    return f"damaged: {error.what} ({error.path}); restore the file or delete the run folder to train the run again"
 
 def run_status(run_dir: str | os.PathLike) -> str:
-    "The status in a run folder's `metrics.json`, or `absent` when it has none yet."
-    return str(read_metrics(run_dir).get("status") or "absent")
+    "The status in a run folder's `metrics.json`, `absent` when it has none yet, `damaged` when its records are."
+    try: return str(check_run_records(run_dir).get("status") or "absent")
+    except RunRecordError: return "damaged"
 
 def run_state(out: str | os.PathLike, # the study's output folder
               run_id: str) -> tuple[str, str | None]:
-    "`(status, reason)` of a run: its final status, else what the grid recorded (a crash leaves `running` behind)."
+    "`(status, reason)` of a run: its final status, else what the grid recorded (a crash leaves `running` behind); `damaged` with the fault when its records are."
     out = Path(out)
-    metrics = read_metrics(safe_child(out / "runs", run_id, "run_id"))
+    try: metrics = check_run_records(safe_child(out / "runs", run_id, "run_id"))
+    except RunRecordError as e: return "damaged", damaged_reason(e)
     status = str(metrics.get("status") or "absent")
     if status in FINAL_STATUSES: return status, metrics.get("reason")
     record_path = safe_child(out / "grid", f"{run_id}.json", "run_id")
@@ -713,6 +768,11 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
         if before in FINAL_STATUSES:
             log(f"{head}: {before} earlier, skipped")
             continue
+        if before == "damaged":  # never trained over, never counted: shown as damaged until the file is restored or removed
+            outcome["reason"] = why = run_state(out, run.run_id)[1]
+            _write_record(grid_dir, run, status="damaged", reason=why)
+            log(f"{head}: {why}; skipped")
+            continue
         lock = RunLock(run_dir / ".lock")  # the engine's own lock: one per run folder
         if not lock.acquire():
             owner = lock.owner()
@@ -742,7 +802,8 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
                 status, reason = "failed", reason or f"the training ended with status {status!r}"
         except KeyboardInterrupt:
             seconds = time.monotonic() - start
-            done = read_metrics(run_dir).get("epochs_completed") if run_dir.is_dir() else None
+            try: done = read_metrics(run_dir).get("epochs_completed") if run_dir.is_dir() else None
+            except RunRecordError: done = None
             why = (f"interrupted (Ctrl-C or a stop signal){'' if done is None else f' after {done} finished epoch(s)'}; "
                    "run the same command again to resume it")
             _write_record(grid_dir, run, status="interrupted", reason=why, seconds=seconds, finished=time.time(),
@@ -901,8 +962,8 @@ def select_best(evaluation: Evaluation, # what to select
     table, model = evaluation.among["table"], evaluation.among["model"]
     candidates = [r for r in runs if table in r.tables and r.params.get("model") == model]
     states = {r.run_id: run_state(out, r.run_id)[0] for r in candidates}
-    waiting = sorted({r.entry for r in candidates if states[r.run_id] not in FINAL_STATUSES + ("failed",)})
-    failed = sorted({r.entry for r in candidates if states[r.run_id] == "failed"})
+    waiting = sorted({r.entry for r in candidates if states[r.run_id] not in FINAL_STATUSES + ("failed", "damaged")})
+    failed = sorted({r.entry for r in candidates if states[r.run_id] in ("failed", "damaged")})
     result = dict(name=evaluation.name, split=evaluation.split, among=dict(evaluation.among), failed=failed, waiting=waiting)
     if waiting: return {**result, "status": "waiting", "entry": None, "run_ids": [], "scores": {}}
     scores = {}
@@ -1094,7 +1155,7 @@ def pretrain_upernet(source_root: str | os.PathLike, # a (source-domain) dataset
     "Pretrain a UPerNet + ConvNeXt with a `num_labels` head on `source_root` and `save_pretrained` it into `folder`; returns its record."
     import torch
     from torch.utils.data import DataLoader, Subset
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
     from sun_seg.core import resolve_device, resolve_precision, seed_everything, normalize_images, IGNORE_INDEX
     from sun_seg.data import SunRGBD, train_transform, parse_size
     from sun_seg.models.upernet import build_upernet
@@ -1358,8 +1419,8 @@ def _summary_table(out: Path, runs: list[GridRun], outcomes: list[dict]) -> str:
     acted = {o["run_id"]: o for o in outcomes}
     rows = []
     for r in runs:
-        m = read_metrics(out / "runs" / r.run_id)
         status, reason = run_state(out, r.run_id)
+        m = {} if status == "damaged" else read_metrics(out / "runs" / r.run_id)
         o = acted.get(r.run_id, {})
         rows.append({"entry": r.entry, "seed": r.seed, "status": status, "this time": o.get("action", "not in slice"),
                      "best epoch": _number(m.get("best_epoch")), "val mIoU": _number(m.get("best_val_miou")),

@@ -44,7 +44,7 @@ from lock_fixtures import held_locks
 
 SUN_SEG = str(Path(sys.executable).parent / "sun-seg")
 TIMING = {"seconds", "train_images_per_second"}  # history columns that measure the machine, not the training
-TIMING_METRICS = {"wall_seconds", "train_images_per_second"}
+TIMING_METRICS = {"wall_seconds", "train_images_per_second", "timeline"}
 
 # Four U-Net runs of a few seconds each on the generated demo data (16 training images at 32x32, 2 epochs).
 FAULT_STUDY = """

@@ -26,7 +26,7 @@ from sun_seg.train.runs import load_training_state, read_events, save_weights, w
 from conftest import ROOT
 from train_fixtures import InterruptAt, param_pairs, tiny_params, weights_of, write_tiny_release
 
-TIMING = {"seconds", "train_images_per_second", "wall_seconds", "timeline"}  # the only numbers a resume may change (timeline: clock times)
+TIMING = {"seconds", "train_images_per_second", "wall_seconds", "timeline"}  # the only numbers a resume may change (timeline: wall-clock times of the session)
 
 # --------------------------------------------------------------------------------------------------------------------
 # The fault injector: SUN_SEG_FAULT="point@n:action" acts at the n-th event of `point` (see its docstring).
@@ -176,6 +176,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 def assert_intact(run_dir: Path) -> None:
     """Whatever a kill left behind: every file there is whole (parses or loads completely)."""
     from safetensors.torch import load_file
+    from sun_seg.metrics import load_image_counts
     for path in run_dir.rglob("*"):
         if not path.is_file() or path.name == ".lock": continue
         if path.name.endswith(".tmp"): continue  # an unfinished write under a temporary name, never read
@@ -184,11 +185,13 @@ def assert_intact(run_dir: Path) -> None:
         elif path.name.endswith((".safetensors", ".safetensors.pending")): load_file(str(path))
         elif path.name == "last_state.pt": load_training_state(path)
         elif path.name.startswith("events.out.tfevents."): read_events(path.parent)  # readers skip a torn last record
+        elif path.name.endswith("_per_image.npz"): assert load_image_counts(path) is not None
         else: raise AssertionError(f"unexpected file {path}")
 
 
 def _params(data, out_dir, **overrides) -> dict:
-    return tiny_params(data, out_dir, **overrides)  # 3 epochs of 3 steps, one validation batch per epoch
+    # 3 epochs of 3 steps, one validation batch per epoch; the last weights kept, so resumed runs compare them too
+    return tiny_params(data, out_dir, **{"keep_last": True, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +267,7 @@ WRONG_VALUE = {
     "val_fraction": [0, 1.0, -0.1, math.nan],
     "val_seed": [-1, 2.0],
     "pretrained_revision": ["", "a b"],
+    "keep_last": ["True", 1],
 }
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -705,13 +709,13 @@ def test_run_is_repeated_from_its_folder_alone(data, tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    """A finished run, an interrupted one (after epoch 1) and a finished one of another seed."""
+    """A finished run, an interrupted one (after epoch 1) and an interrupted one of another seed (its resume state kept)."""
     root = tmp_path_factory.mktemp("checkpoint_runs")
     done = fit(_params(data, root / "done", epochs=1), progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        fit(_params(data, root / "stopped"), callbacks=[InterruptAt(2, 1)], progress=False)
-    other = fit(_params(data, root / "other", epochs=1, seed=1), progress=False)
-    return {"done": Path(done["run_dir"]), "stopped": _only_run(root / "stopped"), "other": Path(other["run_dir"])}
+    for name, seed in (("stopped", 0), ("other", 1)):
+        with pytest.raises(KeyboardInterrupt):
+            fit(_params(data, root / name, seed=seed), callbacks=[InterruptAt(2, 1)], progress=False)
+    return {"done": Path(done["run_dir"]), "stopped": _only_run(root / "stopped"), "other": _only_run(root / "other")}
 
 
 def _copy(run_dir: Path, tmp_path: Path) -> Path:

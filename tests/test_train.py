@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from sun_seg.core import CLASS_NAMES, ParameterError
 from sun_seg.train import (HISTORY_COLUMNS, Callback, TrainConfig, evaluate_run, fit, load_run_model, plan_run,
                            read_history)
-from sun_seg.train.runs import load_training_state
+from sun_seg.train.runs import weights_metadata
 
 from train_fixtures import InterruptAt, tiny_params, weights_of, write_tiny_release
 
@@ -42,8 +43,10 @@ def test_run_folder_contract(data, tmp_path):
     run_dir = tmp_path / record["run_id"]
     assert record["run_dir"] == str(run_dir) and record["trained"] is True
     for name in ("params.json", "data.json", "environment.json", "history.csv", "metrics.json",
-                 "checkpoints/best.safetensors", "checkpoints/last.safetensors", "checkpoints/last_state.pt"):
+                 "checkpoints/best.safetensors"):
         assert (run_dir / name).is_file(), name
+    # completed: what only a resume would read is gone (the last weights too, as keep_last was not asked)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.safetensors"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["reason"] is None
     assert metrics["epochs_completed"] == 3 and metrics["data_kind"] == "sunrgbd"
@@ -68,8 +71,6 @@ def test_run_folder_contract(data, tmp_path):
     assert {"torch", "python", "git_commit", "device_type", "precision"} <= set(env)
     params = json.loads((run_dir / "params.json").read_text())
     assert params["lr"] == 0.01 and params["run_id"] == record["run_id"] and params["profile_applied"] == "full"
-    state = load_training_state(run_dir / "checkpoints" / "last_state.pt")  # weights_only=True inside
-    assert state["epoch"] == 3 and len(state["history"]) == 3
     # the best checkpoint reproduces the recorded validation score
     again = evaluate_run(run_dir, split="val", progress=False)
     assert again["miou"] == pytest.approx(metrics["best_val_miou"], abs=1e-12)
@@ -106,6 +107,38 @@ def test_per_image_counts_give_the_recorded_miou(data, tmp_path):
     _check_per_image_counts(run_dir, metrics, metrics["test"])
 
 
+def test_completed_run_keeps_what_a_user_needs(data, tmp_path):
+    """Best weights and records stay; `last_state.pt` goes; the last weights stay only with keep_last=True."""
+    kept = fit(tiny_params(data, tmp_path / "a", epochs=2, keep_last=True), progress=False)
+    run_dir = Path(kept["run_dir"])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.safetensors", "last.safetensors"]
+    assert weights_metadata(run_dir / "checkpoints" / "last.safetensors")["epoch"] == "2"
+    plain = fit(tiny_params(data, tmp_path / "b", epochs=2), progress=False)
+    assert plain["run_id"] == kept["run_id"]  # keep_last is not part of the run's identity
+    assert sorted(p.name for p in (Path(plain["run_dir"]) / "checkpoints").iterdir()) == ["best.safetensors"]
+    again = fit(tiny_params(data, tmp_path / "b", epochs=2), progress=False)  # still reported finished
+    assert again["trained"] is False and again["status"] == "completed"
+    interrupted = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_params(data, interrupted, epochs=2), callbacks=[InterruptAt(epoch=2, step=1)], progress=False)
+    checkpoints = interrupted / kept["run_id"] / "checkpoints"
+    assert {"last_state.pt", "last.safetensors"} <= {p.name for p in checkpoints.iterdir()}  # a resume needs them
+    resumed = fit(tiny_params(data, interrupted, epochs=2), progress=False)
+    assert resumed["status"] == "completed" and resumed["best_val_miou"] == plain["best_val_miou"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.safetensors"]
+
+
+def test_default_out_dir_is_ignored_by_git():
+    """`sun-seg train` from the repository root (or papermill from nbs/) writes runs/ there: git ignores it."""
+    import subprocess
+    from conftest import ROOT
+    if not (ROOT / ".git").exists(): pytest.skip("not a git checkout")
+    assert TrainConfig().out_dir == "runs"
+    for folder in ("runs", "nbs/runs"):
+        path = f"{folder}/unet-lr0.0001-plateau-0123456789ab/checkpoints/best.safetensors"
+        assert subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT).returncode == 0, path
+
+
 def test_finished_run_is_reported_not_retrained(data, tmp_path):
     first = fit(tiny_params(data, tmp_path, epochs=1), progress=False)
     again = fit(tiny_params(data, tmp_path, epochs=1, num_workers=1), progress=False)  # a speed setting: same run
@@ -118,7 +151,7 @@ def test_finished_run_is_reported_not_retrained(data, tmp_path):
 
 
 def test_resume_equals_uninterrupted_and_same_seed_same_numbers(data, tmp_path):
-    params = dict(precision="auto")  # bf16 autocast where the CPU has it natively: the real path
+    params = dict(precision="auto", keep_last=True)  # bf16 autocast where the CPU has it natively: the real path
     whole = fit(tiny_params(data, tmp_path / "a", **params), progress=False)
     repeat = fit(tiny_params(data, tmp_path / "b", **params), progress=False)
     run_a, run_b = tmp_path / "a" / whole["run_id"], tmp_path / "b" / repeat["run_id"]

@@ -56,8 +56,12 @@ def test_tiny_run_on_demo_data(tmp_path):
                            "--no-progress-bar"], cwd=TEMPLATE.parent, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     nb = nbformat.read(out, as_version=4)
-    assert _outputs_text(nb)[0].splitlines()[0] == DEMO_NOTICE  # said at the top of the output
+    assert _outputs_text(nb)[0].splitlines()[0].startswith(f"data: {DEMO_NOTICE}")  # said at the top of the output
     (run_dir,) = (tmp_path / "runs").iterdir()
+    # papermill's terminal shows only the kernel's stderr: the notebook told it the data, the run folder, the result
+    for line in (f"data: {DEMO_NOTICE}", f"run folder: {run_dir}", f"completed: {run_dir}"):
+        assert line in done.stderr, (line, done.stderr[-3000:])
+    assert f"run folder: {run_dir}" not in "".join(_outputs_text(nb, "stderr"))  # not copied into the notebook
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["data_kind"] == "demo"
     assert metrics["data_label"].startswith(DEMO_NOTICE) and metrics["epochs_completed"] == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
 
 from ..core import (CLASS_NAMES, DEMO_NOTICE, DataError, ParameterError, atomic_write_json, check_choice,
                           check_positive, read_json, stable_hash, sun_seg_home)
@@ -1432,13 +1432,13 @@ def make_demo_dataset(out: str | os.PathLike, # folder to create (or that holds 
     params = demo_parameters(n_train, n_test, seed, domain, scale)
     check_positive("workers", workers, kind=int)
     out = Path(out).expanduser()
-    if _is_demo_of(out, params): return out
+    if _is_demo_of(out, params): return _with_manifest(out)
     with hold(out.parent / f".{out.name}.lock", f"the demo dataset {out}", log=print if progress else None):
         return _make_held(out, params, workers, overwrite, progress)  # one generation per folder; a second waits for it
 
 def _make_held(out: Path, params: dict, workers: int, overwrite: bool, progress: bool) -> Path:
     n_train, n_test, seed, domain, scale = (params[k] for k in ("n_train", "n_test", "seed", "domain", "scale"))
-    if _is_demo_of(out, params): return out  # made by the process we waited for
+    if _is_demo_of(out, params): return _with_manifest(out)  # made by the process we waited for
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if demo_marker(out) is None:
             raise DataError("is not empty and holds no demo dataset: refusing to write into it. "
@@ -1460,7 +1460,8 @@ def _make_held(out: Path, params: dict, workers: int, overwrite: bool, progress:
         with tqdm(total=n_train + n_test, desc=f"demo data ({domain})", unit="img", disable=not progress) as bar:
             # the writer takes the test frames first, then the train frames, one at a time
             write_preprocessed_release(part, _rendered(train, workers, bar), _rendered(test, workers, bar))
-        atomic_write_json(part / DEMO_MARKER, _marker(params))
+        from sun_seg.data.sunrgbd import CONTENT_MANIFEST, content_manifest  # (torch is imported only here)
+        atomic_write_json(part / DEMO_MARKER, {**_marker(params), CONTENT_MANIFEST: content_manifest(part)})
         _move_into_place(part, out, params)
     except OSError as e:  # the disk filled up, or the folder cannot be written
         error = write_error(e, out, need, partial=part)
@@ -1468,6 +1469,15 @@ def _make_held(out: Path, params: dict, workers: int, overwrite: bool, progress:
         raise error from None
     finally:
         shutil.rmtree(part, ignore_errors=True)
+    return out
+
+def _with_manifest(out: Path) -> Path:
+    "Record the content of a demo folder generated before markers held it (`content_sha256`), so its fingerprint keeps its value."
+    from sun_seg.data.sunrgbd import CONTENT_MANIFEST, content_manifest
+    marker = demo_marker(out)
+    if CONTENT_MANIFEST not in marker:
+        try: atomic_write_json(out / DEMO_MARKER, {**marker, CONTENT_MANIFEST: content_manifest(out)})
+        except OSError: pass  # a read-only copy: its fingerprint then follows its content alone (new run ids)
     return out
 
 def _move_into_place(part: Path, out: Path, params: dict) -> None:

@@ -8,7 +8,7 @@ import hashlib, http.client, json, os, shutil, tarfile, time, urllib.error, urll
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
 
 from ..core import DataError, check_choice
 from .formats import (FRAMES_DIR, LABELS_DIR, TEST_IMAGES_DIR, TEST_LIST, TOOLBOX_DIR, TRAIN_IMAGES_DIR,

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
 
 import sun_seg
 from ..core import (CLASS_NAMES, NUM_CLASSES, DataError, allotted_cpus, ParameterError, atomic_write_json, atomic_write_text,
@@ -120,6 +120,12 @@ def _check_out(out: Path, src: Path, params: dict, overwrite: bool, verify: bool
             raise DataError(f"holds this cache but it is damaged ({e}). Pass overwrite=True (--overwrite) to prepare it "
                             "again", out) from None
         return "done"
+    if source.get("root") == str(src.resolve()) and index.get("size") == params["size"]:
+        if progress:  # the same source folder, changed in place: this cache is stale, never "nothing to do"
+            print(f"{out}: the data in {src} changed since this cache was prepared (fingerprint "
+                  f"{str(source.get('fingerprint'))[:12]}, now {params['source_fingerprint'][:12]}): preparing it again "
+                  "(the old cache is replaced once the new one is complete)")
+        return "replace"
     if not overwrite:
         raise DataError(f"already holds a cache of other data or another size (source {source.get('root')}, "
                         f"size {index.get('size')}): pass overwrite=True (--overwrite) to replace it once the new one is "
@@ -156,8 +162,10 @@ def _check_room(out: Path, part: Path, need: int, images_end: int) -> None:
                         "and run again", out)
 
 # %% ../../nbs/01b_data.prepare.ipynb #6dd7f23e
-def _read_journal(part: Path, params: dict) -> tuple[dict[int, dict], int, int]:
-    "Finished samples by position and the data files' ends, from a partial folder of the same `params`; else empty."
+def _read_journal(part: Path, params: dict, keys: list | None = None, ids: list | None = None
+                 ) -> tuple[dict[int, dict], int, int]:
+    """Finished samples by position and the data files' ends, from a partial folder of the same `params`; else empty.
+    With `keys` (the content key of each sample now) and `ids`, only samples whose id and content are unchanged are kept."""
     journal, saved = part / "journal.jsonl", part / "params.json"
     if not (journal.is_file() and saved.is_file()): return {}, 0, 0
     try:
@@ -168,6 +176,10 @@ def _read_journal(part: Path, params: dict) -> tuple[dict[int, dict], int, int]:
         try: e = json.loads(line)
         except json.JSONDecodeError: break  # a line cut by a kill: everything after it is redone
         if "problem" in e: continue
+        if keys is not None:  # resumed by content: a sample whose files changed since (or moved position) is redone
+            pos = e.get("pos")
+            if not (isinstance(pos, int) and 0 <= pos < len(keys) and keys[pos] is not None and e.get("key") == keys[pos]
+                    and e.get("id") == ids[pos]): continue
         done[e["pos"]] = e
         img_end = max(img_end, e["image_offset"] + 3 * e["shape"][0] * e["shape"][1])
         lab_end = max(lab_end, e["label_offset"] + e["shape"][0] * e["shape"][1])
@@ -290,7 +302,11 @@ def _prepare_held(reader, out: Path, params: dict, size, skip_bad: bool, workers
         if progress: print(f"{out} already holds this cache: nothing to do")
         return out
     part = _partial_dir(out)
-    done, img_end, lab_end = _read_journal(part, params)
+    # the journal is kept across changes of the data: each finished sample is kept while its own files are unchanged
+    journal_params = {k: v for k, v in params.items() if k != "source_fingerprint"}
+    keys = reader.sample_keys()
+    done, img_end, lab_end = _read_journal(part, journal_params, keys, [r.id for r in reader.records])
+    if done and progress: print(f"continuing in {part}: {len(done)} finished samples kept (unchanged since)")
     todo = [p for p in range(len(reader.records)) if p not in done]
     need, images_need = _bytes_needed(reader, todo, size)
     _check_room(out, part, need, img_end + images_need)
@@ -298,7 +314,7 @@ def _prepare_held(reader, out: Path, params: dict, size, skip_bad: bool, workers
     try:
         if not done: shutil.rmtree(part, ignore_errors=True)
         part.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(part / "params.json", json.dumps(params))
+        atomic_write_text(part / "params.json", json.dumps(journal_params))
         for name, end in ((CACHE_IMAGES, img_end), (CACHE_LABELS, lab_end)):
             with open(part / name, "ab") as f: f.truncate(end)
         with open(part / CACHE_IMAGES, "ab") as fi, open(part / CACHE_LABELS, "ab") as fl, \
@@ -310,7 +326,7 @@ def _prepare_held(reader, out: Path, params: dict, size, skip_bad: bool, workers
                     bad.append((pos, rec, r["problem"]))
                     fj.write(json.dumps({"pos": pos, "problem": r["problem"]}) + "\n")
                 else:
-                    entry = {"pos": pos, "image_offset": fi.tell(), "label_offset": fl.tell(),
+                    entry = {"pos": pos, "id": rec.id, "key": keys[pos], "image_offset": fi.tell(), "label_offset": fl.tell(),
                              **{k: r[k] for k in ("orig_size", "shape", "sha256", "counts")}}
                     fi.write(r["image"].tobytes()); fl.write(r["label"].tobytes())
                     fi.flush(); fl.flush()

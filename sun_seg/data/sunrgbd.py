@@ -4,7 +4,7 @@
 
 # %% ../../nbs/01a_data.sunrgbd.ipynb #4939f839
 from __future__ import annotations
-import errno, hashlib, json, math, os, re
+import errno, hashlib, json, math, os, re, sqlite3, time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +16,17 @@ from fastcore.basics import patch
 from PIL import Image
 
 from ..core import (NUM_CLASSES, CLASS_NAMES, DATA_ENV, DataError, ParameterError, check_choice,
-                          raw_to_target, stable_hash, target_to_raw)
+                          raw_to_target, stable_hash, sun_seg_home, target_to_raw)
 from .formats import (
     FORMS, CACHE_FORMAT, CACHE_VERSION, CACHE_INDEX, CACHE_IMAGES, CACHE_LABELS, DEMO_MARKER, IMAGE_NAME, LABEL_NAME,
     LABELS_DIR, TEST_IMAGES_DIR, TEST_LIST, TRAIN_IMAGES_DIR, cache_checksum, detect_form, frame_key, official_files,
     preprocessed_files, sensor_of)
 
 # %% auto #0
-__all__ = ['SPLITS', 'VAL_METHODS', 'SampleRecord', 'read_image_file', 'as_raw_label', 'read_label_file', 'SunRGBDReader',
-           'PreprocessedReader', 'OfficialReader', 'read_cache_index', 'cache_probe', 'CacheReader',
-           'resolve_data_root', 'open_reader', 'seeded_val_ids', 'split_records', 'SunRGBD', 'collate']
+__all__ = ['HASH_CACHE', 'CONTENT_MANIFEST', 'SPLITS', 'VAL_METHODS', 'SAMPLE_CHECK_VERSION', 'SampleRecord', 'read_image_file',
+           'as_raw_label', 'read_label_file', 'SunRGBDReader', 'file_digests', 'content_manifest', 'PreprocessedReader',
+           'OfficialReader', 'read_cache_index', 'cache_probe', 'CacheReader', 'resolve_data_root', 'open_reader',
+           'seeded_val_ids', 'split_records', 'SunRGBD', 'collate', 'check_samples']
 
 # %% ../../nbs/01a_data.sunrgbd.ipynb #ebb52b90
 @dataclass(frozen=True)
@@ -162,6 +163,21 @@ class SunRGBDReader:
         if self._fingerprint is None: self._fingerprint = self._compute_fingerprint()
         return self._fingerprint
     def _compute_fingerprint(self) -> str: raise NotImplementedError
+    def sample_keys(self) -> list[str | None]:
+        "One content key per record (the SHA-256s of what it is read from), so `prepare` resumes by content; None: unknown."
+        return [None] * len(self.records)
+    def _content_fingerprint(self, identity: dict, files: list) -> str:
+        "`identity` (names and sizes) joined with the content of `files`; see `content_manifest` for data that keeps its old value."
+        digests = file_digests(files)
+        manifest = self._manifest()
+        if manifest is not None and all(d is not None and manifest.get(_relative(p, self.root)) == d for p, d in zip(files, digests)):
+            return stable_hash(identity, 64)  # exactly the content its generator recorded: the fingerprint it always had
+        return stable_hash({**identity, "content": stable_hash(digests, 64)}, 64)
+    def _manifest(self) -> dict | None:
+        try: marker = json.loads((self.root / DEMO_MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError): return None
+        manifest = marker.get(CONTENT_MANIFEST) if isinstance(marker, dict) else None
+        return manifest if isinstance(manifest, dict) else None
     def official_trainval_problem(self) -> str | None:
         "Why allsplit.mat's train/val split cannot be used here, or None when every train record has it."
         missing = sum(r.trainval is None for r in self.records if r.split == "train")
@@ -185,6 +201,64 @@ def _names_and_sizes(paths) -> list:
         try: out.append([str(p), os.stat(p).st_size])
         except OSError: out.append([str(p), None])
     return out
+
+HASH_CACHE = "content-hashes.sqlite"  # under `sun_seg_home()`: each file's SHA-256 by path, size, times and inode
+CONTENT_MANIFEST = "content_sha256"  # the demo marker's {path in the data folder: SHA-256}, written by the generator
+_RACY_NS = 2 * 10**9  # a file changed in the last 2 s is hashed again next time (a coarse clock may not show an edit)
+
+def _stat_key(st: os.stat_result) -> tuple:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+def _hash_db() -> sqlite3.Connection | None:
+    "The hash cache, or None when it cannot be used (a read-only home): then every hash is computed."
+    try:
+        home = sun_seg_home()
+        home.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(home / HASH_CACHE, timeout=60)
+        db.execute("CREATE TABLE IF NOT EXISTS sha256 (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+                   "ctime_ns INTEGER, ino INTEGER, digest TEXT)")
+        return db
+    except (sqlite3.Error, OSError): return None
+
+def file_digests(paths) -> list[str | None]:
+    "The SHA-256 of each file (None when it cannot be read), each file version read once: cached by path, size, modification and change time and inode."
+    paths = [os.path.abspath(p) for p in paths]
+    db, out, new, now = _hash_db(), [], [], time.time_ns()
+    for p in paths:
+        try: key = _stat_key(os.stat(p))
+        except OSError: out.append(None); continue
+        row = None
+        if db is not None:
+            try: row = db.execute("SELECT size, mtime_ns, ctime_ns, ino, digest FROM sha256 WHERE path = ?", (p,)).fetchone()
+            except sqlite3.Error: row = None
+        if row is not None and tuple(row[:4]) == key:
+            out.append(row[4]); continue
+        try:
+            digest = _sha256_file(Path(p))
+            unchanged = _stat_key(os.stat(p)) == key  # not written to while it was read
+        except OSError: out.append(None); continue
+        if unchanged and now - max(key[1], key[2]) > _RACY_NS: new.append((p, *key, digest))
+        out.append(digest)
+    if db is not None:
+        try:
+            with db: db.executemany("INSERT OR REPLACE INTO sha256 VALUES (?, ?, ?, ?, ?, ?)", new)
+        except sqlite3.Error: pass  # a locked or read-only cache: the hashes are still right, just not kept
+        finally: db.close()
+    return out
+
+def _relative(path, root: Path) -> str | None:
+    try: return Path(path).relative_to(root).as_posix()
+    except ValueError: return None
+
+def content_manifest(root: str | os.PathLike, skip: tuple = (DEMO_MARKER,)) -> dict[str, str]:
+    "{path relative to `root`: SHA-256} of every file under `root` (links not followed) but `skip`: what a generator records."
+    root, out = Path(root), {}
+    for folder, dirs, files in os.walk(root):
+        for name in files:
+            p = Path(folder) / name
+            rel = p.relative_to(root).as_posix()
+            if rel not in skip and p.is_file() and not p.is_symlink(): out[rel] = _sha256_file(p)
+    return dict(sorted(out.items()))
 
 # %% ../../nbs/01a_data.sunrgbd.ipynb #0a28bba5
 _NUMBERED = re.compile(r"^img-(\d{6})\.(jpg|png)$")
@@ -262,9 +336,15 @@ class PreprocessedReader(SunRGBDReader):
 
     def _compute_fingerprint(self):
         files = [Path(r.image_path) for r in self.records] + [Path(r.loc) for r in self.records]
-        return stable_hash({"form": self.form, "n_test": self.n_test,
+        lists = [self.files[k] for k in ("train_list", "test_list")]
+        digests = file_digests([p for p in lists if p])
+        return self._content_fingerprint({"form": self.form, "n_test": self.n_test,
                            "files": [[str(Path(p).relative_to(self.root)), s] for p, s in _names_and_sizes(files)],
-                           "lists": {k: _sha256_file(self.files[k]) if self.files[k] else None for k in ("train_list", "test_list")}}, 64)
+                           "lists": {k: digests.pop(0) if p else None for k, p in zip(("train_list", "test_list"), lists)}}, files)
+    def sample_keys(self):
+        n = len(self.records)
+        d = file_digests([r.image_path for r in self.records] + [r.loc for r in self.records])
+        return [f"{a}:{b}" if a and b else None for a, b in zip(d[:n], d[n:])]
 
 def _check_unique(records, root):
     seen = {}
@@ -425,10 +505,13 @@ class OfficialReader(SunRGBDReader):
 
     def _compute_fingerprint(self):
         frames = self.files["frames"]
-        return stable_hash({"form": self.form,
+        seg, meta, split = file_digests([self.files[k] for k in ("seg", "meta", "split")])
+        return self._content_fingerprint({"form": self.form,
                            "images": [[str(Path(p).relative_to(frames)), s] for p, s in _names_and_sizes(r.image_path for r in self.records)],
-                           "seg": _sha256_file(self.files["seg"]), "meta": _sha256_file(self.files["meta"]),
-                           "split": _sha256_file(self.files["split"])}, 64)
+                           "seg": seg, "meta": meta, "split": split}, [r.image_path for r in self.records])
+    def sample_keys(self):
+        labels = ":".join(str(d) for d in file_digests([self.files["seg"], self.files["meta"]]))  # one file holds every label
+        return [f"{d}:{labels}:{r.loc}" if d else None for d, r in zip(file_digests([r.image_path for r in self.records]), self.records)]
 
 # %% ../../nbs/01a_data.sunrgbd.ipynb #cb19849d
 _PREPARE_AGAIN = "prepare the cache again from its source (`sun-seg prepare SRC OUT --overwrite`)"
@@ -514,7 +597,7 @@ class CacheReader(SunRGBDReader):
 
     def verify(self, progress: bool = True) -> None:
         "Check every sample's bytes against the SHA-256 `prepare` recorded; a `DataError` names the samples that differ."
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
         images, labels = self._maps()
         bad = []
         for s in tqdm(self.index["samples"], desc="verify cache", unit="img", disable=not progress):
@@ -555,6 +638,7 @@ class CacheReader(SunRGBDReader):
         p = super().official_trainval_problem()
         return p and f"the cache was prepared from data without allsplit.mat's trainvalsplit ({p})"
     def _compute_fingerprint(self): return self.index["fingerprint"]
+    def sample_keys(self): return [s["sha256"] for s in self.index["samples"]]
 
 # %% ../../nbs/01a_data.sunrgbd.ipynb #985a324b
 _READERS = {"official": OfficialReader, "preprocessed": PreprocessedReader, "cache": CacheReader}
@@ -719,3 +803,48 @@ def collate(batch: list[dict]) -> dict:
                              "or resizes to one size, or prepare the cache with --size HxW")
     return {"image": torch.stack([b["image"] for b in batch]), "target": torch.stack([b["target"] for b in batch]),
             "meta": [b["meta"] for b in batch]}
+
+# %% ../../nbs/01a_data.sunrgbd.ipynb #268673f8
+SAMPLE_CHECK_VERSION = 1  # bump when the check finds more: every copy is checked again
+
+def _scan_record(reader: SunRGBDReader, rec: SampleRecord) -> str | None:
+    "What is wrong with a sample, from its label (decoded and checked) and its image's header; None when nothing is."
+    try: target = reader.read_target(rec)
+    except DataError as e: return str(e)
+    size = reader.image_size(rec)
+    if size is None:  # the header cannot be read: decoding says why, naming the file
+        try: reader.read_image(rec)
+        except DataError as e: return str(e)
+        return f"{rec.image_path}: the image's header cannot be read; re-extract it from its archive"
+    if tuple(size) != target.shape:
+        return (f"{rec.image_path}: image is {size[1]}x{size[0]} but its label ({reader.label_source(rec)}) is "
+                f"{target.shape[1]}x{target.shape[0]} (W x H): the label belongs to another image or was resized; "
+                "restore both from the release")
+    return None
+
+def check_samples(datasets: list, # splits of one copy of the data (`SunRGBD`s): every sample a run may read
+                  progress: bool = True, # show a progress bar while scanning
+                  limit: int = 50, # bad samples listed in the error
+                 ) -> None:
+    "Refuse, naming each bad sample's file, when any sample of `datasets` has a bad label or an unreadable or mis-sized image."
+    reader = datasets[0].reader
+    if reader.form == "cache": return  # `prepare` checked every sample; the index is checksummed, its content probed on opening
+    records = list({r.id: r for ds in datasets for r in ds.records}.values())
+    key = stable_hash({"version": SAMPLE_CHECK_VERSION, "fingerprint": reader.fingerprint(),
+                       "ids": sorted(r.id for r in records)}, 32)
+    mark = sun_seg_home() / "checked" / f"{key}.json"  # the fingerprint follows content: a changed file is checked again
+    if mark.is_file(): return
+    from tqdm.auto import tqdm
+    bad = [(r, p) for r in tqdm(records, desc="check samples", unit="img", disable=not progress)
+           if (p := _scan_record(reader, r)) is not None]
+    if bad:
+        lines = [f"  - [{r.split} #{r.index + 1} {r.id}] {p}" for r, p in bad[:limit]]
+        if len(bad) > limit: lines.append(f"  ... and {len(bad) - limit} more")
+        raise DataError(f"{len(bad)} of the {len(records)} samples this run would read are bad (checked before training):\n"
+                        + "\n".join(lines) + "\nFix or re-extract these files and run again, or prepare a cache that "
+                        "leaves them out (`sun-seg prepare SRC OUT --skip-bad`) and train on it", reader.root)
+    try:
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text(json.dumps({"fingerprint": reader.fingerprint(), "root": str(reader.root), "samples": len(records)}))
+    except OSError: pass  # a read-only home: the next run checks again
+

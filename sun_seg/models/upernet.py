@@ -5,7 +5,7 @@
 # %% ../../nbs/11_models.upernet.ipynb #6b8e5f4b
 from __future__ import annotations
 
-import copy, os, re, warnings
+import contextlib, copy, logging, os, re, warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from .unet import check_model_input
 
 # %% auto #0
 __all__ = ['UPERNET_CHECKPOINT', 'FINETUNE_CHOICES', 'convnext_tiny_config', 'upernet_config', 'UperNetSegmenter',
-           'pretrained_commit', 'fetch_commit', 'build_upernet']
+           'pretrained_commit', 'fetch_commit', 'head_replacement', 'build_upernet']
 
 # %% ../../nbs/11_models.upernet.ipynb #b17a4948
 UPERNET_CHECKPOINT = "openmmlab/upernet-convnext-tiny"  # ADE20K-pretrained UPerNet + ConvNeXt-T on the hub
@@ -202,15 +202,40 @@ def fetch_commit(hub_id: str, # a hub id (not a local folder)
         return _folder_commit(Path(hf_hub_download(hub_id, "config.json", revision=revision or None)).parent)
     except Exception: return None  # no network or no such repo: the weights' own loading says why
 
+# %% ../../nbs/11_models.upernet.ipynb #e49f0013
+@contextlib.contextmanager
+def _quiet_loading_report():
+    "Hide transformers' LOAD REPORT table (a logged warning) while a checkpoint loads; errors still show."
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try: yield
+    finally: logger.setLevel(level)
+
+def head_replacement(info: dict, # `from_pretrained(..., output_loading_info=True)`'s second value
+                     num_classes: int, # the classes of the model built
+                    ) -> str | None:
+    "One line naming the classifiers given new weights, e.g. 'replaced decode/auxiliary classifiers: 150 -> 37 classes'."
+    layer = lambda key: key.rsplit(".", 1)[0]  # "decode_head.classifier.weight" -> "decode_head.classifier"
+    replaced = {layer(key): tuple(shape)[0] if shape else None for key, shape, *_ in info.get("mismatched_keys") or ()}
+    replaced.update({layer(key): None for key in info.get("missing_keys") or () if layer(key) in _CLASSIFIERS})
+    if not replaced: return None
+    order = list(_CLASSIFIERS) + sorted(set(replaced) - set(_CLASSIFIERS))
+    heads = "/".join(name.split("_head")[0] for name in order if name in replaced)
+    before = {n for n in replaced.values() if n is not None}
+    counts = f"{'/'.join(map(str, sorted(before)))} -> {num_classes}" if before else f"new, {num_classes}"
+    return f"replaced {heads} classifiers: {counts} classes"
+
 # %% ../../nbs/11_models.upernet.ipynb #30958749
 def _load_pretrained(source: str, is_local: bool, num_classes: int, local_files_only: bool,
                      cache_dir, revision) -> UperNetForSemanticSegmentation:
     "Load a checkpoint with `num_classes`-way classifiers; every other weight must come from it."
     try:
-        net, info = UperNetForSemanticSegmentation.from_pretrained(
-            source, ignore_mismatched_sizes=True, output_loading_info=True, dtype=torch.float32,
-            local_files_only=local_files_only, cache_dir=cache_dir, revision=revision,
-            loss_ignore_index=IGNORE_INDEX, **_label_maps(num_classes))
+        with _quiet_loading_report():  # its table (ANSI-coloured) is replaced by the one line below
+            net, info = UperNetForSemanticSegmentation.from_pretrained(
+                source, ignore_mismatched_sizes=True, output_loading_info=True, dtype=torch.float32,
+                local_files_only=local_files_only, cache_dir=cache_dir, revision=revision,
+                loss_ignore_index=IGNORE_INDEX, **_label_maps(num_classes))
     except OSError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if is_local: raise DataError(f"cannot load the model in this folder: {reason}", source) from None
@@ -223,6 +248,8 @@ def _load_pretrained(source: str, is_local: bool, num_classes: int, local_files_
                         "it is not a complete UperNetForSemanticSegmentation checkpoint", source)
     if info["unexpected_keys"]:
         warnings.warn(f"{source}: {len(info['unexpected_keys'])} checkpoint weights unused, e.g. {sorted(info['unexpected_keys'])[:3]}")
+    note = head_replacement(info, num_classes)
+    if note: print(f"pretrained {source}: {note}", flush=True)
     return net
 
 # %% ../../nbs/11_models.upernet.ipynb #88887736

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/30e_train.cli.ipynb #05416bf5
 from __future__ import annotations
-import argparse, contextlib, json, os, signal, sys, tempfile, threading
+import argparse, contextlib, functools, json, os, signal, sys, tempfile, threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,8 +20,8 @@ from .notebook import NOTEBOOK_OUTPUT_ENV
 from .runs import FINAL_STATUSES, NOTEBOOK, PARAMS, only_test_missing, read_metrics
 
 # %% auto #0
-__all__ = ['parse_value', 'parameters_from_pairs', 'parameters_from_file', 'parameters_of', 'main', 'default_template',
-           'run_notebook', 'parameters_help', 'add_cli']
+__all__ = ['parse_value', 'parameters_from_pairs', 'parameters_from_file', 'parameters_of', 'main', 'kernel_name',
+           'kernel_manager_class', 'default_template', 'run_notebook', 'parameters_help', 'add_cli']
 
 # %% ../../nbs/30e_train.cli.ipynb #439d8694
 def parse_value(text: str):
@@ -115,6 +115,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if joined: dist.destroy_process_group()
+
+# %% ../../nbs/30e_train.cli.ipynb #117fcd7b
+def kernel_name() -> str:
+    "The kernel our notebook runs use: the project's `sun_seg` when it runs this Python, else `python3` (this Python's own)."
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+        argv0 = KernelSpecManager().get_kernel_spec("sun_seg").argv[0]
+    except Exception:  # not installed (e.g. a Jupyter outside this environment holds it)
+        return "python3"
+    return "sun_seg" if os.path.abspath(argv0) == os.path.abspath(sys.executable) else "python3"
+
+@functools.cache
+def kernel_manager_class():
+    "Jupyter's kernel manager, asking for an encrypted connection (CurveZMQ) where the kernel supports it."
+    import zmq
+    from jupyter_client import AsyncKernelManager
+    from traitlets import default
+    if not zmq.has("curve"): return AsyncKernelManager
+    class EncryptedKernelManager(AsyncKernelManager):
+        "A kernel on TCP without encryption warns about it; ours is given keys instead (local, so it costs nothing)."
+        @default("transport_encryption")
+        def _encrypted(self): return "auto"
+    return EncryptedKernelManager
 
 # %% ../../nbs/30e_train.cli.ipynb #2f138d37
 def default_template() -> Path:
@@ -210,7 +233,8 @@ def run_notebook(params: dict, # training parameters
     import papermill
     from papermill.exceptions import PapermillExecutionError
     params = _absolute_paths(params)
-    plan = plan_run(TrainConfig.from_params(params, source=source), source=source)  # before any kernel
+    plan = plan_run(TrainConfig.from_params(params, source=source), source=source,
+                    quiet=True)  # before any kernel; the notebook's output names the data
     metrics = read_metrics(plan.run_dir)
     finished_before = bool(metrics) and metrics.get("status") == "completed"  # only its test is missing: keep its notebook
     if metrics and metrics.get("status") in FINAL_STATUSES and not only_test_missing(metrics, plan.config.test):
@@ -229,9 +253,12 @@ def run_notebook(params: dict, # training parameters
         try:
             with _interrupts_to_kernel() as interrupted:
                 try:
+                    # the cells' output goes to this terminal as it is (papermill's log_output would log each piece
+                    # of it again, with a newline: every refresh of a progress bar on a line of its own)
                     papermill.execute_notebook(str(template), str(executed), parameters=params, progress_bar=False,
-                                               log_output=log_output, stdout_file=sys.stdout if log_output else None,
-                                               stderr_file=sys.stderr if log_output else None, cwd=str(template.parent))
+                                               log_output=False, stdout_file=sys.stdout if log_output else None,
+                                               stderr_file=sys.stderr if log_output else None, cwd=str(template.parent),
+                                               kernel_name=kernel_name(), kernel_manager_class=kernel_manager_class())
                 except PapermillExecutionError: raise
                 except Exception:  # e.g. the kernel died of the interrupt while it was starting
                     if interrupted: raise KeyboardInterrupt from None
@@ -281,8 +308,9 @@ def _train_command(args) -> int:
             if e.ename == "KeyboardInterrupt": raise KeyboardInterrupt from None
             print(f"sun-seg train: the notebook failed in cell {e.exec_count}: {e.ename}: {e.evalue}", file=sys.stderr)
             return 2 if e.ename in _EXPLAINED else 1
-    print(f"{record.get('status')}: {record.get('run_dir')} (best val mIoU {record.get('best_val_miou')}"
-          f" at epoch {record.get('best_epoch')})")
+    best = record.get("best_val_miou")
+    best = f"{best:.4f}" if isinstance(best, float) else best
+    print(f"{record.get('status')}: {record.get('run_dir')} (best val mIoU {best} at epoch {record.get('best_epoch')})")
     return 0 if record.get("status") in FINAL_STATUSES else 1
 
 def add_cli(subparsers) -> None:

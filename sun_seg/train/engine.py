@@ -37,7 +37,7 @@ from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST
 __all__ = ['METHOD', 'PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches', 'EvalBatches',
            'EvalSamples', 'collate_pairs', 'jitter_on_device', 'evaluate', 'build_run_model', 'find_micro_batch_size',
            'RunPlan', 'plan_run', 'EarlyStopping', 'Callback', 'TensorBoardEvents', 'Diverged', 'RunOutOfMemory',
-           'Trainer', 'fit', 'repeat_params', 'load_run_model', 'evaluate_run']
+           'Trainer', 'fit', 'drop_resume_state', 'repeat_params', 'load_run_model', 'evaluate_run']
 
 # %% ../../nbs/30c_train.engine.ipynb #5095f59d
 def _loss_sum(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -257,17 +257,16 @@ def _gathered_image_counts(rows: list, loader, num_classes: int) -> dict:
 
 # %% ../../nbs/30c_train.engine.ipynb #00e6247e
 def _tqdm():
-    try:
-        import ipywidgets  # noqa: F401  (tqdm.auto needs it for the notebook widget)
-        from tqdm.auto import tqdm
-    except ImportError:
-        from tqdm import tqdm
+    # plain text bars, in notebooks too: a widget would reopen as a dead "0%" and needs JavaScript from the internet
+    from tqdm import tqdm
     return tqdm
 
 def _progress_bar(iterable, progress: bool | str, total: int | None = None, **kw):
     if not progress: return iterable
+    # a terminal redraws the bar in place; a notebook or a log keeps every refresh, so it gets one per 30 s at most
+    refresh = 1.0 if getattr(sys.stderr, "isatty", lambda: False)() else 30.0
     return _tqdm()(iterable, total=total, desc=progress if isinstance(progress, str) else None, leave=False,
-                   dynamic_ncols=True, mininterval=1.0, **kw)
+                   dynamic_ncols=True, mininterval=refresh, **kw)
 
 # %% ../../nbs/30c_train.engine.ipynb #1cf733e2
 def _pretrained_source(config: TrainConfig) -> str | None:
@@ -507,6 +506,8 @@ def _setup_data(self: Trainer) -> None:
     self.fit_split = _open_split(self.plan, "fit", target_dtype=torch.uint8)
     self.val_split = _open_split(self.plan, "val", target_dtype=torch.uint8)
     if len(self.val_split) == 0: raise DataError("the validation split is empty", self.plan.data_root)
+    from sun_seg.data.sunrgbd import check_samples  # every sample the run may read, whatever the caps: named before epoch 1
+    check_samples([self.fit_split, self.val_split] + ([_open_split(self.plan, "test")] if c.test else []), self.progress)
     # on a GPU the photometric jitter (hue above all) would starve the model in the loader: it runs on the device
     self.device_jitter = BatchColourJitter() if c.augment and jitter_on_device(self.device) else None
     loader_transform = train_transform(self.image_size, augment=c.augment, jitter=0 if self.device_jitter else JITTER)
@@ -946,9 +947,20 @@ def _train(trainer: Trainer) -> dict:
             trainer.write_metrics()
             trainer.test_result = _test_best(trainer)
         record = trainer.write_metrics()
+        if procs.main: drop_resume_state(plan.run_dir, keep_last=plan.config.keep_last)
     record = {**record, "run_dir": str(plan.run_dir), "trained": True}
     for cb in trainer.callbacks: cb.on_fit_end(trainer, record)
     return record
+
+# %% ../../nbs/30c_train.engine.ipynb #fcdb928e
+def drop_resume_state(run_dir: str | os.PathLike, # a completed run's folder
+                      keep_last: bool = False, # keep `last.safetensors` (the last epoch's weights)
+                     ) -> list[Path]:
+    "Delete what only a resume needs (`last_state.pt`, and the last weights unless `keep_last`); returns what went."
+    gone = [Path(run_dir) / CHECKPOINTS / LAST_STATE] + ([] if keep_last else [checkpoint_path(run_dir, "last")])
+    gone = [p for p in gone if p.is_file()]
+    for path in gone: path.unlink()
+    return gone
 
 # %% ../../nbs/30c_train.engine.ipynb #75138881
 def _profile(model: nn.Module, image_size, existing: dict | None) -> tuple[int | None, int | None]:
@@ -1051,7 +1063,8 @@ def evaluate_run(run_dir: str | os.PathLike, # a run folder
     result.update(split=split, which=which, epoch=int(meta["epoch"]) if "epoch" in meta else None,
                   original_size=original)
     if split == "test" and procs.main:
-        metrics = read_json(run_dir / METRICS)
+        metrics = read_metrics(run_dir)  # checked: a damaged record is named, never extended
+        if metrics is None: raise DataError(f"has no {METRICS}: not a finished run folder", run_dir)
         atomic_write_json(run_dir / METRICS, {**metrics, "test": result})
         from sun_seg.metrics import image_counts_path, save_image_counts
         save_image_counts(image_counts_path(run_dir, "test"), counts, result["epoch"], "test")

@@ -15,7 +15,7 @@ from .runs import HISTORY, NOTEBOOK, read_history
 
 # %% auto #0
 __all__ = ['NOTEBOOK_OUTPUT_ENV', 'plot_history', 'LivePlot', 'results_table', 'per_class_table', 'papermill_output_path',
-           'save_notebook_copy']
+           'save_notebook_copy', 'tell_terminal']
 
 # %% ../../nbs/30d_train.notebook.ipynb #fccef593
 def plot_history(rows: list[dict], # history rows (`history.csv` or `Trainer.history`)
@@ -106,9 +106,8 @@ def per_class_table(record: dict) -> pd.DataFrame:
 # %% ../../nbs/30d_train.notebook.ipynb #98fb15a1
 NOTEBOOK_OUTPUT_ENV = "SUN_SEG_NOTEBOOK_OUTPUT"
 
-def papermill_output_path() -> Path | None:
-    "The output notebook of the papermill process running this kernel, or None (not under papermill, or not a file)."
-    if os.environ.get(NOTEBOOK_OUTPUT_ENV): return Path(os.environ[NOTEBOOK_OUTPUT_ENV])
+def _papermill_command() -> tuple[dict, str] | None:
+    "The options of the `papermill` command running this kernel (parsed by papermill's own parser) and its cwd, or None."
     try:
         import psutil
         parent = psutil.Process().parent()
@@ -121,12 +120,17 @@ def papermill_output_path() -> Path | None:
     if start is None: return None
     try:
         from papermill.cli import papermill as command
-        ctx = command.make_context("papermill", list(argv[start + 1:]), resilient_parsing=True)
-        output = ctx.params.get("output_path")
+        return command.make_context("papermill", list(argv[start + 1:]), resilient_parsing=True).params, cwd
     except Exception:
         return None
+
+def papermill_output_path() -> Path | None:
+    "The output notebook of the papermill process running this kernel, or None (not under papermill, or not a file)."
+    if os.environ.get(NOTEBOOK_OUTPUT_ENV): return Path(os.environ[NOTEBOOK_OUTPUT_ENV])
+    command = _papermill_command()
+    output = command[0].get("output_path") if command else None
     if not output or output == "-" or "://" in str(output): return None
-    return (Path(cwd) / output).resolve()
+    return (Path(command[1]) / output).resolve()
 
 def save_notebook_copy(run_dir: str | os.PathLike, # the run folder
                        source: str | os.PathLike | None = None, # the notebook to copy (default: papermill's output)
@@ -138,3 +142,19 @@ def save_notebook_copy(run_dir: str | os.PathLike, # the run folder
     if source.resolve() == target.resolve(): return target
     with atomic_path(target) as tmp: shutil.copyfile(source, tmp)
     return target
+
+# %% ../../nbs/30d_train.notebook.ipynb #c782bd75
+def tell_terminal(text: str) -> bool:
+    "Write `text` as one line to the terminal of a `papermill` command running this notebook; True when written."
+    if os.environ.get(NOTEBOOK_OUTPUT_ENV): return False  # `sun-seg train` streams the cells' output already
+    command = _papermill_command()
+    if command is None or command[0].get("log_output"): return False
+    if not type(sys.stderr).__module__.startswith("ipykernel"): return False
+    lead = "\n" if command[0].get("progress_bar") else ""  # off papermill's progress bar line
+    try:
+        try: fd = sys.stderr.fileno()  # ipykernel captures fd 2 into the cell: this is its copy of the real stderr
+        except io.UnsupportedOperation: fd = sys.__stderr__.fileno()  # not captured (e.g. under pytest): fd 2 itself
+        os.write(fd, (lead + text.rstrip("\n") + "\n").encode())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return True

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 import sun_seg
 from ..core import (CLASS_NAMES, DataError, atomic_path, atomic_write_json, atomic_write_text, read_json,
-                          cpu_model_name, _FILE_MODE)
+                          cpu_model_name, read_run_history, read_run_metrics, _FILE_MODE)
 
 # %% auto #0
 __all__ = ['PARAMS', 'DATA', 'ENVIRONMENT', 'HISTORY', 'METRICS', 'NOTEBOOK', 'CHECKPOINTS', 'BEST', 'LAST', 'LAST_STATE',
@@ -59,13 +59,11 @@ def write_history(path: str | os.PathLike, rows: list[dict]) -> Path:
     for row in rows: writer.writerow([_cell(row.get(c, math.nan)) for c in HISTORY_COLUMNS])
     return atomic_write_text(path, out.getvalue())
 
-def read_history(path: str | os.PathLike) -> list[dict]:
-    "The rows of a `history.csv`, numbers as int/float (NaN kept)."
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            rows.append({k: (v if k == "data_kind" else int(v) if k == "epoch" else float(v)) for k, v in row.items()})
-    return rows
+def read_history(path: str | os.PathLike, # a run's history.csv
+                 metrics: dict | None = None, # its metrics.json, to check that the two agree
+                ) -> list[dict]:
+    "The rows of a `history.csv`, numbers as int/float (NaN kept); a `RunRecordError` naming the file and the fault when it is damaged."
+    return read_run_history(path, metrics)
 
 # %% ../../nbs/30b_train.runs.ipynb #4b09fb39
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -250,9 +248,8 @@ def environment_info(device: torch.device, **extra) -> dict:
 
 # %% ../../nbs/30b_train.runs.ipynb #4776b7d1
 def read_metrics(run_dir: str | os.PathLike) -> dict | None:
-    "`metrics.json` of a run, or None when the run has not started."
-    path = Path(run_dir) / METRICS
-    return read_json(path) if path.is_file() else None
+    "`metrics.json` of a run, or None when the run has not started; a `RunRecordError` naming the file and the fault when it is damaged."
+    return read_run_metrics(Path(run_dir) / METRICS)
 
 def run_status(run_dir: str | os.PathLike) -> str | None:
     "`running`, `completed`, `diverged`, `failed`, `interrupted`, or None for no run there."
