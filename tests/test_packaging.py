@@ -44,7 +44,7 @@ def test_every_imported_library_is_declared():
     import ast
     import sys as _sys
     declared = _names(_settings()["requirements"])
-    aliases = {"yaml": "pyyaml", "PIL": "pillow", "IPython": "ipython", "tensorboardX": "tensorboardx"}
+    aliases = {"yaml": "pyyaml", "PIL": "pillow", "IPython": "ipython", "tensorboardX": "tensorboardx", "zmq": "pyzmq"}
     imported = set()
     for path in (ROOT / "sun_seg").rglob("*.py"):
         if path.name in DEV_ONLY: continue
