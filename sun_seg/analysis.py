@@ -25,10 +25,11 @@ __all__ = ['EXPLODED', 'BOOTSTRAP_RESAMPLES', 'BOOTSTRAP_SEED', 'BASELINES_VERSI
            'display_frame', 'run_counts', 'miou_interval', 'difference_interval', 'beyond_noise', 'interval_text',
            'noise_text', 'data_baselines', 'is_demo', 'table_t1', 'table_t2', 'selections', 'table_t3', 'table_t4',
            'training_flops', 'time_to_best', 'projected_hours', 'table_t5', 'best_run_ids', 'seconds_to_reach',
-           'research_answers', 'figure_runs', 'class_iou_frame', 'curves_frame', 'class_epochs_frame', 'data_summary',
-           'load_qualitative', 'plot_curves', 'plot_class_iou', 'plot_class_epochs', 'plot_void_share',
-           'plot_class_frequency', 'plot_predictions', 'footer', 'save_figure', 'markdown_table', 'write_table',
-           'protocol_note', 'build_tables', 'figure_data', 'build_figures', 'build_run_figures', 'build_analysis']
+           'research_answers', 'figure_runs', 'class_iou_frame', 'curves_frame', 'class_epochs_frame',
+           'confusion_frames', 'data_summary', 'load_qualitative', 'plot_curves', 'plot_class_iou', 'plot_class_epochs',
+           'plot_confusion', 'plot_void_share', 'plot_class_frequency', 'plot_predictions', 'footer', 'save_figure',
+           'markdown_table', 'write_table', 'protocol_note', 'build_tables', 'figure_data', 'build_figures',
+           'build_run_figures', 'build_analysis']
 
 # %% ../nbs/50_analysis.ipynb #23cd7925
 def _num(value) -> float:
@@ -814,6 +815,23 @@ def class_epochs_frame(out: str | os.PathLike, name: str, classes: Iterable[str]
     frame.columns = list(classes)
     return frame
 
+# %% ../nbs/50_analysis.ipynb #3a587e25
+def confusion_frames(out: str | os.PathLike, names: Iterable[str], split: str = "test") -> dict[str, pd.DataFrame]:
+    "Per name, its `split` confusion matrix summed over its finished seeds, as shares of each true class's pixels (rows: truth)."
+    frames = {}
+    for name, (label, run_ids) in figure_runs(out, names).items():
+        finished = [r for r in run_ids if run_state(out, r)[0] in FINAL_STATUSES]
+        matrices = [np.asarray(m, dtype=np.float64) for m in
+                    ((read_metrics(safe_child(Path(out) / "runs", r, "run_id")).get(split) or {}).get("confusion") for r in finished)
+                    if m is not None]
+        if not matrices: continue  # not evaluated on `split` yet (or recorded before matrices were)
+        total = np.sum(matrices, axis=0)
+        rows = total.sum(axis=1, keepdims=True)
+        share = np.divide(total, rows, out=np.full_like(total, np.nan), where=rows > 0)  # NaN: a class not in the truth
+        seeds = f"{len(matrices)} seed{'s' if len(matrices) > 1 else ''}"
+        frames[f"{label} ({seeds})"] = pd.DataFrame(share, index=list(CLASS_NAMES), columns=list(CLASS_NAMES))
+    return frames
+
 # %% ../nbs/50_analysis.ipynb #c6cbf655
 def data_summary(out: str | os.PathLike) -> dict:
     "The study's data summary: `{'info', 'image_statistics', 'class_statistics'}` ({} when the study wrote none yet)."
@@ -935,6 +953,24 @@ def plot_class_epochs(frame: pd.DataFrame, # `class_epochs_frame`
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if len(frame.columns): _legend_beside(ax)
+    return fig
+
+# %% ../nbs/50_analysis.ipynb #082de56b
+def plot_confusion(frames: dict[str, pd.DataFrame], # `confusion_frames`
+                   title: str = "") -> Figure:
+    "Heatmaps (seaborn) of row-normalised confusion matrices, one per model, side by side on one colour scale."
+    import seaborn as sns
+    n = max(len(frames), 1)
+    fig, axes = _figure(width=6.4 * n + 0.8, height=7, ncols=n)
+    axes = np.atleast_1d(axes)
+    for i, (ax, (label, frame)) in enumerate(zip(axes, frames.items())):
+        sns.heatmap(frame, ax=ax, vmin=0, vmax=1, cmap="viridis", square=True, xticklabels=True, yticklabels=True,
+                    cbar=i == len(frames) - 1, cbar_kws={"label": "share of the true class's pixels", "shrink": 0.6})
+        ax.set_title(_wrap(label, 6, LABEL_SIZE), fontsize=LABEL_SIZE)
+        ax.set_xlabel("predicted class", fontsize=LABEL_SIZE)
+        ax.set_ylabel("true class" if i == 0 else "", fontsize=LABEL_SIZE)
+        ax.tick_params(labelsize=5, length=1)
+    fig.suptitle(_wrap(title, fig.get_figwidth() - 0.5), fontsize=TITLE_SIZE)
     return fig
 
 # %% ../nbs/50_analysis.ipynb #a748103e
@@ -1069,11 +1105,15 @@ def figure_data(out: str | os.PathLike, spec: dict) -> tuple[Any, str | None]:
     if kind == "class_iou_epochs":
         frame = class_epochs_frame(out, names[0], spec["classes"])
         return (frame, None) if len(frame) else (None, "its run has no finished epoch yet")
+    if kind == "confusion":
+        frames = confusion_frames(out, names, spec["split"])
+        return (frames, None) if frames else (None, f"no {spec['split']} confusion matrix recorded for its runs yet")
     sample = load_qualitative(out, spec["id"])
     return (sample, None) if sample else (None, "no predictions saved yet (the study saves them after the test evaluations)")
 
 _PLOTS = {"void_share": plot_void_share, "class_frequency": plot_class_frequency, "curves": plot_curves,
-          "class_iou": plot_class_iou, "class_iou_epochs": plot_class_epochs, "predictions": plot_predictions}
+          "class_iou": plot_class_iou, "class_iou_epochs": plot_class_epochs, "predictions": plot_predictions,
+          "confusion": plot_confusion}
 
 def _fingerprint(data: Any, *extra) -> str:
     "A hash of a figure's data and labels: a figure whose hash is unchanged is not drawn again."

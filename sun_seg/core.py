@@ -19,8 +19,8 @@ __all__ = ['CLASS_NAMES', 'NUM_CLASSES', 'VOID_LABEL', 'IGNORE_INDEX', 'PALETTE'
            'cpu_has_native_bf16', 'resolve_precision', 'cpu_model_name', 'allotted_cpus', 'atomic_path',
            'atomic_write_bytes', 'atomic_write_text', 'to_json', 'atomic_write_json', 'read_json', 'RunRecordError',
            'read_run_json', 'check_run_metrics', 'read_run_metrics', 'read_run_history', 'stable_hash', 'safe_name',
-           'safe_child', 'sun_seg_home', 'data_label', 'LockHeld', 'lock_host', 'lease_seconds', 'Lease', 'fcntl_flock',
-           'hold', 'die_with_parent']
+           'safe_child', 'sun_seg_home', 'data_label', 'packaged_file', 'LockHeld', 'lock_host', 'lease_seconds',
+           'Lease', 'fcntl_flock', 'hold', 'die_with_parent']
 
 # %% ../nbs/00_core.ipynb #00840472
 CLASS_NAMES: tuple[str, ...] = (
@@ -384,6 +384,16 @@ def data_label(kind: str, # "demo" or "sunrgbd"
     check_choice("kind", kind, ("demo", "sunrgbd"))
     fp = f" (fingerprint {fingerprint[:12]})" if fingerprint else ""
     return (DEMO_NOTICE if kind == "demo" else "SUN RGB-D, 37 classes, RGB only") + fp
+
+# %% ../nbs/00_core.ipynb #46374530
+def packaged_file(name: str, # the file's name in the package's `templates/` folder, e.g. "train.ipynb"
+                  source: str | os.PathLike | None = None, # its source, relative to a checkout's root, e.g. "nbs/train.ipynb"
+                 ) -> Path:
+    "The checkout's `source` when sun_seg runs from a checkout, else the copy shipped inside the installed package."
+    import sun_seg
+    package = Path(sun_seg.__file__).resolve().parent
+    if source is not None and (package.parent / source).is_file(): return package.parent / source
+    return package / "templates" / name
 
 # %% ../nbs/00_core.ipynb #b3d2f6a1
 import errno, socket, threading, time, warnings

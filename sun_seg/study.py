@@ -15,7 +15,7 @@ import yaml
 import sun_seg
 from .estimate import GridEstimate, RunTiming
 from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, Lease, ParameterError, RunRecordError, SunSegError,
-                          atomic_path, atomic_write_json, check_choice, data_label, read_json, read_run_history,
+                          atomic_path, atomic_write_json, check_choice, data_label, packaged_file, read_json, read_run_history,
                           read_run_json, read_run_metrics, safe_child, safe_name, stable_hash)
 
 # %% auto #0
@@ -199,7 +199,7 @@ class Study:
 
 # %% ../nbs/40_study.ipynb #75befcba
 TABLE_IDS = ("T1", "T2", "T3", "T4", "T5")
-FIGURE_KINDS = ("void_share", "class_frequency", "curves", "class_iou", "class_iou_epochs", "predictions")
+FIGURE_KINDS = ("void_share", "class_frequency", "curves", "class_iou", "class_iou_epochs", "predictions", "confusion")
 PICKS = ("typical", "richest", "disagreement", "hardest")  # and "class:NAME"
 
 def _mapping(value, where: str, path) -> dict:
@@ -333,7 +333,7 @@ def _parse_figure(fid: str, d, path, names: set) -> FigureSpec:
     if kind not in ("void_share", "class_frequency") and not runs:
         raise ParameterError(f"{where}.runs", f"a {kind} figure needs the runs it shows", str(path))
     split = d.get("split")
-    if kind in ("class_iou", "predictions"): check_choice(f"{where}.split", split, ("val", "test"), str(path))
+    if kind in ("class_iou", "predictions", "confusion"): check_choice(f"{where}.split", split, ("val", "test"), str(path))
     pick = d.get("pick")
     if kind == "predictions":
         if not (pick in PICKS or (isinstance(pick, str) and pick.startswith("class:") and pick[6:] in CLASS_NAMES)):
@@ -402,11 +402,10 @@ def load_study(path: str | os.PathLike | None = None, # a study file; default: `
 
 # %% ../nbs/40_study.ipynb #2d4a0dd8
 def default_study_path() -> Path:
-    "`reports/study.yaml` in the working directory, else the one in the repository this package was installed from."
+    "`reports/study.yaml` in the working directory, else the checkout's, else the copy installed with the package."
     here = Path("reports") / "study.yaml"
     if here.is_file(): return here
-    repo = Path(sun_seg.__file__).resolve().parents[1] / "reports" / "study.yaml"
-    return repo if repo.is_file() else here
+    return packaged_file("study.yaml", "reports/study.yaml")
 
 # %% ../nbs/40_study.ipynb #6eea19cb
 @dataclass(frozen=True)
@@ -848,10 +847,20 @@ def _simulated_epoch(run_id: str, epoch: int, level: float, n_classes: int = len
     row.update({f"val_iou_{c}": float(v) for c, v in zip(CLASS_NAMES, iou)})
     return row
 
+def _simulated_confusion(row: dict) -> list[list[int]]:
+    "A made-up confusion matrix: each present class right in proportion to its IoU, else taken for the next class."
+    n = len(CLASS_NAMES)
+    cm = np.zeros((n, n), dtype=np.int64)
+    for i, c in enumerate(CLASS_NAMES):
+        iou = row[f"val_iou_{c}"]
+        if not math.isnan(iou): cm[i, i], cm[i, (i + 1) % n] = round(1000 * iou), 1000 - round(1000 * iou)
+    return cm.tolist()
+
 def _split_metrics(row: dict, split: str, images: int) -> dict:
     return {"miou": row["val_miou"], "pixel_accuracy": row["val_pixel_accuracy"],
             "mean_class_accuracy": row["val_mean_class_accuracy"], "loss": row["val_loss"],
-            "iou_per_class": {c: row[f"val_iou_{c}"] for c in CLASS_NAMES}, "split": split, "images": images}
+            "iou_per_class": {c: row[f"val_iou_{c}"] for c in CLASS_NAMES}, "split": split, "images": images,
+            "confusion": _simulated_confusion(row)}
 
 def _save_simulated_counts(run_dir: Path, row: dict, split: str, images: int) -> None:
     "Made-up per-image counts (`val_per_image.npz`, `test_per_image.npz`) whose sums give about the row's IoU per class."

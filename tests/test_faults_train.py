@@ -21,7 +21,7 @@ from sun_seg.core import DataError, ParameterError
 from sun_seg.train import (Callback, TrainConfig, fit, load_run_model, plan_run, read_history, repeat_params,
                            RunOutOfMemory)
 from sun_seg.train.cli import parameters_from_pairs, parse_value
-from sun_seg.train.runs import load_training_state, save_weights, weights_metadata
+from sun_seg.train.runs import load_training_state, read_events, save_weights, weights_metadata
 
 from conftest import ROOT
 from train_fixtures import InterruptAt, param_pairs, tiny_params, weights_of, write_tiny_release
@@ -168,6 +168,9 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.endswith((".tmp", ".pending"))]
     leftovers += [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
     assert not leftovers, leftovers
+    curves, ref_curves = read_events(run_dir), read_events(reference)  # the live curves: each epoch once, same values
+    assert curves.keys() == ref_curves.keys() and all([e for e, _ in curves[t]] == [e for e, _ in ref_curves[t]] for t in curves)
+    assert curves["mIoU/val"] == ref_curves["mIoU/val"]
 
 
 def assert_intact(run_dir: Path) -> None:
@@ -181,6 +184,7 @@ def assert_intact(run_dir: Path) -> None:
         elif path.name == "history.csv": read_history(path)
         elif path.name.endswith((".safetensors", ".safetensors.pending")): load_file(str(path))
         elif path.name == "last_state.pt": load_training_state(path)
+        elif path.name.startswith("events.out.tfevents."): read_events(path.parent)  # readers skip a torn last record
         elif path.name.endswith("_per_image.npz"): assert load_image_counts(path) is not None
         else: raise AssertionError(f"unexpected file {path}")
 

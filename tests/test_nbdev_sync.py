@@ -80,6 +80,14 @@ def test_notebooks_are_clean(project_copy):
     assert not changed, f"run `make export` (it runs nbdev_clean): these notebooks are not clean: {changed}"
 
 
+@pytest.mark.parametrize("source", ["nbs/train.ipynb", "reports/study.yaml"])
+def test_packaged_templates_match_their_sources(source):
+    "A wheel ships sun_seg/templates/ (found when installed outside a checkout): the copies are the sources."
+    copy = ROOT / "sun_seg" / "templates" / Path(source).name
+    assert copy.is_file() and filecmp.cmp(ROOT / source, copy, shallow=False), \
+        f"run `make export` (it copies {source} into sun_seg/templates/): the packaged copy differs"
+
+
 def test_checks_ignore_what_is_not_a_source_notebook(tmp_path):
     project = _copy_project(tmp_path / "project")
     nbs = project / "nbs"

@@ -12,15 +12,16 @@ import torch
 import torch.distributed as dist
 
 import sun_seg
-from ..core import ParameterError, SunSegError, atomic_write_bytes
-from .config import TrainConfig
+from ..core import (DataError, Lease, ParameterError, SunSegError, atomic_write_bytes, atomic_write_text, packaged_file,
+                          read_json, stable_hash)
+from .config import TrainConfig, run_identity
 from .engine import fit, plan_run
-from .notebook import NOTEBOOK_OUTPUT_ENV, save_notebook_copy
-from .runs import FINAL_STATUSES, NOTEBOOK, only_test_missing, read_metrics
+from .notebook import NOTEBOOK_OUTPUT_ENV
+from .runs import FINAL_STATUSES, NOTEBOOK, PARAMS, only_test_missing, read_metrics
 
 # %% auto #0
-__all__ = ['parse_value', 'parameters_from_pairs', 'main', 'kernel_name', 'kernel_manager_class', 'default_template',
-           'run_notebook', 'add_cli']
+__all__ = ['parse_value', 'parameters_from_pairs', 'parameters_from_file', 'parameters_of', 'main', 'kernel_name',
+           'kernel_manager_class', 'default_template', 'run_notebook', 'parameters_help', 'add_cli']
 
 # %% ../../nbs/30e_train.cli.ipynb #439d8694
 def parse_value(text: str):
@@ -38,6 +39,34 @@ def parameters_from_pairs(pairs: list[list[str]] | None) -> dict:
 def _add_parameter_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), dest="parameters",
                         help="a training parameter, as for papermill (repeat it); see nbs/train.ipynb or TrainConfig")
+    parser.add_argument("-f", "--parameters_file", action="append", metavar="FILE", dest="parameters_files",
+                        help="a YAML file of parameters (name: value lines), as for papermill (repeatable; -p wins)")
+
+# %% ../../nbs/30e_train.cli.ipynb #6b71dec3
+def parameters_from_file(path: str | os.PathLike) -> dict:
+    "The parameters of a YAML file (`name: value` lines), read as papermill's `-f` reads them."
+    import yaml
+    from papermill.iorw import NoDatesSafeLoader
+    path = Path(path)
+    try: text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read this parameters file ({type(e).__name__}: {e}); give a YAML file of name: value"
+                        " lines", path) from None
+    try: data = yaml.load(text, Loader=NoDatesSafeLoader)
+    except yaml.YAMLError as e:
+        raise DataError(f"is not YAML ({str(e).splitlines()[0]}); write one `name: value` per line", path) from None
+    if data is None: return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise DataError("must be a mapping of parameter names to values (one `name: value` per line)", path)
+    return data
+
+def parameters_of(args) -> tuple[dict, str]:
+    "The parameters of `-f` files then `-p` pairs (a later one wins), and where they came from (named in errors)."
+    files = getattr(args, "parameters_files", None) or []
+    params = {}
+    for f in files: params.update(parameters_from_file(f))
+    params.update(parameters_from_pairs(args.parameters))
+    return params, " and ".join([*(str(f) for f in files), *(["command line"] if args.parameters or not files else [])])
 
 # %% ../../nbs/30e_train.cli.ipynb #8c84f70e
 def _sigterm_as_interrupt(signum, frame):
@@ -62,14 +91,16 @@ def _init_distributed(config: TrainConfig) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     "`python -m sun_seg.train -p name value ...`: one training run in this process (or one replica under torchrun)."
-    parser = argparse.ArgumentParser(prog="python -m sun_seg.train",
+    parser = argparse.ArgumentParser(prog="python -m sun_seg.train", add_help=False,
                                      description="Train one run (use torchrun for several processes or GPUs).")
+    _add_help(parser)
     _add_parameter_option(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     joined = False
     try:
-        config = TrainConfig.from_params(parameters_from_pairs(args.parameters), source="command line")
+        params, source = parameters_of(args)
+        config = TrainConfig.from_params(params, source=source)
         joined = _init_distributed(config)
         with _sigterm_interrupts(): record = fit(config, progress=not args.quiet)
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -110,8 +141,8 @@ def kernel_manager_class():
 
 # %% ../../nbs/30e_train.cli.ipynb #2f138d37
 def default_template() -> Path:
-    "The training notebook template of this checkout: `nbs/train.ipynb` beside the `sun_seg` package."
-    return Path(sun_seg.__file__).resolve().parent.parent / "nbs" / "train.ipynb"
+    "The training notebook: `nbs/train.ipynb` of this checkout, else the copy installed with the package."
+    return packaged_file("train.ipynb", "nbs/train.ipynb")
 
 def _absolute_paths(params: dict) -> dict:
     "Folders made absolute: the kernel may run elsewhere, the user meant them from here."
@@ -154,16 +185,55 @@ def _interrupts_to_kernel():
     finally:
         for s, handler in previous.items(): signal.signal(s, handler)
 
+def _run_folder_is_ours(plan) -> bool:
+    "May this command write into the run folder? Not while another process trains it, nor when it holds another run."
+    params = plan.run_dir / PARAMS
+    if params.is_file() and read_json(params).get("identity") not in (
+            None, stable_hash(run_identity(plan.config, plan.data_info, plan.dtype))):
+        return False  # fit refuses it, naming run_name; its notebook stays
+    lock = plan.run_dir / ".lock"
+    if not lock.is_file(): return True
+    lease = Lease(lock, f"run {plan.run_id}")  # free, or held by this process (the study) or a parent: ours
+    try:
+        if not lease.acquire(wait=0): return False  # another live process trains it: its notebook stays
+        lease.release()
+    except OSError: pass  # an unwritable folder: the training says so, naming it
+    return True
+
+class _AtomicLocalFiles:
+    "papermill's local file handler with atomic writes: a kill never leaves a torn notebook in the run folder."
+    def __init__(self):
+        from papermill.iorw import LocalHandler
+        self.local = LocalHandler()
+    def read(self, path): return self.local.read(path)
+    def listdir(self, path): return self.local.listdir(path)
+    def pretty_path(self, path): return self.local.pretty_path(path)
+    def write(self, buf, path):
+        try: atomic_write_text(path, buf)
+        except FileNotFoundError:  # the training removed our temporary file as a killed session's leftover: again
+            atomic_write_text(path, buf)
+
+@contextlib.contextmanager
+def _atomic_notebook_writes(folder: Path):
+    "While held, papermill writes notebooks under `folder` atomically (it picks a handler by path prefix)."
+    from papermill.iorw import papermill_io
+    entry = (str(folder) + os.sep, _AtomicLocalFiles())
+    papermill_io.register(*entry)
+    try: yield
+    finally:
+        with contextlib.suppress(ValueError, AttributeError): papermill_io._handlers.remove(entry)
+
 def run_notebook(params: dict, # training parameters
                  template: str | os.PathLike | None = None, # default `default_template()`
                  output: str | os.PathLike | None = None, # also write the executed notebook here
                  log_output: bool = True, # stream the notebook's output to this terminal
+                 source: str = "command line", # where the parameters came from, named in errors
                 ) -> dict:
-    "Run the training notebook with papermill; the executed notebook goes into the run folder. Returns the record."
+    "Run the training notebook with papermill, written into the run folder as it runs. Returns the record."
     import papermill
     from papermill.exceptions import PapermillExecutionError
     params = _absolute_paths(params)
-    plan = plan_run(TrainConfig.from_params(params, source="command line"), source="command line",
+    plan = plan_run(TrainConfig.from_params(params, source=source), source=source,
                     quiet=True)  # before any kernel; the notebook's output names the data
     metrics = read_metrics(plan.run_dir)
     finished_before = bool(metrics) and metrics.get("status") == "completed"  # only its test is missing: keep its notebook
@@ -174,8 +244,11 @@ def run_notebook(params: dict, # training parameters
     if not template.is_file():
         raise ParameterError("template", f"no training notebook at {template}: pass --template path/to/train.ipynb,"
                              " or --no-notebook to train without one")
-    with tempfile.TemporaryDirectory(prefix="sun_seg-train-") as tmp:
-        executed = Path(tmp) / "train.ipynb"
+    live = not finished_before and _run_folder_is_ours(plan)
+    with tempfile.TemporaryDirectory(prefix="sun_seg-train-") as tmp, \
+         (_atomic_notebook_writes(plan.run_dir) if live else contextlib.nullcontext()):
+        executed = plan.run_dir / NOTEBOOK if live else Path(tmp) / "train.ipynb"
+        if live: plan.run_dir.mkdir(parents=True, exist_ok=True)
         os.environ[NOTEBOOK_OUTPUT_ENV] = str(executed)
         try:
             with _interrupts_to_kernel() as interrupted:
@@ -192,24 +265,45 @@ def run_notebook(params: dict, # training parameters
                     raise
         finally:
             os.environ.pop(NOTEBOOK_OUTPUT_ENV, None)
-            if executed.is_file() and plan.run_dir.is_dir() and not finished_before:
-                save_notebook_copy(plan.run_dir, executed)
-                if output:
-                    atomic_write_bytes(output, executed.read_bytes())
+            if output and executed.is_file(): atomic_write_bytes(output, executed.read_bytes())
     return {**(read_metrics(plan.run_dir) or {}), "run_dir": str(plan.run_dir)}
+
+# %% ../../nbs/30e_train.cli.ipynb #57a0ceeb
+def parameters_help(template: str | os.PathLike | None = None, # default `default_template()`
+                   ) -> str:
+    "Every parameter of the training notebook's `parameters` cell with its type, default and comment."
+    from papermill import inspect_notebook
+    template = Path(template) if template else default_template()
+    lines = [f"training parameters (-p NAME VALUE, or `NAME: VALUE` lines in -f FILE), from {template}:"]
+    for name, p in inspect_notebook(str(template)).items():
+        lines.append(f"  {name} ({p['inferred_type_name']}, default {p['default']})" + (f": {p['help']}" if p['help'] else ""))
+    return "\n".join(lines)
+
+class _HelpWithParameters(argparse.Action):
+    "-h/--help: the options, then the training parameters of the notebook (of --template when given before it)."
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        try: print("\n" + parameters_help(getattr(namespace, "template", None)))
+        except Exception as e: print(f"\n(the training parameters could not be read: {type(e).__name__}: {e})")
+        parser.exit()
+
+def _add_help(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-h", "--help", action=_HelpWithParameters, help="show this help and every training parameter")
 
 # %% ../../nbs/30e_train.cli.ipynb #25ad8156
 _EXPLAINED = ("SunSegError", "ParameterError", "DataError", "RunOutOfMemory")  # errors whose message says what to do
 
 def _train_command(args) -> int:
-    params = parameters_from_pairs(args.parameters)
+    params, source = parameters_of(args)
     if args.no_notebook:
-        config = TrainConfig.from_params(_absolute_paths(params), source="command line")
+        config = TrainConfig.from_params(_absolute_paths(params), source=source)
         with _sigterm_interrupts(): record = fit(config)
     else:
         from papermill.exceptions import PapermillExecutionError
         try:
-            record = run_notebook(params, args.template, args.output)
+            record = run_notebook(params, args.template, args.output, source=source)
         except PapermillExecutionError as e:
             if e.ename == "KeyboardInterrupt": raise KeyboardInterrupt from None
             print(f"sun-seg train: the notebook failed in cell {e.exec_count}: {e.ename}: {e.evalue}", file=sys.stderr)
@@ -224,7 +318,9 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("train", help="train one run (the training notebook, through papermill)",
                               description="Train one run: runs nbs/train.ipynb with papermill and these parameters; "
                               "the run folder gets the executed notebook. Re-running the same command resumes an "
-                              "interrupted run. For several GPUs use: torchrun --nproc_per_node N -m sun_seg.train -p ...")
+                              "interrupted run. For several GPUs use: torchrun --nproc_per_node N -m sun_seg.train -p ...",
+                              add_help=False)
+    _add_help(p)
     _add_parameter_option(p)
     p.add_argument("--output", help="also write the executed notebook here")
     p.add_argument("--template", help="the training notebook (default: nbs/train.ipynb of this checkout)")

@@ -18,7 +18,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['MODELS', 'FINETUNE_DEPTHS', 'DEFAULT_FINETUNE', 'SCHEDULERS', 'PRECISIONS', 'PROFILES', 'EVAL_SIZES', 'DEVICE_TYPES',
-           'MIN_SIDE', 'MAX_SIDE', 'VAL_METHODS', 'DEMO_PROFILE', 'ADAM_BETAS', 'ADAM_WEIGHT_DECAY',
+           'MIN_SIDE', 'MAX_SIDE', 'VAL_METHODS', 'PAPERMILL_PATHS', 'DEMO_PROFILE', 'ADAM_BETAS', 'ADAM_WEIGHT_DECAY',
            'CLASS_WEIGHT_METHOD', 'AUX_LOSS_WEIGHTED', 'PLATEAU_MONITOR', 'EARLY_STOPPING_MONITOR', 'TrainConfig',
            'resolve_data_dir', 'apply_profile', 'pretrained_commit_of', 'run_identity', 'run_id', 'evaluation_protocol',
            'method_values']
@@ -158,11 +158,14 @@ def validate(self: TrainConfig) -> TrainConfig:
     return self
 
 # %% ../../nbs/30a_train.config.ipynb #f883f108
+PAPERMILL_PATHS = ("PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH")  # what `papermill --inject-paths` adds: not training parameters
+
 @patch(cls_method=True)
 def from_params(cls: TrainConfig, params: dict, # parameter name -> value, e.g. papermill's or `-p name value` pairs
                 source: str | None = None, # where they came from, named in errors
                ) -> TrainConfig:
-    "A validated config from a dict, refusing unknown names."
+    "A validated config from a dict, refusing unknown names (papermill's injected paths are ignored)."
+    params = {k: v for k, v in params.items() if k not in PAPERMILL_PATHS}
     known = {f.name for f in fields(cls)}
     for name in params:
         if name not in known:

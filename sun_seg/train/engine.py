@@ -27,7 +27,7 @@ from .config import (ADAM_BETAS, ADAM_WEIGHT_DECAY, AUX_LOSS_WEIGHTED, CLASS_WEI
                                   resolve_data_dir, run_id,
                                   run_identity)
 from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST_STATE, METRICS, PARAMS,
-                                checkpoint_path, environment_info, load_training_state, load_weights, only_test_missing,
+                                EventLog, checkpoint_path, environment_info, load_training_state, load_weights, only_test_missing,
                                 read_history,
                                 read_metrics, rng_state, save_training_state, save_weights, set_rng_state,
                                 weights_metadata, write_history, _RESTART, _digest, _save_tensors, _stored_tensors,
@@ -37,8 +37,8 @@ from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST
 __all__ = ['MAX_EVAL_MICRO_BATCH', 'METHOD', 'PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches',
            'EvalBatches', 'EvalSamples', 'collate_pairs', 'jitter_on_device', 'evaluate', 'eval_micro_batch_size',
            'check_original_labels', 'build_run_model', 'find_micro_batch_size', 'RunPlan', 'plan_run', 'EarlyStopping',
-           'Callback', 'Diverged', 'RunOutOfMemory', 'Trainer', 'fit', 'drop_resume_state', 'repeat_params',
-           'load_run_model', 'evaluate_run']
+           'Callback', 'TensorBoardEvents', 'Diverged', 'RunOutOfMemory', 'Trainer', 'fit', 'drop_resume_state',
+           'repeat_params', 'load_run_model', 'evaluate_run']
 
 # %% ../../nbs/30c_train.engine.ipynb #5095f59d
 def _loss_sum(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -194,7 +194,7 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
              progress: bool | str = False, # show a progress bar (a string: its label)
              per_image: bool = False, # also return each image's intersection and union per class (`per_image`)
             ) -> dict:
-    "`summarize` of the split's confusion matrix plus `loss` and `images`; sums are all-reduced under DDP."
+    "`summarize` of the split's confusion matrix plus `loss`, `images` and the matrix itself; sums are all-reduced under DDP."
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -233,6 +233,7 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
     record = summarize(cm.cpu(), CLASS_NAMES if num_classes == NUM_CLASSES else tuple(map(str, range(num_classes))))
     record["loss"] = float(loss_sum / pixels) if pixels > 0 else math.nan
     record["images"] = int(counts.item())
+    record["confusion"] = cm.cpu().tolist()  # pixels: [truth][prediction] (the report's confusion-matrix figure)
     if per_image: record["per_image"] = _gathered_image_counts(image_rows, loader, num_classes)
     return record
 
@@ -449,6 +450,19 @@ class Callback:
     def after_step(self, trainer: "Trainer", epoch: int, step: int) -> None: pass
     def after_epoch(self, trainer: "Trainer", row: dict) -> None: pass
     def on_fit_end(self, trainer: "Trainer", record: dict) -> None: pass
+
+# %% ../../nbs/30c_train.engine.ipynb #4965755d
+class TensorBoardEvents(Callback):
+    "Each committed epoch's scalars into the run folder's TensorBoard event files (the main process only)."
+    def __init__(self): self.log = None
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        if trainer.procs.main:
+            self.log = EventLog(trainer.run_dir)
+            self.log.write(trainer.history)  # a resumed run: epochs a killed session had not logged
+    def after_epoch(self, trainer: "Trainer", row: dict) -> None:
+        if self.log is not None: self.log.write([row])
+    def on_fit_end(self, trainer: "Trainer", record: dict) -> None:
+        if self.log is not None: self.log.close()
 
 # %% ../../nbs/30c_train.engine.ipynb #4220b1a2
 class Diverged(Exception):
@@ -881,7 +895,7 @@ def fit(config: TrainConfig | dict, # the run's parameters (a dict is checked li
         for cb in callbacks: cb.on_fit_end(None, existing)
         return existing
     if procs.main: _check_writable(plan.run_dir)  # before the data and the model are set up
-    trainer = Trainer(plan, callbacks, progress)
+    trainer = Trainer(plan, [TensorBoardEvents(), *callbacks], progress)
     trainer.test_result = existing.get("test") if existing else None
     trainer._setup_data()  # nothing is written before the data and the model are set up without error
     trainer._setup_model()

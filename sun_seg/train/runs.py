@@ -4,7 +4,7 @@
 
 # %% ../../nbs/30b_train.runs.ipynb #b0033386
 from __future__ import annotations
-import csv, hashlib, io, math, os, platform, random, socket, subprocess, sys
+import csv, hashlib, io, math, os, platform, random, socket, struct, subprocess, sys, time, uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,10 @@ from ..core import (CLASS_NAMES, DataError, atomic_path, atomic_write_json, atom
 
 # %% auto #0
 __all__ = ['PARAMS', 'DATA', 'ENVIRONMENT', 'HISTORY', 'METRICS', 'NOTEBOOK', 'CHECKPOINTS', 'BEST', 'LAST', 'LAST_STATE',
-           'STATUSES', 'FINAL_STATUSES', 'HISTORY_COLUMNS', 'only_test_missing', 'checkpoint_path', 'write_history',
-           'read_history', 'weights_digest', 'save_weights', 'weights_metadata', 'load_weights', 'rng_state',
-           'set_rng_state', 'save_training_state', 'load_training_state', 'git_commit', 'environment_info',
-           'read_metrics', 'run_status']
+           'STATUSES', 'FINAL_STATUSES', 'HISTORY_COLUMNS', 'EVENTS_PATTERN', 'only_test_missing', 'checkpoint_path',
+           'write_history', 'read_history', 'weights_digest', 'save_weights', 'weights_metadata', 'load_weights',
+           'rng_state', 'set_rng_state', 'save_training_state', 'load_training_state', 'git_commit', 'environment_info',
+           'read_metrics', 'run_status', 'epoch_scalars', 'read_events', 'EventLog']
 
 # %% ../../nbs/30b_train.runs.ipynb #f22b46cf
 PARAMS, DATA, ENVIRONMENT, HISTORY, METRICS = "params.json", "data.json", "environment.json", "history.csv", "metrics.json"
@@ -255,3 +255,56 @@ def run_status(run_dir: str | os.PathLike) -> str | None:
     "`running`, `completed`, `diverged`, `failed`, `interrupted`, or None for no run there."
     metrics = read_metrics(run_dir)
     return None if metrics is None else metrics.get("status")
+
+# %% ../../nbs/30b_train.runs.ipynb #1926538c
+EVENTS_PATTERN = "events.out.tfevents.*"
+
+def epoch_scalars(row: dict) -> dict[str, float]:
+    "The TensorBoard scalars of one history row: tag -> value (NaN ones left out, e.g. a class in no image)."
+    tags = {"loss/train": "train_loss", "loss/val": "val_loss", "mIoU/val": "val_miou",
+            "accuracy/val_pixel": "val_pixel_accuracy", "accuracy/val_mean_class": "val_mean_class_accuracy",
+            "lr": "lr", "speed/train_images_per_second": "train_images_per_second", "time/epoch_seconds": "seconds"}
+    tags.update({f"IoU_val/{name}": f"val_iou_{name}" for name in CLASS_NAMES})
+    values = {tag: float(row[column]) for tag, column in tags.items() if row.get(column) is not None}
+    return {tag: v for tag, v in values.items() if not math.isnan(v)}
+
+def read_events(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    "The scalars of a run folder's event files: tag -> [(epoch, value), ...] by epoch (float32); a torn last record is skipped."
+    from tensorboardX.proto import event_pb2
+    scalars = {}
+    for path in sorted(Path(run_dir).glob(EVENTS_PATTERN)):
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):  # a record: length (8 bytes), its CRC (4), the event, its CRC (4)
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            end = pos + 12 + length + 4
+            if end > len(data): break  # torn by a kill: nothing after it was written
+            try: event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            except Exception: break
+            for value in event.summary.value:
+                if value.HasField("simple_value"): scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+            pos = end
+    return {tag: sorted(values, key=lambda sv: sv[0]) for tag, values in scalars.items()}
+
+class EventLog:
+    "Appends finished epochs to TensorBoard event files in the run folder, each epoch once over all sessions."
+    def __init__(self, run_dir: str | os.PathLike): self.run_dir, self.writer, self.logged = Path(run_dir), None, None
+
+    def write(self, rows: list[dict]) -> int:
+        "Log the history rows whose epoch no session logged yet; returns how many."
+        if self.logged is None: self.logged = {step for s in read_events(self.run_dir).values() for step, _ in s}
+        rows = [r for r in rows if r["epoch"] not in self.logged]
+        if not rows: return 0
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2, summary_pb2
+        if self.writer is None:  # one file per session, never reopened (a unique suffix: sessions may start in one second)
+            self.writer = EventsWriter(str(self.run_dir / "events"), f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        for row in rows:
+            summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, simple_value=v)
+                                                 for t, v in epoch_scalars(row).items()])
+            self.writer.write_event(event_pb2.Event(wall_time=time.time(), step=int(row["epoch"]), summary=summary))
+            self.logged.add(row["epoch"])
+        self.writer.flush()  # on disk now: the curves show the epoch at once
+        return len(rows)
+
+    def close(self) -> None:
+        if self.writer is not None: self.writer.close(); self.writer = None
