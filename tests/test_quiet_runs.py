@@ -27,6 +27,8 @@ def assert_quiet(text: str, where: str) -> None:
     assert not ANSI.search(text), f"ANSI escape codes in {where}"
     assert "Kernel is running over TCP" not in text, f"the kernel's TCP warning in {where}"
     assert "LOAD REPORT" not in text, f"transformers' LOAD REPORT in {where}"
+    assert "were not sharded" not in text, f"transformers' tensor-parallel warning in {where}"
+    assert "IProgress not found" not in text, f"tqdm's widget warning in {where}"
     assert "None" not in [line.strip() for line in text.splitlines()], f"a lone 'None' in {where}"
     assert "copied to None" not in text, where
 

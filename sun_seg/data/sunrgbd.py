@@ -4,7 +4,7 @@
 
 # %% ../../nbs/01a_data.sunrgbd.ipynb #4939f839
 from __future__ import annotations
-import errno, hashlib, json, math, os, re, sqlite3, time
+import errno, hashlib, json, math, os, re, sqlite3, sys, time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -834,8 +834,9 @@ def check_samples(datasets: list, # splits of one copy of the data (`SunRGBD`s):
                        "ids": sorted(r.id for r in records)}, 32)
     mark = sun_seg_home() / "checked" / f"{key}.json"  # the fingerprint follows content: a changed file is checked again
     if mark.is_file(): return
-    from tqdm.auto import tqdm
-    bad = [(r, p) for r in tqdm(records, desc="check samples", unit="img", disable=not progress)
+    from tqdm import tqdm  # a plain text bar: tqdm.auto would warn in a kernel without ipywidgets (and leave a dead widget)
+    refresh = 1.0 if getattr(sys.stderr, "isatty", lambda: False)() else 30.0
+    bad = [(r, p) for r in tqdm(records, desc="check samples", unit="img", disable=not progress, mininterval=refresh)
            if (p := _scan_record(reader, r)) is not None]
     if bad:
         lines = [f"  - [{r.split} #{r.index + 1} {r.id}] {p}" for r, p in bad[:limit]]

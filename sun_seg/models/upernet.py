@@ -206,11 +206,14 @@ def fetch_commit(hub_id: str, # a hub id (not a local folder)
 @contextlib.contextmanager
 def _quiet_loading_report():
     "Hide transformers' LOAD REPORT table (a logged warning) while a checkpoint loads; errors still show."
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # transformers checks its tensor-parallel plan (and warns "layers were not sharded", meaningless here) exactly when
+    # modeling_utils' level is WARNING or above: that logger is quietened too
+    loggers = [logging.getLogger(name) for name in ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers: logger.setLevel(logging.ERROR)
     try: yield
-    finally: logger.setLevel(level)
+    finally:
+        for logger, level in zip(loggers, levels): logger.setLevel(level)
 
 def head_replacement(info: dict, # `from_pretrained(..., output_loading_info=True)`'s second value
                      num_classes: int, # the classes of the model built
