@@ -4,7 +4,7 @@
 
 # %% ../nbs/61_bench_peer.ipynb #8e697456
 from __future__ import annotations
-import copy, time
+import contextlib, copy, io, time
 from pathlib import Path
 from typing import Callable
 
@@ -143,7 +143,8 @@ def bench_peer(raw_root, cache_root, # the same data in a raw form and as the en
     ours_rate = batch * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
     log(f"peer: transformers.Trainer trains {steps} steps")
     trainer, times = hf_trainer(net, pipeline, batch, steps, lr, config.precision, device, Path(out_dir) / "hf", workers)
-    trainer.train()
+    with contextlib.redirect_stdout(io.StringIO()):  # Trainer prints its metrics dict: the bench reports its own
+        trainer.train()
     peer_rate = batch * (len(times.ends) - 1) / (times.ends[-1] - times.ends[0]) if len(times.ends) > 1 else float("nan")
     val = SunRGBD(cache_root, "val", transform=eval_transform(size))
     n = min(eval_images, len(val))
