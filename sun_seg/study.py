@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_study.ipynb #cfa2b0bd
 from __future__ import annotations
-import argparse, csv, dataclasses, fnmatch, inspect, json, math, os, shutil, socket, sys, time, traceback
+import argparse, dataclasses, fnmatch, inspect, json, math, os, shutil, socket, sys, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -727,9 +727,8 @@ def _fmt_seconds(s: float) -> str:
 def _epoch_seconds(run_dir: Path) -> list[float]:
     "Seconds of each epoch a run trained, from its history (empty when it has none)."
     path = run_dir / "history.csv"
-    try:
-        with open(path, newline="", encoding="utf-8") as f: return [float(row["seconds"]) for row in csv.DictReader(f)]
-    except (OSError, ValueError, KeyError, TypeError): return []  # no or a damaged history costs the estimate one sample
+    try: return [float(row["seconds"]) for row in read_run_history(path)]  # the one checked reader of history.csv
+    except (OSError, SunSegError, ValueError, KeyError, TypeError): return []  # none or a damaged one: the estimate loses a sample
 
 def _epoch_cost(params: dict) -> float:
     "The relative cost of one epoch of a run (`run_cost` of one epoch): prices a model the grid has not timed yet."
