@@ -92,7 +92,7 @@ class EvalBatches:
             share = list(range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)))[self.rank::self.world]
             if share: yield share
 
-# %% ../../nbs/31c_train.batches.ipynb #7cc32bd7
+# %% ../../nbs/31c_train.batches.ipynb #783feab9
 class EvalSamples(Dataset):
     "Evaluation samples: the image resized by `transform`; the target too, or kept at its original size."
     def __init__(self, dataset: Dataset, transform, original_size: bool = False):
@@ -103,6 +103,7 @@ class EvalSamples(Dataset):
         image, target = self.transform(item["image"], item["target"])
         return image, (item["target"] if self.original_size else target)
 
+# %% ../../nbs/31c_train.batches.ipynb #008d465c
 def collate_pairs(batch: list[tuple[torch.Tensor, torch.Tensor]]):
     "Stack images; stack targets when they share a size, else keep them as a list (original-size evaluation)."
     images = torch.stack([b[0] for b in batch])
@@ -110,16 +111,18 @@ def collate_pairs(batch: list[tuple[torch.Tensor, torch.Tensor]]):
     same = len({tuple(t.shape) for t in targets}) == 1
     return images, (torch.stack(targets) if same else targets)
 
-# %% ../../nbs/31c_train.batches.ipynb #56f0fa90
+# %% ../../nbs/31c_train.batches.ipynb #fd76a214
 def jitter_on_device(device: torch.device) -> bool:
     "Whether training applies the photometric jitter on the device (CUDA) rather than in the data loader."
     return device.type == "cuda" or os.environ.get("SUN_SEG_JITTER_ON_DEVICE") == "1"
 
+# %% ../../nbs/31c_train.batches.ipynb #3f9bee3b
 def prepare_images(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     "uint8 batch -> normalised float on `device` (normalised there: 4x less to copy than float32)."
     x = normalize_images(images.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
+# %% ../../nbs/31c_train.batches.ipynb #74ecf33e
 def micro_batch_slices(n: int, # images in the batch
                        size: int, # images per micro-batch (0: the whole batch)
                       ) -> list[slice]:
@@ -127,7 +130,7 @@ def micro_batch_slices(n: int, # images in the batch
     size = size or n
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
-# %% ../../nbs/31c_train.batches.ipynb #d2b8ae4d
+# %% ../../nbs/31c_train.batches.ipynb #456a55c2
 def auto_workers(device: torch.device, world: int) -> int:
     "Data-loading workers per process for `num_workers=-1`."
     if device.type != "cuda": return 0  # on a CPU the workers would compete with the training for the cores

@@ -18,7 +18,7 @@ from .runs import _unwrap
 __all__ = ['Processes', 'processes', 'all_reduce', 'barrier', 'average_buffers', 'derive_seed', 'autocast_context',
            'progress_bar']
 
-# %% ../../nbs/31b_train.distributed.ipynb #902fac5d
+# %% ../../nbs/31b_train.distributed.ipynb #86bf0408
 @dataclass(frozen=True)
 class Processes:
     "This process's place among the run's processes."
@@ -30,13 +30,14 @@ class Processes:
     @property
     def distributed(self) -> bool: return self.world > 1
 
+# %% ../../nbs/31b_train.distributed.ipynb #44c9ea91
 def processes() -> Processes:
     "The torchrun process group this process belongs to (one process when none was joined)."
     if dist.is_available() and dist.is_initialized():
         return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     return Processes()
 
-# %% ../../nbs/31b_train.distributed.ipynb #05202df6
+# %% ../../nbs/31b_train.distributed.ipynb #80e4f65f
 def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     "Sum (or `op`) `tensor` in place over the processes; returns it."
     if dist.is_available() and dist.is_initialized():
@@ -47,6 +48,7 @@ def barrier() -> None:
     "Wait until every process gets here."
     if dist.is_available() and dist.is_initialized(): dist.barrier()
 
+# %% ../../nbs/31b_train.distributed.ipynb #e33fb80d
 def average_buffers(model: nn.Module) -> None:
     "Average floating buffers (BatchNorm running statistics) over the processes: each saw only its own images."
     if not (dist.is_available() and dist.is_initialized()): return
@@ -56,19 +58,19 @@ def average_buffers(model: nn.Module) -> None:
                 all_reduce(buffer)
                 buffer.div_(dist.get_world_size())
 
-# %% ../../nbs/31b_train.distributed.ipynb #46a26375
+# %% ../../nbs/31b_train.distributed.ipynb #9becaeee
 def derive_seed(*parts) -> int:
     "A 63-bit seed from any parts (`derive_seed(seed, epoch, index)`), the same on every machine."
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
-# %% ../../nbs/31b_train.distributed.ipynb #30fff93d
+# %% ../../nbs/31b_train.distributed.ipynb #31f2bc7f
 def autocast_context(device: torch.device, dtype: torch.dtype):
     "`torch.autocast` to `dtype` on `device`, or nothing for float32."
     if dtype == torch.float32: return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
-# %% ../../nbs/31b_train.distributed.ipynb #544d1c8f
+# %% ../../nbs/31b_train.distributed.ipynb #2010373b
 def progress_bar(iterable, progress: bool | str, total: int | None = None, **kw):
     "`iterable` behind a text progress bar labelled `progress` (a string), or as it is when `progress` is false."
     if not progress: return iterable

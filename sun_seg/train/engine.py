@@ -27,7 +27,7 @@ from .trainer import Callback, Diverged, EarlyStopping, TensorBoardEvents, Train
 # %% auto #0
 __all__ = ['RunOutOfMemory', 'drop_resume_state', 'fit']
 
-# %% ../../nbs/31g_train.engine.ipynb #eb197865
+# %% ../../nbs/31g_train.engine.ipynb #2e629546
 class RunOutOfMemory(SunSegError, torch.cuda.OutOfMemoryError):
     "A run ran out of (GPU or CPU) memory; the message says what to change. Still a `torch.OutOfMemoryError`."
 
@@ -35,6 +35,7 @@ def _is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))  # the CPU allocator's message
 
+# %% ../../nbs/31g_train.engine.ipynb #a8f4d496
 def _out_of_memory_reason(trainer: Trainer, error: BaseException) -> str:
     micro, smallest = trainer.micro, trainer.min_micro
     what = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
@@ -49,7 +50,7 @@ def _out_of_memory_reason(trainer: Trainer, error: BaseException) -> str:
     return head + (f"micro_batch_size is already {micro}, the smallest: lower image_size or batch_size (that makes a new"
                    " run), or use a device with more memory")
 
-# %% ../../nbs/31g_train.engine.ipynb #110323d7
+# %% ../../nbs/31g_train.engine.ipynb #ca2fe0c8
 def _check_writable(run_dir: Path) -> None:
     "Refuse, naming `out_dir`, a run folder that cannot be created or written (read-only, no permission, a file in the way)."
     existing = next((p for p in (run_dir, *run_dir.parents) if os.path.lexists(p)), None)
@@ -66,16 +67,18 @@ def _check_writable(run_dir: Path) -> None:
         raise ParameterError("out_dir", f"{str(run_dir.parent)!r} cannot hold this run's folder: {why}; choose an out_dir "
                              "you can write to")
 
+# %% ../../nbs/31g_train.engine.ipynb #079ec59f
 def _resource_error(e: OSError, run_dir: Path) -> Exception:
     "A `DataError` naming the path and what to do for a full disk, a file size limit or an unwritable folder; else `e`."
     return write_error(e, run_dir, keep="the run keeps its last saved epoch: once fixed, the same command resumes it")
 
-# %% ../../nbs/31g_train.engine.ipynb #c0a2d1ca
+# %% ../../nbs/31g_train.engine.ipynb #e56ee0ff
 def _drop_stale_temporaries(run_dir: Path) -> None:
     "Remove the temporary files of writes a killed process never finished (none of them is a record)."
     for folder in (run_dir, run_dir / CHECKPOINTS):
         for tmp in folder.glob(".*.tmp"): tmp.unlink(missing_ok=True)
 
+# %% ../../nbs/31g_train.engine.ipynb #9665d7f8
 def _record_failure(trainer: Trainer) -> None:
     "Write the failed status; on a full disk first free what the failed epoch left, so the status never stays `running`."
     try: trainer.write_metrics()
@@ -85,7 +88,7 @@ def _record_failure(trainer: Trainer) -> None:
         except OSError as e:
             print(f"{trainer.run_dir}: could not record the failure in {METRICS} ({e.strerror or e})", file=sys.stderr, flush=True)
 
-# %% ../../nbs/31g_train.engine.ipynb #62322944
+# %% ../../nbs/31g_train.engine.ipynb #414d2519
 @contextlib.contextmanager
 def _run_lock(run_dir: Path, active: bool = True):
     "Hold the lease `run_dir/.lock` while training; refuse when another live process holds it."
@@ -104,7 +107,7 @@ def _run_lock(run_dir: Path, active: bool = True):
     try: yield
     finally: lease.release()
 
-# %% ../../nbs/31g_train.engine.ipynb #ae2815ac
+# %% ../../nbs/31g_train.engine.ipynb #9c2a4dd5
 def _profile(model: nn.Module, image_size, existing: dict | None) -> tuple[int | None, int | None]:
     "Counted forward and training-step FLOPs per image (kept from the run's record when resuming)."
     if existing and existing.get("flops_per_image"):
@@ -112,6 +115,7 @@ def _profile(model: nn.Module, image_size, existing: dict | None) -> tuple[int |
     profile = model_profile(model, image_size)
     return profile["flops_per_image"], profile["train_flops_per_image"]
 
+# %% ../../nbs/31g_train.engine.ipynb #dc0535b1
 def _test_best(trainer: Trainer) -> dict:
     "Score the best weights on the test split (the model is left with them)."
     load_weights(trainer.model, checkpoint_path(trainer.run_dir, "best"), run_id=trainer.plan.run_id)
@@ -122,7 +126,7 @@ def _test_best(trainer: Trainer) -> dict:
     trainer.save_image_counts("test", trainer.stopper.best_epoch)
     return result
 
-# %% ../../nbs/31g_train.engine.ipynb #42744177
+# %% ../../nbs/31g_train.engine.ipynb #e1a52a08
 def _record_divergence(trainer: Trainer, error: Diverged) -> dict:
     "Record a diverged run (what was recorded stays); returns its record."
     trainer.status, trainer.reason = "diverged", str(error)
@@ -130,6 +134,7 @@ def _record_divergence(trainer: Trainer, error: Diverged) -> dict:
     if trainer.procs.main: print(f"{trainer.plan.run_id}: diverged: {error}", flush=True)
     return record
 
+# %% ../../nbs/31g_train.engine.ipynb #dfee0da5
 def _record_stop(trainer: Trainer, error: BaseException) -> BaseException:
     "Record an interrupted or failed session; returns the exception to raise (`error`, or one that says what to do)."
     if isinstance(error, KeyboardInterrupt):
@@ -145,7 +150,7 @@ def _record_stop(trainer: Trainer, error: BaseException) -> BaseException:
     _record_failure(trainer)
     return named
 
-# %% ../../nbs/31g_train.engine.ipynb #191a245f
+# %% ../../nbs/31g_train.engine.ipynb #a1684a06
 def _train(trainer: Trainer) -> dict:
     plan, procs = trainer.plan, trainer.procs
     if procs.main: _drop_stale_temporaries(plan.run_dir)  # the lock is held: no other process is writing here
@@ -172,7 +177,7 @@ def _train(trainer: Trainer) -> dict:
     for callback in trainer.callbacks: callback.on_fit_end(trainer, record)
     return record
 
-# %% ../../nbs/31g_train.engine.ipynb #4e748689
+# %% ../../nbs/31g_train.engine.ipynb #fcc5d4b5
 def drop_resume_state(run_dir: str | os.PathLike, # a completed run's folder
                       keep_last: bool = False, # keep `last.safetensors` (the last epoch's weights)
                      ) -> list[Path]:
@@ -182,7 +187,7 @@ def drop_resume_state(run_dir: str | os.PathLike, # a completed run's folder
     for path in gone: path.unlink()
     return gone
 
-# %% ../../nbs/31g_train.engine.ipynb #0ede096c
+# %% ../../nbs/31g_train.engine.ipynb #efd20cad
 def _report_finished(plan: RunPlan, existing: dict, callbacks: Sequence[Callback], progress: bool) -> dict:
     "A finished run as it is (its test scored first if asked and missing); `trained` is False."
     if only_test_missing(existing, plan.config.test):
@@ -193,6 +198,7 @@ def _report_finished(plan: RunPlan, existing: dict, callbacks: Sequence[Callback
     for callback in callbacks: callback.on_fit_end(None, existing)
     return existing
 
+# %% ../../nbs/31g_train.engine.ipynb #e590357a
 def _check_same_run(plan: RunPlan, existing: dict | None) -> None:
     "Refuse a run folder that holds a run with other parameters or data."
     if existing and (plan.run_dir / PARAMS).is_file():
@@ -201,7 +207,7 @@ def _check_same_run(plan: RunPlan, existing: dict | None) -> None:
             raise ParameterError("run_name", f"{plan.run_dir} holds a run with other parameters or data; choose another"
                                  " run_name or out_dir")
 
-# %% ../../nbs/31g_train.engine.ipynb #0318a17a
+# %% ../../nbs/31g_train.engine.ipynb #847e9f11
 def fit(config: TrainConfig | dict, # the run's parameters (a dict is checked like the notebook's)
         *, callbacks: Sequence[Callback] = (), # hooks, e.g. the notebook's live plot
         progress: bool = True, # progress bars (rank 0 only)

@@ -35,11 +35,12 @@ from .plan import build_run_model
 __all__ = ['MAX_EVAL_MICRO_BATCH', 'evaluate', 'eval_micro_batch_size', 'predict', 'repeat_params', 'load_run_model',
            'evaluate_run']
 
-# %% ../../nbs/31e_train.evaluation.ipynb #d0d6e2aa
+# %% ../../nbs/31e_train.evaluation.ipynb #b3862be4
 def _as_pair(batch) -> tuple[torch.Tensor, Any]:
     if isinstance(batch, dict): return batch["image"], batch["target"]
     return batch[0], batch[1]
 
+# %% ../../nbs/31e_train.evaluation.ipynb #bdd2f1fe
 def _logit_pieces(model: nn.Module, images: torch.Tensor, targets, device: torch.device, dtype: torch.dtype,
                   micro_batch_size: int, channels_last: bool):
     "`(logits, targets)` of each micro-batch (or of each image, when the targets are a list of sizes)."
@@ -51,13 +52,14 @@ def _logit_pieces(model: nn.Module, images: torch.Tensor, targets, device: torch
         if isinstance(targets, torch.Tensor): yield logits, targets[part]
         else: yield from ((logits[i:i + 1], target[None]) for i, target in zip(range(len(logits)), targets[part]))
 
-# %% ../../nbs/31e_train.evaluation.ipynb #6f455363
+# %% ../../nbs/31e_train.evaluation.ipynb #f8431f1a
 def _new_sums(num_classes: int, device: torch.device) -> dict:
     return {"confusion": torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device),
             "loss": torch.zeros((), dtype=torch.float64, device=device),
             "pixels": torch.zeros((), dtype=torch.float64, device=device),
             "images": 0, "image_rows": []}  # image_rows: (n, 2, C) counts of each piece, on the device until the end
 
+# %% ../../nbs/31e_train.evaluation.ipynb #12b04a87
 def _score_piece(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, num_classes: int,
                  sums: dict, per_image: bool) -> None:
     "Add a piece's confusion, loss and pixels to `sums`, the logits upsampled to the labels' size."
@@ -70,7 +72,7 @@ def _score_piece(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     sums["loss"] += loss_sum(logits, target, weight).double()
     sums["pixels"] += loss_denominator(target, weight).double()
 
-# %% ../../nbs/31e_train.evaluation.ipynb #a88d8fe1
+# %% ../../nbs/31e_train.evaluation.ipynb #9b2900ae
 def _gathered_image_counts(rows: list, loader, num_classes: int) -> dict:
     "Per-image counts of all processes as `{index, intersection, union}` in the split's order (positions from `EvalBatches`)."
     counts = torch.cat(rows).cpu().numpy() if rows else np.zeros((0, 2, num_classes), np.int64)
@@ -85,6 +87,7 @@ def _gathered_image_counts(rows: list, loader, num_classes: int) -> dict:
         index, counts = index[order], counts[order]
     return {"index": index, "intersection": counts[:, 0], "union": counts[:, 1]}
 
+# %% ../../nbs/31e_train.evaluation.ipynb #f84b65e7
 def _evaluation_record(sums: dict, loader, num_classes: int, per_image: bool) -> dict:
     "`summarize` of the all-reduced confusion matrix plus `loss`, `images`, the matrix itself (and `per_image`)."
     confusion, loss, pixels = sums["confusion"], sums["loss"], sums["pixels"]
@@ -97,7 +100,7 @@ def _evaluation_record(sums: dict, loader, num_classes: int, per_image: bool) ->
     if per_image: record["per_image"] = _gathered_image_counts(sums["image_rows"], loader, num_classes)
     return record
 
-# %% ../../nbs/31e_train.evaluation.ipynb #9c10bc6b
+# %% ../../nbs/31e_train.evaluation.ipynb #91694733
 @torch.no_grad()
 def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised images
              loader: Iterable, # batches (images uint8 (N,3,H,W), targets (N,H,W) or a list of (H_i,W_i)), or dicts
@@ -129,7 +132,7 @@ def evaluate(model: nn.Module, # returns logits (N, C, h, w) for normalised imag
         if hasattr(bar, "close"): bar.close()
     return _evaluation_record(sums, loader, num_classes, per_image)
 
-# %% ../../nbs/31e_train.evaluation.ipynb #44cefe68
+# %% ../../nbs/31e_train.evaluation.ipynb #56b55a0b
 MAX_EVAL_MICRO_BATCH = 16  # images per evaluation forward at most (the logits at 730x530 are 57 MB an image)
 
 def eval_micro_batch_size(micro: int = 0, # the training micro-batch (0: unknown)
@@ -137,13 +140,14 @@ def eval_micro_batch_size(micro: int = 0, # the training micro-batch (0: unknown
     "Images per evaluation forward: the training micro-batch, at most `MAX_EVAL_MICRO_BATCH`."
     return min(micro, MAX_EVAL_MICRO_BATCH) if micro > 0 else MAX_EVAL_MICRO_BATCH
 
-# %% ../../nbs/31e_train.evaluation.ipynb #ce4ec635
+# %% ../../nbs/31e_train.evaluation.ipynb #cd582515
 def _model_input(image: np.ndarray | torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
     "An (H, W, 3) uint8 image (or a (3, H, W) tensor) as a (3, h, w) uint8 tensor at `size` (None: as it is)."
     chw = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if size is None: return chw
     return TF.resize(chw, list(size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
 
+# %% ../../nbs/31e_train.evaluation.ipynb #94014a56
 @torch.no_grad()
 def predict(model: nn.Module, # a sun_seg model: logits (N, C, h, w) for normalised images
             images: Sequence, # (H, W, 3) uint8 RGB arrays, or (3, H, W) uint8 tensors, of any sizes
@@ -169,7 +173,7 @@ def predict(model: nn.Module, # a sun_seg model: logits (N, C, h, w) for normali
         model.train(was_training)
     return maps
 
-# %% ../../nbs/31e_train.evaluation.ipynb #dfdf25e5
+# %% ../../nbs/31e_train.evaluation.ipynb #b7f39545
 def _config_of(run_dir: Path) -> TrainConfig:
     params = read_json(Path(run_dir) / PARAMS)
     names = {f for f in TrainConfig.__dataclass_fields__}
@@ -177,6 +181,7 @@ def _config_of(run_dir: Path) -> TrainConfig:
     if "eval_size" not in params: params = {**params, "eval_size": "original" if params.get("eval_original_size") else "train"}
     return TrainConfig(**{k: v for k, v in params.items() if k in names}).validate()
 
+# %% ../../nbs/31e_train.evaluation.ipynb #f01e7e9b
 _PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 
 def repeat_params(run_dir: str | os.PathLike, # a run folder
@@ -194,7 +199,7 @@ def repeat_params(run_dir: str | os.PathLike, # a run folder
     if out_dir is not None: params["out_dir"] = str(out_dir)
     return params
 
-# %% ../../nbs/31e_train.evaluation.ipynb #d1b3e86f
+# %% ../../nbs/31e_train.evaluation.ipynb #8c9a7cef
 def load_run_model(run_dir: str | os.PathLike, # a run folder
                    which: str = "best", # "best" or "last" weights
                    device: str | torch.device = "cpu",
@@ -213,12 +218,13 @@ def load_run_model(run_dir: str | os.PathLike, # a run folder
     load_weights(model, path, run_id=read_json(run_dir / PARAMS).get("run_id"))
     return model.to(device).eval()
 
-# %% ../../nbs/31e_train.evaluation.ipynb #2844fc72
+# %% ../../nbs/31e_train.evaluation.ipynb #126e63fd
 def _eval_micro_of(run_dir: Path, config: TrainConfig) -> int:
     "The run's evaluation micro-batch: its recorded training micro-batch (or the one given), at most MAX_EVAL_MICRO_BATCH."
     recorded = read_metrics(run_dir) or {}
     return eval_micro_batch_size(config.micro_batch_size or int(recorded.get("micro_batch_size") or 0))
 
+# %% ../../nbs/31e_train.evaluation.ipynb #2a630fd6
 def _run_split(run_dir: Path, split: str, data_dir: str | None):
     "The run's `split`, from its data folder (or `data_dir`), checked to be the data it was trained on."
     data = read_json(run_dir / DATA)
@@ -229,6 +235,7 @@ def _run_split(run_dir: Path, split: str, data_dir: str | None):
                         f" trained on ({str(data.get('fingerprint'))[:12]}); pass data_dir=", root)
     return split_data, data.get("class_weights")
 
+# %% ../../nbs/31e_train.evaluation.ipynb #02552817
 def _record_test(run_dir: Path, result: dict, counts: dict) -> None:
     "The test result into `metrics.json['test']`, the per-image counts beside it."
     metrics = read_metrics(run_dir)  # checked: a damaged record is named, never extended
@@ -236,7 +243,16 @@ def _record_test(run_dir: Path, result: dict, counts: dict) -> None:
     atomic_write_json(run_dir / METRICS, {**metrics, "test": result})
     save_image_counts(image_counts_path(run_dir, "test"), counts, result["epoch"], "test")
 
-# %% ../../nbs/31e_train.evaluation.ipynb #9b62d096
+# %% ../../nbs/31e_train.evaluation.ipynb #636dd789
+def _run_loader(split_data, config: TrainConfig, original: bool, limit: int) -> DataLoader:
+    "The run's evaluation loader over `split_data`: its batches, this process's share of each."
+    procs = processes()
+    size = parse_size(config.image_size, "image_size")
+    return DataLoader(EvalSamples(split_data, eval_transform(size), original),
+                      batch_sampler=EvalBatches(len(split_data), config.batch_size, procs.rank, procs.world, limit),
+                      collate_fn=collate_pairs)
+
+# %% ../../nbs/31e_train.evaluation.ipynb #c3748680
 def evaluate_run(run_dir: str | os.PathLike, # a run folder
                  split: str = "test", # "test" or "val"
                  which: str = "best", # "best" or "last" weights
@@ -256,14 +272,9 @@ def evaluate_run(run_dir: str | os.PathLike, # a run folder
     dtype = resolve_precision(config.precision, dev)
     model = load_run_model(run_dir, which, dev)
     if config.channels_last: model = model.to(memory_format=torch.channels_last)
-    size = parse_size(config.image_size, "image_size")
     original = config.eval_size == "original" if original_size is None else original_size
     check_original_labels(split_data, "original" if original else "train")
-    limit = config.max_eval_batches if max_batches is None else max_batches
-    procs = processes()
-    loader = DataLoader(EvalSamples(split_data, eval_transform(size), original),
-                        batch_sampler=EvalBatches(len(split_data), config.batch_size, procs.rank, procs.world, limit),
-                        collate_fn=collate_pairs)
+    loader = _run_loader(split_data, config, original, config.max_eval_batches if max_batches is None else max_batches)
     result = evaluate(model, loader, device=dev, dtype=dtype, channels_last=config.channels_last,
                       class_weights=None if weights is None else torch.tensor(weights),
                       micro_batch_size=micro_batch_size or _eval_micro_of(run_dir, config), progress=f"{split}" if progress else False,
@@ -272,5 +283,5 @@ def evaluate_run(run_dir: str | os.PathLike, # a run folder
     meta = weights_metadata(checkpoint_path(run_dir, which))
     result.update(split=split, which=which, epoch=int(meta["epoch"]) if "epoch" in meta else None,
                   original_size=original, eval_size="original" if original else "train")
-    if split == "test" and procs.main: _record_test(run_dir, result, counts)
+    if split == "test" and processes().main: _record_test(run_dir, result, counts)
     return result

@@ -43,7 +43,7 @@ class RunPlan:
     @property
     def label(self) -> str: return data_label(self.data_kind, self.data_info.get("fingerprint"))
 
-# %% ../../nbs/31d_train.plan.ipynb #4377d2e6
+# %% ../../nbs/31d_train.plan.ipynb #c52a6341
 def _check_out_dir(out_dir: Path) -> Path:
     "Refuse an `out_dir` that is, or lies under, a file (it could never hold run folders)."
     existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
@@ -51,18 +51,7 @@ def _check_out_dir(out_dir: Path) -> Path:
         raise ParameterError("out_dir", f"{str(out_dir)!r} cannot hold run folders: {existing} is a file; give a folder")
     return out_dir
 
-# %% ../../nbs/31d_train.plan.ipynb #39368f00
-def plan_run(config: TrainConfig | dict, # the run's parameters
-             *, quiet: bool = False, # do not print the demo notice
-             source: str | None = None, # where the parameters came from, named in errors
-            ) -> RunPlan:
-    "Validate the parameters, find the data (the demo dataset when none is configured) and name the run folder."
-    try:
-        return _plan(config, quiet)
-    except ParameterError as e:
-        if source is None or e.source: raise
-        raise ParameterError(e.name, e.message, source) from None
-
+# %% ../../nbs/31d_train.plan.ipynb #82d5cd88
 def _plan(config: TrainConfig | dict, quiet: bool) -> RunPlan:
     asked = TrainConfig.from_params(config) if isinstance(config, dict) else replace(config).validate()
     out_dir = _check_out_dir(Path(asked.out_dir).expanduser())
@@ -89,7 +78,19 @@ def _plan(config: TrainConfig | dict, quiet: bool) -> RunPlan:
         raise ParameterError("run_name", f"{run_dir} is a file, not a run folder; choose another run_name or out_dir")
     return RunPlan(used, asked, changes, root, kind, source, data_info, device, dtype, rid, run_dir)
 
-# %% ../../nbs/31d_train.plan.ipynb #90898274
+# %% ../../nbs/31d_train.plan.ipynb #732fc89a
+def plan_run(config: TrainConfig | dict, # the run's parameters
+             *, quiet: bool = False, # do not print the demo notice
+             source: str | None = None, # where the parameters came from, named in errors
+            ) -> RunPlan:
+    "Validate the parameters, find the data (the demo dataset when none is configured) and name the run folder."
+    try:
+        return _plan(config, quiet)
+    except ParameterError as e:
+        if source is None or e.source: raise
+        raise ParameterError(e.name, e.message, source) from None
+
+# %% ../../nbs/31d_train.plan.ipynb #0722da9f
 def _pretrained_source(config: TrainConfig) -> str | None:
     return None if config.pretrained.strip().lower() in ("none", "null", "random") else config.pretrained
 
@@ -106,12 +107,12 @@ def model_architecture(model: nn.Module) -> dict | None:
     config = getattr(_unwrap(model), "config", None)
     return config.to_dict() if hasattr(config, "to_dict") else None
 
-# %% ../../nbs/31d_train.plan.ipynb #14b52927
+# %% ../../nbs/31d_train.plan.ipynb #303e1fdc
 def divisors(n: int, minimum: int = 1) -> list[int]:
     "The divisors of `n` of at least `minimum`, largest first."
     return [d for d in range(n, 0, -1) if n % d == 0 and d >= minimum]
 
-# %% ../../nbs/31d_train.plan.ipynb #d787e8f0
+# %% ../../nbs/31d_train.plan.ipynb #4f88bbed
 def _step_fits(model: nn.Module, size: int, image_size: tuple[int, int], device: torch.device, dtype: torch.dtype,
                channels_last: bool) -> bool:
     "Whether a training step (forward, backward) on `size` random images fits in the device's memory."
@@ -132,6 +133,7 @@ def _step_fits(model: nn.Module, size: int, image_size: tuple[int, int], device:
         x = target = out = logits = None
         torch.cuda.empty_cache()
 
+# %% ../../nbs/31d_train.plan.ipynb #02809925
 def find_micro_batch_size(model: nn.Module, # the model, on its device, in training mode
                           per_process_batch: int, # images per process per optimizer step
                           image_size: tuple[int, int], # (H, W)

@@ -94,12 +94,13 @@ class Trainer:
         self._setup_data()  # nothing is written before the data and the model are set up without error
         self._setup_model()
 
-# %% ../../nbs/31f_train.trainer.ipynb #36e9fd0f
+# %% ../../nbs/31f_train.trainer.ipynb #2dc13cfe
 def _process_start() -> float | None:
     "When this process started (seconds since the epoch), or None where psutil cannot tell."
     try: return psutil.Process().create_time()
     except Exception: return None
 
+# %% ../../nbs/31f_train.trainer.ipynb #2ec989c3
 @patch
 def _start(self: Trainer, plan: RunPlan, callbacks: Sequence[Callback], progress: bool) -> None:
     self.plan, self.config, self.callbacks = plan, plan.config, list(callbacks)
@@ -119,7 +120,18 @@ def _start(self: Trainer, plan: RunPlan, callbacks: Sequence[Callback], progress
     # wall-clock times of this session, so a launcher can tell its fixed cost from the epochs (see `record`)
     self.timeline = {"process_start": _process_start(), "first_step": None, "last_epoch_end": None}
 
-# %% ../../nbs/31f_train.trainer.ipynb #27265056
+# %% ../../nbs/31f_train.trainer.ipynb #68725370
+@patch
+def eval_loader(self: Trainer, split_dataset, original_size: bool | None = None) -> DataLoader:
+    "A loader over `split_dataset` in order, in this process's share of global batches of `batch_size`."
+    c, p = self.config, self.procs
+    original = c.eval_original_size if original_size is None else original_size
+    sampler = EvalBatches(len(split_dataset), c.batch_size, p.rank, p.world, c.max_eval_batches)
+    workers = c.num_workers if c.num_workers >= 0 else auto_workers(self.device, p.world)
+    return DataLoader(EvalSamples(split_dataset, self.eval_transform, original), batch_sampler=sampler,
+                      num_workers=workers, pin_memory=self.device.type == "cuda", collate_fn=collate_pairs)
+
+# %% ../../nbs/31f_train.trainer.ipynb #1cf0dd13
 @patch
 def _setup_data(self: Trainer) -> None:
     c, p = self.config, self.procs
@@ -142,17 +154,7 @@ def _setup_data(self: Trainer) -> None:
     self.val_loader = self.eval_loader(self.val_split)
     self.num_workers = workers
 
-@patch
-def eval_loader(self: Trainer, split_dataset, original_size: bool | None = None) -> DataLoader:
-    "A loader over `split_dataset` in order, in this process's share of global batches of `batch_size`."
-    c, p = self.config, self.procs
-    original = c.eval_original_size if original_size is None else original_size
-    sampler = EvalBatches(len(split_dataset), c.batch_size, p.rank, p.world, c.max_eval_batches)
-    workers = c.num_workers if c.num_workers >= 0 else auto_workers(self.device, p.world)
-    return DataLoader(EvalSamples(split_dataset, self.eval_transform, original), batch_sampler=sampler,
-                      num_workers=workers, pin_memory=self.device.type == "cuda", collate_fn=collate_pairs)
-
-# %% ../../nbs/31f_train.trainer.ipynb #db27e061
+# %% ../../nbs/31f_train.trainer.ipynb #b18aa6e2
 @patch
 def _setup_micro_batch(self: Trainer) -> None:
     c = self.config
@@ -170,6 +172,7 @@ def _setup_micro_batch(self: Trainer) -> None:
                              f" micro-batch; got {self.micro}: raise batch_size or micro_batch_size")
     self.accumulation = per_process // self.micro
 
+# %% ../../nbs/31f_train.trainer.ipynb #1e93b6e5
 @patch
 def _setup_class_weights(self: Trainer) -> None:
     self.class_weights = None
@@ -179,7 +182,7 @@ def _setup_class_weights(self: Trainer) -> None:
     if not self.procs.main: weights = split_class_weights(self.fit_split, method=CLASS_WEIGHT_METHOD, progress=False)
     self.class_weights = torch.as_tensor(weights, dtype=torch.float32).to(self.device)
 
-# %% ../../nbs/31f_train.trainer.ipynb #e979bddb
+# %% ../../nbs/31f_train.trainer.ipynb #17d1cdd0
 @patch
 def _setup_model(self: Trainer) -> None:
     c = self.config
@@ -208,7 +211,7 @@ def _setup_model(self: Trainer) -> None:
     self.train_model = torch.compile(wrapped) if c.compile else wrapped
     self.eval_model = torch.compile(model) if c.compile else model
 
-# %% ../../nbs/31f_train.trainer.ipynb #84c13cff
+# %% ../../nbs/31f_train.trainer.ipynb #94ae0259
 @patch
 def _backward_micro_batch(self: Trainer, x: torch.Tensor, y: torch.Tensor, denominator: torch.Tensor,
                           sync: bool) -> torch.Tensor:
@@ -225,6 +228,7 @@ def _backward_micro_batch(self: Trainer, x: torch.Tensor, y: torch.Tensor, denom
         (loss * (self.procs.world / denominator)).backward()
     return (main.detach() / denominator).float()
 
+# %% ../../nbs/31f_train.trainer.ipynb #49d9c3aa
 @patch
 def _train_step(self: Trainer, images_u8: torch.Tensor, targets: torch.Tensor, epoch: int, step: int):
     "One optimizer step on a batch; returns its loss (on the device) and the images it trained on (all processes)."
@@ -246,10 +250,11 @@ def _train_step(self: Trainer, images_u8: torch.Tensor, targets: torch.Tensor, e
     self.optimizer.zero_grad(set_to_none=True)
     return step_loss, sum(part.stop - part.start for part in parts) * self.procs.world
 
-# %% ../../nbs/31f_train.trainer.ipynb #2672f986
+# %% ../../nbs/31f_train.trainer.ipynb #825b1be8
 class Diverged(Exception):
     "The loss became NaN or infinite."
 
+# %% ../../nbs/31f_train.trainer.ipynb #2b2b304a
 @patch
 def _train_batches(self: Trainer, epoch: int, loader, total: int) -> dict:
     "Train on `total` batches of `loader` as epoch `epoch`; returns the mean loss, seconds, images and steps."
@@ -281,13 +286,14 @@ def _train_batches(self: Trainer, epoch: int, loader, total: int) -> dict:
     total_loss = float(all_reduce(loss_total))  # each process holds its share of each batch mean
     return {"train_loss": total_loss / max(steps, 1), "train_seconds": seconds, "train_images": images, "steps": steps}
 
+# %% ../../nbs/31f_train.trainer.ipynb #5c191d24
 @patch
 def train_epoch(self: Trainer, epoch: int) -> dict:
     "Train one epoch: the batches of the `(seed, epoch)` order; returns `train_loss`, `train_seconds`, `train_images`, `steps`."
     self.batches.epoch = epoch
     return self._train_batches(epoch, self.train_loader, len(self.batches))
 
-# %% ../../nbs/31f_train.trainer.ipynb #75baef61
+# %% ../../nbs/31f_train.trainer.ipynb #62600157
 def _cycled(batches, steps: int):
     "`steps` batches from `batches`, starting over at its end (a loader is iterated again)."
     taken = 0
@@ -299,6 +305,7 @@ def _cycled(batches, steps: int):
             taken, empty = taken + 1, False
         if empty: return
 
+# %% ../../nbs/31f_train.trainer.ipynb #bec90eea
 @patch
 def run_steps(self: Trainer, steps: int, # optimizer steps to train
               batches: Sequence | None = None, # `(images uint8, targets)` batches to cycle through (None: the trainer's loader)
@@ -312,10 +319,11 @@ def run_steps(self: Trainer, steps: int, # optimizer steps to train
     return {"steps": done["steps"], "images": done["train_images"], "seconds": time.perf_counter() - start,
             "train_loss": done["train_loss"]}
 
-# %% ../../nbs/31f_train.trainer.ipynb #848cc5f2
+# %% ../../nbs/31f_train.trainer.ipynb #c53f0430
 def _count(model: nn.Module, trainable: bool) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
+# %% ../../nbs/31f_train.trainer.ipynb #3b0b4c94
 @patch
 def record(self: Trainer) -> dict:
     "The run's `metrics.json` record as it stands."
@@ -335,6 +343,7 @@ def record(self: Trainer) -> dict:
             "val": self.best_val, **({"test": self.test_result} if self.test_result else {}),
             "timeline": {**self.timeline, "written": time.time()}}
 
+# %% ../../nbs/31f_train.trainer.ipynb #2d53f669
 @patch
 def write_metrics(self: Trainer) -> dict:
     "Write `metrics.json` (rank 0); returns the record."
@@ -342,7 +351,7 @@ def write_metrics(self: Trainer) -> dict:
     if self.procs.main: atomic_write_json(self.run_dir / METRICS, record)
     return record
 
-# %% ../../nbs/31f_train.trainer.ipynb #65f2f677
+# %% ../../nbs/31f_train.trainer.ipynb #6605f824
 METHOD = "method.json"  # the run's `method_values`: every choice that changes its numbers
 PENDING = ".pending"  # suffix of weights written for an epoch whose state is not saved yet
 
@@ -350,6 +359,7 @@ def pending_path(path: Path) -> Path:
     "Where the weights for `path` wait until their epoch is committed."
     return path.with_name(path.name + PENDING)
 
+# %% ../../nbs/31f_train.trainer.ipynb #654d97f0
 def commit_pending(run_dir: Path, epoch: int, best_epoch: int | None) -> None:
     "Move the pending weights of the saved `epoch` into place; drop pending weights of an epoch that was not saved."
     for which in ("best", "last"):
@@ -365,7 +375,7 @@ def drop_pending(run_dir: Path) -> None:
     "Remove the pending weights of an epoch whose state was never saved."
     for which in ("best", "last"): pending_path(checkpoint_path(run_dir, which)).unlink(missing_ok=True)
 
-# %% ../../nbs/31f_train.trainer.ipynb #d3e741c6
+# %% ../../nbs/31f_train.trainer.ipynb #d56521a3
 def commit_epoch(run_dir: Path, # the run folder
                  model: nn.Module, # the model whose weights are saved
                  state: dict, # the resumable training state (its `epoch` and `early_stopping` say which files)
@@ -387,7 +397,7 @@ def commit_epoch(run_dir: Path, # the run folder
         raise
     commit_pending(run_dir, epoch, stopping["best_epoch"])
 
-# %% ../../nbs/31f_train.trainer.ipynb #9081e31e
+# %% ../../nbs/31f_train.trainer.ipynb #6600f63a
 @patch
 def _state(self: Trainer) -> dict:
     return {"epoch": self.epoch, "optimizer": self.optimizer.state_dict(),
@@ -397,6 +407,7 @@ def _state(self: Trainer) -> dict:
             "train_seconds": self.train_seconds, "train_images": self.train_images,
             "stopped_early": self.stopped_early, "rng": rng_state(), "identity": stable_hash(self.identity)}
 
+# %% ../../nbs/31f_train.trainer.ipynb #f57fded0
 @patch
 def save_epoch(self: Trainer, improved: bool) -> None:
     "Commit the finished epoch (rank 0): checkpoint, then `history.csv` and `metrics.json`."
@@ -405,7 +416,7 @@ def save_epoch(self: Trainer, improved: bool) -> None:
     write_history(self.run_dir / HISTORY, self.history)
     self.write_metrics()
 
-# %% ../../nbs/31f_train.trainer.ipynb #f1e8d907
+# %% ../../nbs/31f_train.trainer.ipynb #3924f8ae
 STATE_KEYS = {"epoch", "optimizer", "scheduler", "early_stopping", "history", "best_val", "rng", "identity",
               "wall_seconds", "train_seconds", "train_images", "stopped_early"}
 
@@ -424,6 +435,7 @@ def read_resume_state(run_dir: Path, # the run folder
                         f" folder?); use another run_name or out_dir, or {_RESTART}", state_path)
     return state
 
+# %% ../../nbs/31f_train.trainer.ipynb #a230548e
 def check_committed_weights(run_dir: Path, state: dict) -> None:
     "Refuse weights in place that are not those of the state's last and best epochs."
     last, best = checkpoint_path(run_dir, "last"), checkpoint_path(run_dir, "best")
@@ -433,7 +445,7 @@ def check_committed_weights(run_dir: Path, state: dict) -> None:
     if best_epoch is not None and weights_metadata(best).get("epoch") != str(best_epoch):
         raise DataError(f"these weights are not from epoch {best_epoch}, the best epoch in last_state.pt; {_RESTART}", best)
 
-# %% ../../nbs/31f_train.trainer.ipynb #22647319
+# %% ../../nbs/31f_train.trainer.ipynb #5b9b303a
 @patch
 def _load_state(self: Trainer, state: dict) -> None:
     self.optimizer.load_state_dict(state["optimizer"])
@@ -444,6 +456,7 @@ def _load_state(self: Trainer, state: dict) -> None:
     self.train_images, self.stopped_early = state["train_images"], state["stopped_early"]
     set_rng_state(state["rng"])
 
+# %% ../../nbs/31f_train.trainer.ipynb #98832850
 @patch
 def resume(self: Trainer) -> bool:
     "Continue from the folder's last checkpoint; False when there is none."
@@ -460,7 +473,7 @@ def resume(self: Trainer) -> bool:
     self._load_state(state)
     return True
 
-# %% ../../nbs/31f_train.trainer.ipynb #b04aa165
+# %% ../../nbs/31f_train.trainer.ipynb #dba2ff1e
 @patch
 def _write_params(self: Trainer) -> None:
     c, plan = self.config, self.plan
@@ -475,6 +488,7 @@ def _write_params(self: Trainer) -> None:
             "class_weights": None if self.class_weights is None else self.class_weights.cpu().tolist()}
     atomic_write_json(self.run_dir / DATA, data)
 
+# %% ../../nbs/31f_train.trainer.ipynb #0d9083c1
 @patch
 def write_start(self: Trainer, resumed: bool) -> None:
     "Write the run's parameters, data, environment and method (rank 0)."
@@ -494,7 +508,7 @@ def write_start(self: Trainer, resumed: bool) -> None:
     arch = model_architecture(self.model)
     if arch is not None: atomic_write_json(self.run_dir / CHECKPOINTS / "model_config.json", arch)
 
-# %% ../../nbs/31f_train.trainer.ipynb #0b3f9b9d
+# %% ../../nbs/31f_train.trainer.ipynb #32bd4564
 @patch
 def evaluate_split(self: Trainer, loader, split: str, progress=False) -> dict:
     "Score the evaluation model on `loader`; keeps the split's per-image counts."
@@ -504,13 +518,14 @@ def evaluate_split(self: Trainer, loader, split: str, progress=False) -> dict:
     self.image_counts[split] = result.pop("per_image")
     return {**result, "split": split}
 
+# %% ../../nbs/31f_train.trainer.ipynb #e70a292c
 @patch
 def save_image_counts(self: Trainer, split: str, epoch: int | None) -> None:
     "Write the split's per-image counts beside `metrics.json` (`val_per_image.npz`, `test_per_image.npz`)."
     if self.procs.main and split in self.image_counts:
         write_image_counts(image_counts_path(self.run_dir, split), self.image_counts[split], epoch, split)
 
-# %% ../../nbs/31f_train.trainer.ipynb #26f51bf0
+# %% ../../nbs/31f_train.trainer.ipynb #f8761e27
 @patch
 def _epoch_row(self: Trainer, epoch: int, train: dict, val: dict, lr: float, seconds: float) -> dict:
     row = {"epoch": epoch, "train_loss": train["train_loss"], "val_loss": val["loss"], "val_miou": val["miou"],
@@ -521,7 +536,7 @@ def _epoch_row(self: Trainer, epoch: int, train: dict, val: dict, lr: float, sec
     row.update({f"val_iou_{k}": v for k, v in val["iou_per_class"].items()})
     return row
 
-# %% ../../nbs/31f_train.trainer.ipynb #8ac2b9ad
+# %% ../../nbs/31f_train.trainer.ipynb #6902feee
 @patch
 def _run_epoch(self: Trainer, epoch: int) -> tuple[dict, bool]:
     "Train and validate one epoch, commit it; returns its history row and whether it is the new best."
@@ -546,6 +561,7 @@ def _run_epoch(self: Trainer, epoch: int) -> tuple[dict, bool]:
     self.timeline["last_epoch_end"] = time.time()
     return row, improved
 
+# %% ../../nbs/31f_train.trainer.ipynb #5f083230
 @patch
 def run_epochs(self: Trainer) -> dict:
     "Train the epochs left (none after an early stop); returns the completed record."
