@@ -282,7 +282,7 @@ def engine_default_config(device: torch.device) -> StepConfig:
 def precision_choice(device: torch.device) -> dict:
     "What `auto` precision resolves to here, what it should be, and (on CPU) what it resolves to without native bf16."
     from unittest import mock
-    import sun_seg.core
+    import sun_seg.train.device
     chosen = DTYPE_NAMES[resolve_precision("auto", device)]
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
     record = {"native_bf16": native, "auto": chosen, "expected": "bf16" if native else "fp32"}
