@@ -13,7 +13,8 @@ from PIL import Image
 from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
 
 from .core import (CLASS_NAMES, DataError, ParameterError, atomic_path, atomic_write_json, check_positive,
-                          colorize, read_json, resolve_device)
+                          colorize, read_json)
+from .train.device import resolve_device
 from .data.sunrgbd import read_image_file
 from .data.transforms import parse_size
 from .train.evaluation import load_run_model, predict as label_maps

@@ -8,8 +8,8 @@ __all__ = []
 # %% ../../nbs/30_train.ipynb #7c448661
 from .config import (TrainConfig, DEMO_PROFILE, MODELS, FINETUNE_DEPTHS, apply_profile, resolve_data_dir,
                                   run_id, run_identity, method_values, evaluation_protocol)
-from .runs import (HISTORY_COLUMNS, STATUSES, checkpoint_path, load_weights, read_history, read_metrics,
-                                run_status, save_weights)
+from ..runs import HISTORY_COLUMNS, STATUSES, checkpoint_path, read_history, read_metrics, run_status
+from .checkpoint import load_weights, save_weights
 from .loss import segmentation_loss
 from .batches import EpochBatches, EvalBatches, TrainingSamples, collate_pairs
 from .plan import RunPlan, build_run_model, find_micro_batch_size, plan_run
