@@ -32,13 +32,14 @@ def _figure(width: float = 8, height: float = 3.6, ncols: int = 1, layout: str |
     fig = Figure(figsize=(width, height), layout=layout)  # no pyplot: no global state, no GUI backend
     return fig, fig.subplots(1, ncols)
 
-# %% ../../nbs/50g_analysis.figures.ipynb #0d1edc74
+# %% ../../nbs/50g_analysis.figures.ipynb #31de51b7
 def _text_width(text: str, fontsize: float, dpi: float = 110) -> float:
     "Width in inches of one line of text at `fontsize` points as the PNG renderer draws it (hinting widens small text)."
     from matplotlib.backends.backend_agg import RendererAgg
     from matplotlib.font_manager import FontProperties
     return RendererAgg(1, 1, dpi).get_text_width_height_descent(text, FontProperties(size=fontsize), ismath=False)[0] / dpi
 
+# %% ../../nbs/50g_analysis.figures.ipynb #a4461b68
 def _fill(text: str, width: float, fontsize: float) -> list[str]:
     "Words of `text` in greedy lines no wider than `width` inches (a longer word stands alone)."
     lines = []
@@ -47,7 +48,7 @@ def _fill(text: str, width: float, fontsize: float) -> list[str]:
         else: lines.append(word)
     return lines
 
-# %% ../../nbs/50g_analysis.figures.ipynb #1494d537
+# %% ../../nbs/50g_analysis.figures.ipynb #48fe3d56
 def _wrap(text: str, width: float, # inches the text may take
           fontsize: float = TITLE_SIZE) -> str:
     "`text` in lines that fit `width` inches at `fontsize` (a long `name: detail` label breaks after its colon first)."
@@ -57,11 +58,7 @@ def _wrap(text: str, width: float, # inches the text may take
         return "\n".join(_fill(head + ":", width, fontsize) + _fill(rest, width, fontsize))
     return "\n".join(_fill(text, width, fontsize))
 
-# %% ../../nbs/50g_analysis.figures.ipynb #faa88c7d
-def _legend_beside(ax, **kw):
-    "The axes' legend outside it, to its right (constrained layout makes room): it never hides data."
-    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize=LEGEND_SIZE, frameon=False, **kw)
-
+# %% ../../nbs/50g_analysis.figures.ipynb #31101f2a
 def plot_curves(frame: pd.DataFrame, # `curves_frame`
                 title: str = "") -> Figure:
     "Loss (train and validation) and validation mIoU per epoch; several seeds: mean line and min-max band."
@@ -95,7 +92,7 @@ def plot_curves(frame: pd.DataFrame, # `curves_frame`
     fig.suptitle(_wrap(title, fig.get_figwidth() - 0.5), fontsize=TITLE_SIZE)
     return fig
 
-# %% ../../nbs/50g_analysis.figures.ipynb #597557d4
+# %% ../../nbs/50g_analysis.figures.ipynb #8e6f5265
 def plot_class_iou(frame: pd.DataFrame, # `class_iou_frame`
                    title: str = "") -> Figure:
     "Grouped bars of IoU per class, one colour per column; NaN (class absent) leaves a gap."
@@ -116,7 +113,12 @@ def plot_class_iou(frame: pd.DataFrame, # `class_iou_frame`
         ax.legend(loc="lower right", bbox_to_anchor=(1, 1.01), borderaxespad=0, fontsize=LEGEND_SIZE, frameon=False)
     return fig
 
-# %% ../../nbs/50g_analysis.figures.ipynb #ba001102
+# %% ../../nbs/50g_analysis.figures.ipynb #b9c6e745
+def _legend_beside(ax, **kw):
+    "The axes' legend outside it, to its right (constrained layout makes room): it never hides data."
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize=LEGEND_SIZE, frameon=False, **kw)
+
+# %% ../../nbs/50g_analysis.figures.ipynb #867314cf
 def plot_class_epochs(frame: pd.DataFrame, # `class_epochs_frame`
                       title: str = "") -> Figure:
     "Validation IoU of selected classes over epochs, in the classes' palette colours."
@@ -130,7 +132,7 @@ def plot_class_epochs(frame: pd.DataFrame, # `class_epochs_frame`
     if len(frame.columns): _legend_beside(ax)
     return fig
 
-# %% ../../nbs/50g_analysis.figures.ipynb #7442e3a7
+# %% ../../nbs/50g_analysis.figures.ipynb #c3454b4b
 def plot_confusion(frames: dict[str, pd.DataFrame], # `confusion_frames`
                    title: str = "") -> Figure:
     "Heatmaps (seaborn) of row-normalised confusion matrices, one per model, side by side on one colour scale."
@@ -148,12 +150,13 @@ def plot_confusion(frames: dict[str, pd.DataFrame], # `confusion_frames`
     fig.suptitle(_wrap(title, fig.get_figwidth() - 0.5), fontsize=TITLE_SIZE)
     return fig
 
-# %% ../../nbs/50g_analysis.figures.ipynb #d45696c8
+# %% ../../nbs/50g_analysis.figures.ipynb #956ff73d
 def _percent(value: float, _=None) -> str:
     "A share as a percentage with as many decimals as it needs: 100%, 1%, 0.01%."
     if value <= 0: return "0%"
     return f"{value * 100:.{max(0, -math.floor(math.log10(value * 100) + 1e-9))}f}%"
 
+# %% ../../nbs/50g_analysis.figures.ipynb #a6f245e1
 def _restyle(fig: Figure, ax, title: str, legend_loc: str | None = None) -> Figure:
     "Our title instead of the data module's (which names the data: our footer does), our fonts, constrained layout."
     ax.set_title(_wrap(title, fig.get_figwidth() - 1), fontsize=TITLE_SIZE)
@@ -163,7 +166,7 @@ def _restyle(fig: Figure, ax, title: str, legend_loc: str | None = None) -> Figu
     fig.set_layout_engine("constrained")  # the data module's tight_layout does not know our footer
     return fig
 
-# %% ../../nbs/50g_analysis.figures.ipynb #5a36ba09
+# %% ../../nbs/50g_analysis.figures.ipynb #e427449e
 def plot_void_share(stats: pd.DataFrame, # per-image statistics (`data_summary(out)["image_statistics"]`)
                     title: str = "") -> Figure:
     "F11: histogram of the share of unlabeled (void) pixels per image (`sun_seg.data.analysis.plot_void_share`)."
@@ -171,7 +174,7 @@ def plot_void_share(stats: pd.DataFrame, # per-image statistics (`data_summary(o
     data_analysis.plot_void_share(stats, "", ax=ax)
     return _restyle(fig, ax, title, legend_loc="best")
 
-# %% ../../nbs/50g_analysis.figures.ipynb #9fa6e75a
+# %% ../../nbs/50g_analysis.figures.ipynb #d13c4e4b
 def plot_class_frequency(classes: pd.DataFrame, # per-class statistics (`data_summary(out)["class_statistics"]`)
                          title: str = "") -> Figure:
     "F-imb: each class's share of the labelled pixels (`sun_seg.data.analysis.plot_class_frequency`)."
@@ -184,7 +187,7 @@ def plot_class_frequency(classes: pd.DataFrame, # per-class statistics (`data_su
     ax.tick_params(axis="x", labelsize=LABEL_SIZE - 1)
     return fig
 
-# %% ../../nbs/50g_analysis.figures.ipynb #a6e3456b
+# %% ../../nbs/50g_analysis.figures.ipynb #dc6f8418
 def plot_predictions(sample: dict, # `load_qualitative`
                      title: str = "") -> Figure:
     "Image, ground truth and each model's prediction in the 37-class palette, with a legend of the classes shown."
@@ -206,7 +209,7 @@ def plot_predictions(sample: dict, # `load_qualitative`
     fig.suptitle(_wrap(title, fig.get_figwidth() - 0.5), fontsize=TITLE_SIZE)
     return fig
 
-# %% ../../nbs/50g_analysis.figures.ipynb #5469a314
+# %% ../../nbs/50g_analysis.figures.ipynb #b4b67ab4
 def save_figure(fig: Figure, folder: str | os.PathLike, name: str, note: str | None = None,
                 formats: Iterable[str] = ("png", "svg")) -> list[Path]:
     "Add the footer `note`, write `folder/name.<format>` atomically for each format; returns the paths."
@@ -224,7 +227,7 @@ def save_figure(fig: Figure, folder: str | os.PathLike, name: str, note: str | N
         paths.append(path)
     return paths
 
-# %% ../../nbs/50g_analysis.figures.ipynb #1db2ee2e
+# %% ../../nbs/50g_analysis.figures.ipynb #f90fd568
 def figure_data(out: str | os.PathLike, spec: dict) -> tuple[Any, str | None]:
     "`(data, None)` for a figure spec of the study record, or `(None, why it cannot be drawn yet)`."
     kind, names = spec["kind"], list(spec.get("runs") or [])
@@ -247,11 +250,12 @@ def figure_data(out: str | os.PathLike, spec: dict) -> tuple[Any, str | None]:
     sample = load_qualitative(out, spec["id"])
     return (sample, None) if sample else (None, "no predictions saved yet (the study saves them after the test evaluations)")
 
-# %% ../../nbs/50g_analysis.figures.ipynb #34e8a42b
+# %% ../../nbs/50g_analysis.figures.ipynb #fc54d53d
 _PLOTS = {"void_share": plot_void_share, "class_frequency": plot_class_frequency, "curves": plot_curves,
           "class_iou": plot_class_iou, "class_iou_epochs": plot_class_epochs, "predictions": plot_predictions,
           "confusion": plot_confusion}
 
+# %% ../../nbs/50g_analysis.figures.ipynb #53d23abe
 def _fingerprint(data: Any, *extra) -> str:
     "A hash of a figure's data and labels: a figure whose hash is unchanged is not drawn again."
     import hashlib
@@ -263,15 +267,28 @@ def _fingerprint(data: Any, *extra) -> str:
     else: h.update(repr(data).encode())
     return h.hexdigest()[:16]
 
+# %% ../../nbs/50g_analysis.figures.ipynb #ca25997d
 def _code_version(plot: Callable) -> str:
     "A hash of the code that draws a figure: a figure is redrawn when its plotting code changed."
     import inspect
     return stable_hash([inspect.getsource(f) for f in (plot, save_figure, _figure, _wrap, _fill, _text_width, _legend_beside, _restyle, _percent)])
 
+# %% ../../nbs/50g_analysis.figures.ipynb #62e60e65
 def _cached(previous: dict, key: str, fingerprint: str, paths: Iterable[str]) -> bool:
     return previous.get(key) == fingerprint and all(Path(p).is_file() for p in paths)
 
-# %% ../../nbs/50g_analysis.figures.ipynb #3782a375
+# %% ../../nbs/50g_analysis.figures.ipynb #35185ab8
+def _without_result(out: Path, names: Iterable[str]) -> str | None:
+    "The figure's runs that have no result to show, with their status and reason (a missing curve is said, not hidden)."
+    parts = []
+    for name, (label, run_ids) in figure_runs(out, names).items():
+        if not run_ids: parts.append(f"{label}: no configuration selected yet")
+        for run_id in run_ids:
+            status, reason = run_state(out, run_id)
+            if status != "completed": parts.append(f"{label} ({status}{': ' + reason if reason else ''})")
+    return "Not shown or incomplete: " + "; ".join(parts) if parts else None
+
+# %% ../../nbs/50g_analysis.figures.ipynb #aaa85276
 def build_figures(out: str | os.PathLike, folder: str | os.PathLike, note: str, previous: dict | None = None) -> list[dict]:
     "Draw every figure of the study into `folder` (unchanged ones are kept); returns `[{id, title, kind, png, svg, missing, caption, hash}]` (paths relative to `out`)."
     out = Path(out).resolve()
@@ -298,18 +315,7 @@ def build_figures(out: str | os.PathLike, folder: str | os.PathLike, note: str, 
         results.append(entry)
     return results
 
-# %% ../../nbs/50g_analysis.figures.ipynb #b1edcc93
-def _without_result(out: Path, names: Iterable[str]) -> str | None:
-    "The figure's runs that have no result to show, with their status and reason (a missing curve is said, not hidden)."
-    parts = []
-    for name, (label, run_ids) in figure_runs(out, names).items():
-        if not run_ids: parts.append(f"{label}: no configuration selected yet")
-        for run_id in run_ids:
-            status, reason = run_state(out, run_id)
-            if status != "completed": parts.append(f"{label} ({status}{': ' + reason if reason else ''})")
-    return "Not shown or incomplete: " + "; ".join(parts) if parts else None
-
-# %% ../../nbs/50g_analysis.figures.ipynb #c19c7357
+# %% ../../nbs/50g_analysis.figures.ipynb #c879ac65
 def build_run_figures(out: str | os.PathLike, folder: str | os.PathLike, runs: pd.DataFrame, note: str,
                       previous: dict | None = None) -> dict:
     "One training-curve PNG per run with at least one epoch (unchanged ones are kept): `{run_id: {png, hash}}` (paths relative to `out`)."

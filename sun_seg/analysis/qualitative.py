@@ -66,7 +66,7 @@ def _forward(model: torch.nn.Module, images: torch.Tensor, # a batch (N, H, W, 3
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         return model(normalize_images(x.to(device))).argmax(1).to(torch.uint8).cpu().numpy()
 
-# %% ../../nbs/50h_analysis.qualitative.ipynb #a4de9265
+# %% ../../nbs/50h_analysis.qualitative.ipynb #d3e9dfe5
 class _Predictor:
     "Loads each run's best model once and predicts each (run, split) once, for all the figures of one call."
     def __init__(self, out: Path, device: str, scan: int):
@@ -78,7 +78,7 @@ class _Predictor:
         if run_id not in self.models: self.models[run_id] = load_run_model(self.out / "runs" / run_id, "best", self.dev)
         return self.models[run_id]
 
-# %% ../../nbs/50h_analysis.qualitative.ipynb #dab7f043
+# %% ../../nbs/50h_analysis.qualitative.ipynb #653ec324
 @patch
 def split(self: _Predictor, run_id: str, split: str) -> tuple[list, list, list]:
     "(images HWC uint8, targets, sample ids) of the first `scan` images of `split`, at the run's image size."
@@ -94,6 +94,7 @@ def split(self: _Predictor, run_id: str, split: str) -> tuple[list, list, list]:
                              [it["target"].numpy().astype(np.uint8) for it in items], [it["meta"]["id"] for it in items])
     return self.samples[key]
 
+# %% ../../nbs/50h_analysis.qualitative.ipynb #da2bbcf9
 @patch
 def predict(self: _Predictor, run_id: str, split: str) -> list[np.ndarray]:
     "The run's best model's predictions (uint8 class maps) on the scanned images of `split`."
@@ -107,7 +108,7 @@ def predict(self: _Predictor, run_id: str, split: str) -> list[np.ndarray]:
         self.preds[(run_id, split)] = preds
     return self.preds[(run_id, split)]
 
-# %% ../../nbs/50h_analysis.qualitative.ipynb #032babcd
+# %% ../../nbs/50h_analysis.qualitative.ipynb #99ab2f01
 def _sample_key(out: Path, run_ids: list[str], scan: int, spec: dict) -> str:
     "What a saved sample depends on: its runs, their best epochs, the scan and the figure's spec."
     return stable_hash({"runs": run_ids, "best": [read_metrics(out / "runs" / i).get("best_epoch") for i in run_ids],
@@ -119,7 +120,7 @@ def _write_sample(folder: Path, fid: str, arrays: dict, meta: dict) -> None:
         with open(tmp, "wb") as f: np.savez_compressed(f, **arrays)
     atomic_write_json(safe_child(folder, f"{fid}.json", "figure"), meta)
 
-# %% ../../nbs/50h_analysis.qualitative.ipynb #ce3ba720
+# %% ../../nbs/50h_analysis.qualitative.ipynb #056a7b2f
 def _save_sample(out: Path, spec: dict, chosen: dict, predictor: _Predictor, scan: int, log: Callable[[str], None]) -> str:
     "Pick, predict and save one figure's sample (`chosen`: `figure_runs` of its runs); returns its status."
     fid, names = spec["id"], spec["runs"]
@@ -148,7 +149,7 @@ def _save_sample(out: Path, spec: dict, chosen: dict, predictor: _Predictor, sca
         "pixel_accuracy": {l: float(accuracy[k][index]) for k, l in enumerate(labels)}})
     return "saved"
 
-# %% ../../nbs/50h_analysis.qualitative.ipynb #fdc4f9d0
+# %% ../../nbs/50h_analysis.qualitative.ipynb #e729135e
 def save_predictions(out: str | os.PathLike, # the study's output folder
                      device: str = "auto", log: Callable[[str], None] = print) -> dict:
     "Pick and predict the images of the study's qualitative figures; writes `qualitative/<figure>.npz/.json`. Returns {figure: status}."

@@ -38,13 +38,14 @@ def _flags(runs: pd.DataFrame, entry: str) -> str:
     flags = [f for text in runs.loc[runs.entry == entry, "flags"].fillna("") for f in text.split("; ") if f]
     return "; ".join(dict.fromkeys(flags))
 
-# %% ../../nbs/50e_analysis.tables.ipynb #243e4347
+# %% ../../nbs/50e_analysis.tables.ipynb #e93c5eae
 def _reported(record: dict, entry: str, table: str, column: str) -> float:
     return as_float(record_entries(record)[entry].get("reported", {}).get(table, {}).get(column))
 
 def _table_entries(record: dict, table: str) -> list[str]:
     return [e["name"] for e in record["entries"] if table in e["tables"]]
 
+# %% ../../nbs/50e_analysis.tables.ipynb #ab4c47bb
 def _add_study_values(frame: pd.DataFrame, record: dict, table: str, columns: dict) -> pd.DataFrame:
     "Add `study_<ours>` (the reported value) and `diff_<ours>` (ours - study) for {our column: reported column}."
     for ours, theirs in columns.items():
@@ -52,7 +53,7 @@ def _add_study_values(frame: pd.DataFrame, record: dict, table: str, columns: di
         frame[f"diff_{ours}"] = frame[ours] - frame[f"study_{ours}"]
     return frame
 
-# %% ../../nbs/50e_analysis.tables.ipynb #06818318
+# %% ../../nbs/50e_analysis.tables.ipynb #7d95e2b8
 def _last_finite(out: str | os.PathLike, runs: pd.DataFrame, entry: str) -> str:
     "What a run of `entry` that did not complete recorded: its status and its last epoch with finite numbers."
     texts = []
@@ -65,7 +66,7 @@ def _last_finite(out: str | os.PathLike, runs: pd.DataFrame, entry: str) -> str:
         texts.append(f"{r.status}; {last}")
     return "; ".join(texts)
 
-# %% ../../nbs/50e_analysis.tables.ipynb #98990f32
+# %% ../../nbs/50e_analysis.tables.ipynb #dd669122
 def table_t1(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyTable:
     "T1, the U-Net learning-rate sweep: best epoch, validation loss and mIoU at it, ours and the study's."
     record, runs = read_study_record(out), load_runs(out) if runs is None else runs
@@ -96,7 +97,7 @@ def table_t1(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
         "'scheduler never fired' when a plateau scheduler kept the same learning rate in every epoch (the row then cannot show its effect)."])
     return StudyTable("T1", record["tables"]["T1"]["title"], frame, columns, notes)
 
-# %% ../../nbs/50e_analysis.tables.ipynb #7d29250a
+# %% ../../nbs/50e_analysis.tables.ipynb #bd9f59d2
 def table_t2(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyTable:
     "T2 (Table III), the training results: trainable parameters, best epoch, validation mIoU; ours and the study's."
     record, runs = read_study_record(out), load_runs(out) if runs is None else runs
@@ -140,7 +141,7 @@ def table_t2(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
     columns, notes = _for_data(record, columns, notes)
     return StudyTable("T2", record["tables"]["T2"]["title"], frame, columns, notes)
 
-# %% ../../nbs/50e_analysis.tables.ipynb #c6f19459
+# %% ../../nbs/50e_analysis.tables.ipynb #f5e06510
 def table_t3(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyTable:
     "T3 (Table IV): the best configuration of each model on the test split, beside its validation mIoU."
     record, runs = read_study_record(out), load_runs(out) if runs is None else runs
@@ -198,7 +199,7 @@ def table_t3(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
     columns, notes = _for_data(record, columns, notes, "test")
     return StudyTable("T3", record["tables"]["T3"]["title"], frame, columns, notes)
 
-# %% ../../nbs/50e_analysis.tables.ipynb #9f7f2ddf
+# %% ../../nbs/50e_analysis.tables.ipynb #66ee1ebd
 def table_t4(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyTable:
     "T4, the effects of switching augmentation off and of weighting the loss: variant minus baseline, val mIoU."
     record, runs = read_study_record(out), load_runs(out) if runs is None else runs
@@ -225,7 +226,7 @@ def table_t4(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
     columns, notes = _for_data(record, columns, ["Effect: variant minus baseline, validation mIoU (means over seeds); the study rounds its effects to 0.01."])
     return StudyTable("T4", record["tables"]["T4"]["title"], frame, columns, notes)
 
-# %% ../../nbs/50e_analysis.tables.ipynb #494212e2
+# %% ../../nbs/50e_analysis.tables.ipynb #63c6b98a
 def training_flops(runs: pd.DataFrame) -> pd.Series:
     "Training compute per run: counted training FLOPs per image (3x forward where not recorded) x images per epoch x epochs run."
     per_image = runs.train_flops_per_image.fillna(3 * runs.flops_per_image)
@@ -235,14 +236,14 @@ def training_flops(runs: pd.DataFrame) -> pd.Series:
     images = images.where(~(capped > 0), np.minimum(images, capped))
     return per_image * images * runs.epochs_completed
 
-# %% ../../nbs/50e_analysis.tables.ipynb #0bb29a5b
+# %% ../../nbs/50e_analysis.tables.ipynb #08a1f7bf
 def time_to_best(out: str | os.PathLike, run_id: str, best_epoch: float) -> float:
     "Seconds of the recorded epochs up to and including `best_epoch` (NaN without history)."
     history = load_history(out, run_id)
     if history.empty or "seconds" not in history or math.isnan(as_float(best_epoch)): return math.nan
     return float(history.loc[history.epoch <= best_epoch, "seconds"].sum())
 
-# %% ../../nbs/50e_analysis.tables.ipynb #35f1c2ec
+# %% ../../nbs/50e_analysis.tables.ipynb #2681908f
 def projected_hours(out: str | os.PathLike, # a rehearsal's output folder
                     run_id: str, # one of its runs
                     full_epochs: float, # the full profile's epoch budget of the run's entry
@@ -263,7 +264,7 @@ def projected_hours(out: str | os.PathLike, # a rehearsal's output folder
     epoch = sizes["fit"] / train_ips + sizes["val"] / val_ips
     return float(full_epochs * epoch / 3600 * as_float(metrics.get("world_size", 1)))
 
-# %% ../../nbs/50e_analysis.tables.ipynb #ea90924c
+# %% ../../nbs/50e_analysis.tables.ipynb #8adaa358
 def table_t5(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyTable:
     "T5, the training cost of every configuration beside the mIoU it reached (RQ3)."
     record, runs = read_study_record(out), load_runs(out) if runs is None else runs
@@ -312,7 +313,7 @@ def table_t5(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> StudyT
                      " its capped micro-batches, so a CPU projection overstates the training time.")
     return StudyTable("T5", record["tables"]["T5"]["title"], agg, columns, notes)
 
-# %% ../../nbs/50e_analysis.tables.ipynb #725fd9e5
+# %% ../../nbs/50e_analysis.tables.ipynb #7791fd5b
 def build_tables(out: str | os.PathLike, runs: pd.DataFrame | None = None) -> dict:
     "Every table `{id: StudyTable}`, each noting the evaluation protocol of its scores."
     runs = load_runs(out) if runs is None else runs
