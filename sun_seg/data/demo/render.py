@@ -46,10 +46,11 @@ class Material:
     emit: float = 0.0            # self-lit share (lamps, windows, screens): ignores shading
     extra: dict = field(default_factory=dict)
 
-# %% ../../../nbs/03a_data.demo.render.ipynb #96820496
+# %% ../../../nbs/03a_data.demo.render.ipynb #7687486f
 def texture_plain(material, u, v, a, b):
     return material.colour * (0.95 + 0.1 * value_noise(u, v, 0.4, material.salt))[:, None]
 
+# %% ../../../nbs/03a_data.demo.render.ipynb #d899a22f
 def texture_wood(material, u, v, a, b):
     warp = value_noise(u * 0.3, v, material.scale * 3, material.salt)
     grain = 0.5 + 0.5 * np.sin(2 * np.pi * (v / material.scale + 2.5 * warp))
@@ -57,6 +58,7 @@ def texture_wood(material, u, v, a, b):
     tint = 0.9 + 0.2 * lattice_hash(plank, 1, material.salt)
     return material.colour * ((0.84 + 0.16 * grain) * tint)[:, None]
 
+# %% ../../../nbs/03a_data.demo.render.ipynb #2e65f6c9
 def texture_tile(material, u, v, a, b):
     size = material.scale
     grout = ((u / size) % 1.0 < 0.07) | ((v / size) % 1.0 < 0.07)
@@ -65,12 +67,13 @@ def texture_tile(material, u, v, a, b):
     out[grout] = material.colour * 0.72
     return out
 
-# %% ../../../nbs/03a_data.demo.render.ipynb #274c82a2
+# %% ../../../nbs/03a_data.demo.render.ipynb #22212d27
 def texture_fabric(material, u, v, a, b):
     fine = value_noise(u, v, 0.02, material.salt)
     folds = 0.5 + 0.5 * np.sin(2 * np.pi * (u / material.scale + 0.8 * value_noise(u, v, 0.3, material.salt + 1)))
     return material.colour * (0.8 + 0.1 * fine + material.extra.get("fold", 0.15) * folds)[:, None]
 
+# %% ../../../nbs/03a_data.demo.render.ipynb #0a174b52
 def texture_carpet(material, u, v, a, b):
     fine = value_noise(u, v, 0.015, material.salt)
     blotch = value_noise(u, v, 0.6, material.salt + 7)
@@ -80,10 +83,12 @@ def texture_carpet(material, u, v, a, b):
         out[border] = material.extra["pattern"] * (0.9 + 0.1 * fine[border])[:, None]
     return out
 
+# %% ../../../nbs/03a_data.demo.render.ipynb #0459ab7e
 def texture_slats(material, u, v, a, b):  # blinds: horizontal slats
     phase = (v / material.scale) % 1.0
     return material.colour * (0.62 + 0.4 * np.clip(np.sin(np.pi * phase) * 1.4, 0, 1))[:, None]
 
+# %% ../../../nbs/03a_data.demo.render.ipynb #d36d1ac5
 def texture_books(material, u, v, a, b):  # spines side by side, random widths, colours and heights
     palette = material.extra["palette"]
     spine = np.floor(u / material.scale + 0.6 * value_noise(u, u * 0, material.scale * 3, material.salt)).astype(np.int64)
@@ -93,7 +98,7 @@ def texture_books(material, u, v, a, b):  # spines side by side, random widths, 
     out[((u / material.scale) % 1.0) < 0.1] *= 0.55
     return out
 
-# %% ../../../nbs/03a_data.demo.render.ipynb #7b32fe2b
+# %% ../../../nbs/03a_data.demo.render.ipynb #3906de10
 def texture_picture(material, u, v, a, b):  # a framed image of colour blobs
     centres, colours, width = material.extra["centres"], material.extra["colours"], material.extra["width"]
     weights = np.exp(-((a[:, None] - centres[None, :, 0]) ** 2 + (b[:, None] - centres[None, :, 1]) ** 2) / width ** 2)
@@ -102,6 +107,7 @@ def texture_picture(material, u, v, a, b):  # a framed image of colour blobs
     out[(a < frame) | (a > 1 - frame) | (b < frame) | (b > 1 - frame)] = material.extra["frame_colour"]
     return out
 
+# %% ../../../nbs/03a_data.demo.render.ipynb #549ccb10
 def texture_window(material, u, v, a, b):  # bright sky, something outside, a frame and mullions
     sky = material.colour[None, :] * (0.92 + 0.16 * b)[:, None]
     outside = value_noise(u, v, 0.3, material.salt) > material.extra["clear"] + (b - 0.3)
@@ -114,6 +120,7 @@ def texture_window(material, u, v, a, b):  # bright sky, something outside, a fr
     out[bar] = material.extra["frame_colour"]
     return out
 
+# %% ../../../nbs/03a_data.demo.render.ipynb #7c9f4c5b
 def texture_screen(material, u, v, a, b):
     out = material.colour[None, :] * (0.8 + 0.4 * b)[:, None]
     if material.extra.get("on") is not None:
@@ -121,7 +128,7 @@ def texture_screen(material, u, v, a, b):
     out[(a < 0.04) | (a > 0.96) | (b < 0.06) | (b > 0.94)] = material.extra["bezel"]
     return out
 
-# %% ../../../nbs/03a_data.demo.render.ipynb #97e9c4bc
+# %% ../../../nbs/03a_data.demo.render.ipynb #353cd8ad
 def texture_marker(material, u, v, a, b):  # whiteboards and paper: a light surface with strokes or text lines
     out = material.colour * (0.95 + 0.05 * value_noise(u, v, 0.2, material.salt))[:, None]
     lines = material.extra.get("lines", 0)
@@ -137,6 +144,7 @@ def texture_marker(material, u, v, a, b):  # whiteboards and paper: a light surf
         out[(a < frame) | (a > 1 - frame) | (b < frame * 1.4) | (b > 1 - frame * 1.4)] = material.extra["frame_colour"]
     return out
 
+# %% ../../../nbs/03a_data.demo.render.ipynb #891482e9
 def texture_panel(material, u, v, a, b):  # doors, drawers, cabinet fronts: panels, dark gaps, handles
     out = texture_wood(material, u, v, a, b) if material.extra.get("wood") else texture_plain(material, u, v, a, b)
     rows, cols = material.extra.get("grid", (1, 1))
@@ -148,17 +156,19 @@ def texture_panel(material, u, v, a, b):  # doors, drawers, cabinet fronts: pane
         out[handle] = material.extra["handle_colour"]
     return out
 
+# %% ../../../nbs/03a_data.demo.render.ipynb #c31aed5d
 def texture_pattern(material, u, v, a, b):  # shower curtains, some blankets: folds plus a repeating motif
     out = texture_fabric(material, u, v, a, b)
     motif = (np.sin(u / material.extra["motif"] * 6.28) * np.sin(v / material.extra["motif"] * 6.28)) > 0.55
     out[motif] = material.extra["second"]
     return out
 
+# %% ../../../nbs/03a_data.demo.render.ipynb #263037b7
 TEXTURES = dict(plain=texture_plain, wood=texture_wood, tile=texture_tile, fabric=texture_fabric, carpet=texture_carpet,
                 slats=texture_slats, books=texture_books, picture=texture_picture, window=texture_window,
                 screen=texture_screen, marker=texture_marker, panel=texture_panel, pattern=texture_pattern)
 
-# %% ../../../nbs/03a_data.demo.render.ipynb #69f518d5
+# %% ../../../nbs/03a_data.demo.render.ipynb #676e9c11
 def shape_mask(shape, a, b):
     "Which face points (a, b in 0..1) lie inside `shape`: None (the whole rectangle), ellipse, trapezoid, rounded, blob."
     if shape is None: return np.ones(a.shape, bool)
@@ -178,7 +188,7 @@ def shape_mask(shape, a, b):
         return (a - 0.5) ** 2 + (b - 0.5) ** 2 <= radius ** 2
     raise ValueError(kind)
 
-# %% ../../../nbs/03a_data.demo.render.ipynb #abd806ff
+# %% ../../../nbs/03a_data.demo.render.ipynb #7c661cc4
 UP = np.array([0.0, 1.0, 0.0])
 
 @dataclass
@@ -197,21 +207,25 @@ class Camera:
         pitch = np.array([[1, 0, 0], [0, cos_pitch, -sin_pitch], [0, sin_pitch, cos_pitch]])
         return yaw @ pitch
 
-    def rays(self):
-        "World direction of every pixel's ray, (H, W, 3), with unit depth along the optical axis."
-        ys, xs = np.mgrid[0:self.height, 0:self.width].astype(np.float64)
-        directions = np.stack([(xs + 0.5 - self.centre[0]) / self.focal, -(ys + 0.5 - self.centre[1]) / self.focal,
-                               np.ones_like(xs)], -1)
-        return directions @ self.rotation().T
+# %% ../../../nbs/03a_data.demo.render.ipynb #fe15481c
+@patch
+def rays(self: Camera):
+    "World direction of every pixel's ray, (H, W, 3), with unit depth along the optical axis."
+    ys, xs = np.mgrid[0:self.height, 0:self.width].astype(np.float64)
+    directions = np.stack([(xs + 0.5 - self.centre[0]) / self.focal, -(ys + 0.5 - self.centre[1]) / self.focal,
+                           np.ones_like(xs)], -1)
+    return directions @ self.rotation().T
 
-    def project(self, points):
-        "Pixel (x, y) and depth of world points (N, 3)."
-        local = (np.asarray(points) - self.position) @ self.rotation()
-        depth = local[:, 2]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return self.centre[0] + self.focal * local[:, 0] / depth, self.centre[1] - self.focal * local[:, 1] / depth, depth
+# %% ../../../nbs/03a_data.demo.render.ipynb #ac14e627
+@patch
+def project(self: Camera, points):
+    "Pixel (x, y) and depth of world points (N, 3)."
+    local = (np.asarray(points) - self.position) @ self.rotation()
+    depth = local[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return self.centre[0] + self.focal * local[:, 0] / depth, self.centre[1] - self.focal * local[:, 1] / depth, depth
 
-# %% ../../../nbs/03a_data.demo.render.ipynb #818a9aed
+# %% ../../../nbs/03a_data.demo.render.ipynb #157c8ddf
 class Canvas:
     "Image, raw labels and a depth buffer; quads are ray-cast into it."
     def __init__(self, camera: Camera, light: dict, tint: tuple[float, np.ndarray] | None = None):
@@ -232,7 +246,7 @@ class Canvas:
         self.n_objects += 1
         return self.n_objects
 
-# %% ../../../nbs/03a_data.demo.render.ipynb #979b4313
+# %% ../../../nbs/03a_data.demo.render.ipynb #5ebfe39a
 @patch
 def pixel_window(self: Canvas, corners) -> tuple[int, int, int, int] | None:
     "Pixels (x0, x1, y0, y1) a rectangle with these world corners may cover; None when it is out of view."
@@ -246,7 +260,7 @@ def pixel_window(self: Canvas, corners) -> tuple[int, int, int, int] | None:
     if np.all(depths <= 1e-3): return None  # behind the camera
     return 0, width, 0, height  # it crosses the camera's plane: test every pixel
 
-# %% ../../../nbs/03a_data.demo.render.ipynb #14f01325
+# %% ../../../nbs/03a_data.demo.render.ipynb #3a5316b6
 @patch
 def ray_hits(self: Canvas, window, p0, e1, e2, normal, facing):
     "Where the window's rays meet a rectangle's plane: depth, face coordinates (a, b), hit points (from p0), and the pixels it covers in front."
@@ -261,6 +275,7 @@ def ray_hits(self: Canvas, window, p0, e1, e2, normal, facing):
     inside = (depth > 0) & (a >= 0) & (a <= 1) & (b >= 0) & (b <= 1) & (depth < self.depth[y0:y1, x0:x1])
     return depth, a, b, hit, inside
 
+# %% ../../../nbs/03a_data.demo.render.ipynb #ef1d1fc2
 @patch
 def surface_colour(self: Canvas, material: Material, label: int, u, v, a, b):
     "The material's colour at these face points, pulled toward the label's signature colour (the class tint)."
@@ -271,6 +286,7 @@ def surface_colour(self: Canvas, material: Material, label: int, u, v, a, b):
         colour = (1 - strength) * colour + strength * np.clip(signature[label] * brightness, 0, 1)
     return colour
 
+# %% ../../../nbs/03a_data.demo.render.ipynb #de10b095
 @patch
 def shade(self: Canvas, normal, points):
     "Light falling on points of a surface with this normal: ambient, directional and the ceiling light."
@@ -280,7 +296,7 @@ def shade(self: Canvas, normal, points):
     return (light["ambient"] + light["diffuse"] * diffuse +
             light["point_power"] / (1 + distance_squared / light["point_radius"] ** 2)).astype(np.float32)
 
-# %% ../../../nbs/03a_data.demo.render.ipynb #78a33e43
+# %% ../../../nbs/03a_data.demo.render.ipynb #4e0762ce
 @patch
 def quad(self: Canvas, p0, e1, e2, normal, material, label, obj, shape=None, two_sided=False):
     "Paint the rectangle p0 + a e1 + b e2 (a, b in 0..1), masked by `shape`, where it is nearest."
@@ -310,7 +326,7 @@ def quad(self: Canvas, p0, e1, e2, normal, material, label, obj, shape=None, two
     self.depth[pixels][inside] = depth[inside]
     self.object[pixels][inside] = obj
 
-# %% ../../../nbs/03a_data.demo.render.ipynb #9020aeb2
+# %% ../../../nbs/03a_data.demo.render.ipynb #c4a3cbc4
 @patch
 def box(self: Canvas, centre_x, centre_z, width, depth, y0, height, yaw, materials, label, obj, skip=(), shape=None):
     "An upright box (rotated by `yaw` about the vertical): materials dict front/side/top/back/bottom."

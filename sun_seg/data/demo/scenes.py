@@ -14,14 +14,14 @@ from ...core import CLASS_NAMES
 from .render import UP, Camera, Canvas, Material
 
 # %% auto #0
-__all__ = ['RAW_LABELS', 'SCENE_TYPES', 'STYLES', 'PALETTES', 'CONFUSABLE', 'DomainStyle', 'rgb', 'Wall', 'Scene', 'random_room',
-           'random_camera', 'random_light', 'random_scene']
+__all__ = ['RAW_LABELS', 'SCENE_TYPES', 'STYLES', 'PALETTES', 'CONFUSABLE', 'DomainStyle', 'rgb', 'Wall', 'visible_along',
+           'Scene', 'random_room', 'random_camera', 'random_light', 'random_scene']
 
 # %% ../../../nbs/03b_data.demo.scenes.ipynb #d9448fc9
 RAW_LABELS = {name: i + 1 for i, name in enumerate(CLASS_NAMES)}  # raw label of each class (0 = void)
 SCENE_TYPES = ("bedroom", "living_room", "office", "classroom", "kitchen", "bathroom", "dining_room", "study")
 
-# %% ../../../nbs/03b_data.demo.scenes.ipynb #164fbd3e
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #40720988
 @dataclass(frozen=True)
 class DomainStyle:
     name: str
@@ -44,20 +44,24 @@ class DomainStyle:
     noise: float = 1.0            # factor on sensor noise
     class_tint: float = 0.4       # pull of each object's colour toward its class's signature hue (0 = none)
 
-    def colour(self, rgb) -> np.ndarray:
-        "A palette colour as this domain draws it."
-        hue, saturation, value = colorsys.rgb_to_hsv(*np.clip(rgb, 0, 1))
-        return np.array(colorsys.hsv_to_rgb((hue + self.hue_shift) % 1.0, min(1.0, saturation * self.saturation), value),
-                        np.float32)
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #3e745ba5
+@patch
+def colour(self: DomainStyle, rgb) -> np.ndarray:
+    "A palette colour as this domain draws it."
+    hue, saturation, value = colorsys.rgb_to_hsv(*np.clip(rgb, 0, 1))
+    return np.array(colorsys.hsv_to_rgb((hue + self.hue_shift) % 1.0, min(1.0, saturation * self.saturation), value),
+                    np.float32)
 
-    def signatures(self) -> np.ndarray:
-        "(38, 3) signature colour of each raw label (row 0, void, unused), hue-rotated like the palettes."
-        golden = (5 ** 0.5 - 1) / 2
-        rgb = [colorsys.hsv_to_rgb((0.07 + i * golden) % 1.0, 0.55 + 0.15 * (i % 3), 0.6 + 0.15 * (i % 2))
-               for i in range(len(CLASS_NAMES) + 1)]
-        return np.stack([self.colour(np.array(c, np.float32)) for c in rgb])
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #b56e1ef0
+@patch
+def signatures(self: DomainStyle) -> np.ndarray:
+    "(38, 3) signature colour of each raw label (row 0, void, unused), hue-rotated like the palettes."
+    golden = (5 ** 0.5 - 1) / 2
+    rgb = [colorsys.hsv_to_rgb((0.07 + i * golden) % 1.0, 0.55 + 0.15 * (i % 3), 0.6 + 0.15 * (i % 2))
+           for i in range(len(CLASS_NAMES) + 1)]
+    return np.stack([self.colour(np.array(c, np.float32)) for c in rgb])
 
-# %% ../../../nbs/03b_data.demo.scenes.ipynb #59686658
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #452372ad
 STYLES = {
     "target": DomainStyle("target"),
     # The pretraining domain: other palettes and textures, a higher and less tilted camera, other room sizes and
@@ -69,7 +73,7 @@ STYLES = {
                           noise=0.5),
 }
 
-# %% ../../../nbs/03b_data.demo.scenes.ipynb #cba2da09
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #cf188e55
 # Colours deliberately overlap between classes (white: wall, ceiling, whiteboard, paper, fridge, toilet, sink,
 # bathtub; wood: floor, table, desk, door, cabinet, dresser, shelves; fabrics: sofa, bed, curtain, pillow,
 # clothes, chair, bag) so that a pixel's colour alone does not tell its class.
@@ -95,7 +99,7 @@ PALETTES = dict(
            rgb(.1, .1, .1), rgb(.95, .95, .95), rgb(.2, .65, .7)],
 )
 
-# %% ../../../nbs/03b_data.demo.scenes.ipynb #323db2b4
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #bc5b1c7c
 @dataclass
 class Wall:
     origin: np.ndarray   # floor-level end on the left when facing the wall
@@ -103,6 +107,15 @@ class Wall:
     normal: np.ndarray   # into the room
     length: float
 
+def visible_along(wall: Wall, camera: Camera) -> np.ndarray:
+    "Positions along a wall (every 10 cm) that the camera sees at 1 m height."
+    along = np.arange(0.05, wall.length - 0.05, 0.1)
+    points = wall.origin + along[:, None] * wall.along + np.array([0, 1.0, 0])
+    x, y, depth = camera.project(points)
+    seen = (depth > 0.2) & (x > -0.1 * camera.width) & (x < 1.1 * camera.width)
+    return along[seen]
+
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #c8704972
 class Scene:
     "One room being furnished: the canvas plus where things already are."
     def __init__(self, rng: np.random.Generator, style: DomainStyle, canvas: Canvas, room: dict):
@@ -117,22 +130,23 @@ class Scene:
         self.footprints = []                              # (x, z, radius) of free-standing furniture
         self.objects = [(0, False)]                      # object id -> (label, annotated)
         self.mirrors = []                                 # object ids of mirrors (reflections are painted last)
-        self.visible = {k: self.visible_spans(k) for k in self.walls}
+        self.visible = {name: visible_along(wall, canvas.cam) for name, wall in self.walls.items()}  # for placing
 
-# %% ../../../nbs/03b_data.demo.scenes.ipynb #9e71fe68
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #eb8f5e77
 @patch
 def colour(self: Scene, palette: str, jitter: float = 0.06) -> np.ndarray:
     "A random colour of `palette`, as the domain draws it, a little jittered."
     base = PALETTES[palette][self.rng.integers(len(PALETTES[palette]))]
     return np.clip(self.style.colour(base) * (1 + self.rng.normal(0, jitter, 3)), 0, 1).astype(np.float32)
 
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #0644d95c
 @patch
 def material(self: Scene, kind: str, palette: str, scale: float = 0.1, emit: float = 0.0, **extra) -> Material:
     "A material of texture `kind` in a colour of `palette`, its feature size scaled by the domain, with a fresh salt."
     return Material(kind, self.colour(palette), scale * self.style.texture_scale, int(self.rng.integers(1 << 30)),
                     emit, extra)
 
-# %% ../../../nbs/03b_data.demo.scenes.ipynb #63b11d12
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #ffadd6e5
 # Confusable classes: real annotators mix these up, and so does the demo, rarely.
 CONFUSABLE = dict(table=["desk"], desk=["table"], cabinet=["dresser", "night_stand"], dresser=["cabinet"],
                   night_stand=["cabinet", "dresser"], shelves=["bookshelf"], bookshelf=["shelves"],
@@ -149,17 +163,7 @@ def new_object(self: Scene, label: str | None, always: bool = False) -> tuple[in
     self.objects.append((raw, annotated))
     return self.canvas.new_object(), raw
 
-# %% ../../../nbs/03b_data.demo.scenes.ipynb #6c6f01f2
-@patch
-def visible_spans(self: Scene, name: str) -> np.ndarray:
-    "Positions along a wall (every 10 cm) that the camera sees at 1 m height."
-    wall = self.walls[name]
-    along = np.arange(0.05, wall.length - 0.05, 0.1)
-    points = wall.origin + along[:, None] * wall.along + np.array([0, 1.0, 0])
-    x, y, depth = self.canvas.cam.project(points)
-    seen = (depth > 0.2) & (x > -0.1 * self.canvas.cam.width) & (x < 1.1 * self.canvas.cam.width)
-    return along[seen]
-
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #23ceafac
 @patch
 def pick_wall(self: Scene, walls=("back", "left", "right")) -> str | None:
     "A wall, chosen by how much of it is in view."
@@ -167,7 +171,7 @@ def pick_wall(self: Scene, walls=("back", "left", "right")) -> str | None:
     if seen.sum() == 0: return None
     return walls[self.rng.choice(len(walls), p=seen / seen.sum())]
 
-# %% ../../../nbs/03b_data.demo.scenes.ipynb #f2d7a0c8
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #48b71816
 @patch
 def spot_on_wall(self: Scene, wall: str, width: float, y0: float = 0.0, height: float = 1.0,
                  floor: bool = True, tries: int = 12) -> float | None:
@@ -187,6 +191,7 @@ def spot_on_wall(self: Scene, wall: str, width: float, y0: float = 0.0, height: 
         return along
     return None
 
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #dfd89430
 @patch
 def against_wall(self: Scene, wall: str, along: float, depth: float, gap: float = 0.02) -> tuple[float, float, float]:
     "Centre (x, z) and yaw of furniture `depth` deep standing at position `along` against `wall`, facing the room."
@@ -195,7 +200,7 @@ def against_wall(self: Scene, wall: str, along: float, depth: float, gap: float 
     yaw = math.atan2(-w.normal[0], -w.normal[2])
     return float(centre[0]), float(centre[2]), yaw
 
-# %% ../../../nbs/03b_data.demo.scenes.ipynb #57426d95
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #e976ca59
 @patch
 def free_spot(self: Scene, radius: float, zmin: float = 1.2, tries: int = 15) -> tuple[float, float] | None:
     "A free floor position in view for something of this radius."
@@ -211,6 +216,7 @@ def free_spot(self: Scene, radius: float, zmin: float = 1.2, tries: int = 15) ->
         return x, z
     return None
 
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #4c986e27
 @patch
 def decal(self: Scene, wall: str, along: float, y0: float, width: float, height: float, material, label, obj,
           offset: float = 0.01, shape=None):
@@ -219,7 +225,7 @@ def decal(self: Scene, wall: str, along: float, y0: float, width: float, height:
     p0 = w.origin + w.along * (along - width / 2) + UP * y0 + w.normal * offset
     self.canvas.quad(p0, w.along * width, UP * height, w.normal, material, label, obj, shape=shape)
 
-# %% ../../../nbs/03b_data.demo.scenes.ipynb #bf615447
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #cbd57800
 def random_room(rng: np.random.Generator, style: DomainStyle) -> dict:
     "A room: its scene type, walls (left/right x, front/back z), height, and the share of objects left unannotated."
     kind = SCENE_TYPES[rng.choice(len(SCENE_TYPES), p=np.array(style.scenes) / sum(style.scenes))]
@@ -229,6 +235,7 @@ def random_room(rng: np.random.Generator, style: DomainStyle) -> dict:
     return dict(kind=kind, xl=left, xr=left + width, zf=-0.6, zb=depth, height=rng.uniform(2.5, 3.1),
                 missed=float(rng.beta(*style.missed)))
 
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #443d14f8
 def random_camera(rng: np.random.Generator, style: DomainStyle, height: int, width: int) -> Camera:
     "A camera of an image `height` x `width` at the room's front, posed in the domain's ranges."
     return Camera(height, width, focal=width * rng.uniform(0.78, 0.95),
@@ -236,7 +243,7 @@ def random_camera(rng: np.random.Generator, style: DomainStyle, height: int, wid
                   yaw=rng.uniform(*style.yaw), pitch=rng.uniform(*style.pitch),
                   centre=(width / 2 + rng.normal(0, width * 0.02), height / 2 + rng.normal(0, height * 0.02)))
 
-# %% ../../../nbs/03b_data.demo.scenes.ipynb #de3def33
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #b6eb5edf
 def random_light(rng: np.random.Generator, room: dict) -> dict:
     "A directional light from above and a ceiling light somewhere in the room."
     direction = rng.normal(0, 1, 3); direction[1] = -abs(direction[1]) - 0.8
@@ -245,6 +252,7 @@ def random_light(rng: np.random.Generator, room: dict) -> dict:
                                                                 rng.uniform(1, room["zb"])], np.float32),
                 point_power=rng.uniform(0.0, 0.35), point_radius=rng.uniform(1.5, 3.0))
 
+# %% ../../../nbs/03b_data.demo.scenes.ipynb #9c17d425
 def random_scene(rng: np.random.Generator, style: DomainStyle, height: int, width: int) -> Scene:
     "An empty scene of the domain, drawn from `rng`: room, camera, lights (nothing painted yet)."
     room = random_room(rng, style)
