@@ -4,11 +4,12 @@
 
 # %% ../nbs/00_core.ipynb #40e73731
 from __future__ import annotations
-import contextlib, hashlib, io, json, math, os, platform, re, tempfile
+import contextlib, errno, hashlib, importlib.util, io, json, math, os, platform, re, socket, tempfile, threading, time, warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
+from fastcore.basics import patch
 
 if TYPE_CHECKING:  # the bottom layer imports no torch: `sun-seg --help`, the study file and the report need none
     import torch
@@ -253,17 +254,11 @@ def packaged_file(name: str, # the file's name in the package's `templates/` fol
                   source: str | os.PathLike | None = None, # its source, relative to a checkout's root, e.g. "nbs/train.ipynb"
                  ) -> Path:
     "The checkout's `source` when sun_seg runs from a checkout, else the copy shipped inside the installed package."
-    import sun_seg
-    package = Path(sun_seg.__file__).resolve().parent
+    package = Path(importlib.util.find_spec("sun_seg").origin).resolve().parent  # found, not imported: core sits below the package
     if source is not None and (package.parent / source).is_file(): return package.parent / source
     return package / "templates" / name
 
 # %% ../nbs/00_core.ipynb #58ff6436
-import errno, socket, threading, time, warnings
-from typing import Callable
-
-from fastcore.basics import patch
-
 LEASE_ENV = "SUN_SEG_LEASE_SECONDS"  # environment variable: seconds a lock's holder may go silent before it counts as dead
 HOST_ENV = "SUN_SEG_HOSTNAME"  # environment variable: the host name locks record (default: this machine's; tests simulate hosts)
 _TOKENS_ENV = "SUN_SEG_LOCK_TOKENS"  # leases held by a parent for its children (the study for the notebook it runs)
