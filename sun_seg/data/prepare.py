@@ -18,14 +18,14 @@ from ..core import (CLASS_NAMES, NUM_CLASSES, DataError, allotted_cpus, Paramete
                           raw_to_target, read_json)
 from .formats import (CACHE_FORMAT, CACHE_IMAGES, CACHE_INDEX, CACHE_LABELS, CACHE_SKIPPED, CACHE_STATS,
                                   CACHE_VERSION, cache_checksum, format_bytes, free_bytes, write_error)
-from .sunrgbd import (CacheReader, SampleRecord, SunRGBD, SunRGBDReader, _probe_positions, cache_probe,
+from .sunrgbd import (CacheReader, SampleRecord, SunRGBD, SunRGBDReader, probe_positions, cache_probe,
                                   open_reader)
 
 # %% auto #0
 __all__ = ['STAT_COLUMNS', 'resize_pair', 'prepare_sample', 'stats_row', 'image_statistics', 'prepare', 'add_cli']
 
 # %% ../../nbs/01b_data.prepare.ipynb #c20ee188
-from .transforms import parse_size  # one reading of sizes for the whole library: "HxW", int or (H, W)
+from .sizes import parse_size  # one reading of sizes for the whole library: "HxW", int or (H, W)
 
 # %% ../../nbs/01b_data.prepare.ipynb #808a3448
 def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -254,7 +254,7 @@ def _finish(part: Path, reader: SunRGBDReader, params: dict, done: dict[int, dic
              "sun_seg_version": sun_seg.__version__, "samples": samples}
     maps = [np.memmap(part / name, np.uint8, "r") if index[key] else np.zeros(0, np.uint8)
             for name, key in ((CACHE_IMAGES, "images_bytes"), (CACHE_LABELS, "labels_bytes"))]
-    index["probe"] = cache_probe(*maps, samples, _probe_positions(len(samples)))
+    index["probe"] = cache_probe(*maps, samples, probe_positions(len(samples)))
     del maps
     index["checksum"] = cache_checksum(index)
     atomic_write_json(part / CACHE_INDEX, index)
