@@ -8,7 +8,7 @@ from transformers import UperNetForSemanticSegmentation
 
 from sun_seg.core import CLASS_NAMES, IGNORE_INDEX, DataError, ParameterError, normalize_images
 from train_fixtures import write_published_checkpoint
-from sun_seg.models import (FINETUNE_CHOICES, UPERNET_CHECKPOINT, UNet, UperNetSegmenter, build_model, build_upernet,
+from sun_seg.models import (FINETUNE_DEPTHS, UPERNET_CHECKPOINT, UNet, UperNetSegmenter, build_model, build_upernet,
                             flop_breakdown, model_profile, upernet_config)
 
 # a tiny UPerNet (as transformers' own tests build them): same code paths, milliseconds per step
@@ -212,7 +212,7 @@ def test_bad_pretrained_values(tmp_path):
 
 
 # ---------------------------------------------------------------- freezing really freezes
-@pytest.mark.parametrize("finetune", FINETUNE_CHOICES)
+@pytest.mark.parametrize("finetune", FINETUNE_DEPTHS)
 def test_training_step_moves_exactly_the_trainable_parameters(finetune, ade_checkpoint):
     folder, _ = ade_checkpoint
     model = build_upernet(folder, finetune=finetune)

@@ -19,12 +19,12 @@ from ..core import check_bool, check_choice, check_positive
 from .unet import check_model_input
 
 # %% auto #0
-__all__ = ['UPERNET_CHECKPOINT', 'FINETUNE_CHOICES', 'convnext_tiny_config', 'upernet_config', 'UperNetSegmenter',
+__all__ = ['UPERNET_CHECKPOINT', 'FINETUNE_DEPTHS', 'convnext_tiny_config', 'upernet_config', 'UperNetSegmenter',
            'pretrained_commit', 'fetch_commit', 'head_replacement', 'build_upernet']
 
 # %% ../../nbs/11_models.upernet.ipynb #b17a4948
 UPERNET_CHECKPOINT = "openmmlab/upernet-convnext-tiny"  # ADE20K-pretrained UPerNet + ConvNeXt-T on the hub
-FINETUNE_CHOICES: tuple[str, ...] = ("classifier", "decoder", "encoder+decoder")  # the study's fine-tuning depths
+FINETUNE_DEPTHS: tuple[str, ...] = ("classifier", "decoder", "encoder+decoder")  # the study's fine-tuning depths
 
 def convnext_tiny_config() -> ConvNextConfig:
     "The backbone of `openmmlab/upernet-convnext-tiny` (its config.json), with all four stages as outputs."
@@ -75,7 +75,7 @@ class UperNetSegmenter(nn.Module):
     has_aux: bool = True
 
     def __init__(self, net: UperNetForSemanticSegmentation, # the transformers model (weights and config)
-                 finetune: str = "encoder+decoder", # one of `FINETUNE_CHOICES`
+                 finetune: str = "encoder+decoder", # one of `FINETUNE_DEPTHS`
                  source: str | None = None, # where the weights came from (hub id or folder), None for random
                 ):
         super().__init__()
@@ -115,10 +115,10 @@ def _head_batchnorms(self: UperNetSegmenter) -> list[nn.Module]:
 
 # %% ../../nbs/11_models.upernet.ipynb #2315cf5f
 @patch
-def set_finetune(self: UperNetSegmenter, finetune: str # one of `FINETUNE_CHOICES`
+def set_finetune(self: UperNetSegmenter, finetune: str # one of `FINETUNE_DEPTHS`
                 ) -> UperNetSegmenter:
     "Freeze everything except what `finetune` trains; frozen BatchNorm layers go (and stay) in eval mode."
-    check_choice("finetune", finetune, FINETUNE_CHOICES)
+    check_choice("finetune", finetune, FINETUNE_DEPTHS)
     self.net.requires_grad_(finetune == "encoder+decoder")
     if finetune != "encoder+decoder":
         for name in _CLASSIFIERS if finetune == "classifier" else ("decode_head", "auxiliary_head"):
@@ -268,7 +268,7 @@ def build_upernet(pretrained: str | os.PathLike | None = UPERNET_CHECKPOINT, # h
                  ) -> UperNetSegmenter:
     "UPerNet + ConvNeXt for `num_classes` classes, pretrained or random, with `finetune` deciding what trains."
     check_positive("num_classes", num_classes, kind=int)
-    check_choice("finetune", finetune, FINETUNE_CHOICES)
+    check_choice("finetune", finetune, FINETUNE_DEPTHS)
     check_bool("local_files_only", local_files_only)
     if pretrained is None:
         return UperNetSegmenter(UperNetForSemanticSegmentation(
