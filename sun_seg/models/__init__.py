@@ -9,7 +9,8 @@ from torch import nn
 
 from ..core import NUM_CLASSES, ParameterError, check_choice
 from .profile import flop_breakdown, model_profile
-from .unet import DoubleConv, Down, OutConv, UNet, Up, check_model_input
+from .inputs import check_model_input
+from .unet import DoubleConv, Down, OutConv, UNet, Up
 from .upernet import FINETUNE_DEPTHS, UPERNET_CHECKPOINT, UperNetSegmenter, build_upernet
 from .upernet import convnext_tiny_config, upernet_config
 

@@ -16,7 +16,7 @@ from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmen
 
 from ..core import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, DataError, ParameterError
 from ..core import check_bool, check_choice, check_positive
-from .unet import check_model_input
+from .inputs import check_model_input
 
 # %% auto #0
 __all__ = ['UPERNET_CHECKPOINT', 'FINETUNE_DEPTHS', 'convnext_tiny_config', 'upernet_config', 'UperNetSegmenter',
