@@ -39,6 +39,15 @@ def read_list(path: Path | None) -> list[str] | None:
     if path is None: return None
     return [l.strip() for l in path.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()]
 
+# %% ../../nbs/01ab_data.readers.ipynb #a42756c6
+def _check_unique(records, root):
+    seen = {}
+    for r in records:
+        if r.id in seen:
+            raise DataError(f"frame {r.id} is listed twice ({seen[r.id].split} #{seen[r.id].index + 1} and "
+                            f"{r.split} #{r.index + 1}); the split files are inconsistent", root)
+        seen[r.id] = r
+
 # %% ../../nbs/01ab_data.readers.ipynb #3653a32c
 class PreprocessedReader(SunRGBDReader):
     "Reader of the preprocessed release (ankurhanda/sunrgbd-meta-data)."
@@ -96,15 +105,6 @@ class PreprocessedReader(SunRGBDReader):
         if self.files["train_list"] is None: return f"the frame paths are unknown ({TRAIN_IMAGES_DIR}'s list file is missing)"
         if self.allsplit is None: return "no allsplit.mat was found (put SUNRGBDtoolbox's traintestSUNRGBD/allsplit.mat in the data folder)"
         return super().official_trainval_problem()
-
-# %% ../../nbs/01ab_data.readers.ipynb #a42756c6
-def _check_unique(records, root):
-    seen = {}
-    for r in records:
-        if r.id in seen:
-            raise DataError(f"frame {r.id} is listed twice ({seen[r.id].split} #{seen[r.id].index + 1} and "
-                            f"{r.split} #{r.index + 1}); the split files are inconsistent", root)
-        seen[r.id] = r
 
 # %% ../../nbs/01ab_data.readers.ipynb #3643c898
 @patch
