@@ -91,28 +91,6 @@ class UperNetSegmenter(nn.Module):
     @property
     def config(self) -> UperNetConfig: return self.net.config
 
-# %% ../../nbs/11_models.upernet.ipynb #9c96ae17
-@patch
-def forward(self: UperNetSegmenter, x: torch.Tensor, with_aux: bool = False):
-    "Logits `(N, num_classes, H, W)`; `(logits, aux_logits)` when `with_aux` and training."
-    check_model_input(x, self.in_channels, self.min_side, "UPerNet")
-    if self.training and x.shape[0] < 2 and any(m.training for m in self._head_batchnorms()):
-        raise ParameterError("batch_size", "UPerNet in training mode needs at least 2 images per batch (per process): "
-                             "its pyramid pooling normalises a 1x1 map with BatchNorm, one value per channel for one image. "
-                             "Use batch_size >= 2 and drop an incomplete last batch (drop_last=True), "
-                             "or finetune='classifier' (frozen BatchNorm works on one image).")
-    features = self.net.backbone(x).feature_maps
-    logits = F.interpolate(self.net.decode_head(features), size=x.shape[-2:], mode="bilinear", align_corners=False)
-    if not (with_aux and self.training and self.has_aux):
-        return logits
-    aux = F.interpolate(self.net.auxiliary_head(features), size=x.shape[-2:], mode="bilinear", align_corners=False)
-    return logits, aux
-
-@patch
-def _head_batchnorms(self: UperNetSegmenter) -> list[nn.Module]:
-    heads = [self.net.decode_head] + ([self.net.auxiliary_head] if self.has_aux else [])
-    return [m for h in heads for m in h.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
 # %% ../../nbs/11_models.upernet.ipynb #2315cf5f
 @patch
 def set_finetune(self: UperNetSegmenter, finetune: str # one of `FINETUNE_DEPTHS`
@@ -139,6 +117,28 @@ def train(self: UperNetSegmenter, mode: bool = True) -> UperNetSegmenter:
 @patch
 def extra_repr(self: UperNetSegmenter) -> str:
     return f"finetune={self.finetune!r}, num_classes={self.num_classes}, source={self.source!r}"
+
+# %% ../../nbs/11_models.upernet.ipynb #9c96ae17
+@patch
+def forward(self: UperNetSegmenter, x: torch.Tensor, with_aux: bool = False):
+    "Logits `(N, num_classes, H, W)`; `(logits, aux_logits)` when `with_aux` and training."
+    check_model_input(x, self.in_channels, self.min_side, "UPerNet")
+    if self.training and x.shape[0] < 2 and any(m.training for m in self._head_batchnorms()):
+        raise ParameterError("batch_size", "UPerNet in training mode needs at least 2 images per batch (per process): "
+                             "its pyramid pooling normalises a 1x1 map with BatchNorm, one value per channel for one image. "
+                             "Use batch_size >= 2 and drop an incomplete last batch (drop_last=True), "
+                             "or finetune='classifier' (frozen BatchNorm works on one image).")
+    features = self.net.backbone(x).feature_maps
+    logits = F.interpolate(self.net.decode_head(features), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    if not (with_aux and self.training and self.has_aux):
+        return logits
+    aux = F.interpolate(self.net.auxiliary_head(features), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return logits, aux
+
+@patch
+def _head_batchnorms(self: UperNetSegmenter) -> list[nn.Module]:
+    heads = [self.net.decode_head] + ([self.net.auxiliary_head] if self.has_aux else [])
+    return [m for h in heads for m in h.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 # %% ../../nbs/11_models.upernet.ipynb #bba5a21f
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
