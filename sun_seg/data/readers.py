@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from fastcore.basics import patch
+from tqdm import tqdm  # a plain text bar: tqdm.auto would warn in a kernel without ipywidgets (and leave a dead widget)
 
 from ..core import CLASS_NAMES, DATA_ENV, DataError, ParameterError, check_choice, target_to_raw
 from .formats import (
@@ -380,7 +381,6 @@ def _check_probe(self: CacheReader):
 @patch
 def verify(self: CacheReader, progress: bool = True) -> None:
     "Check every sample's bytes against the SHA-256 `prepare` recorded; a `DataError` names the samples that differ."
-    from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
     images, labels = self._maps()
     bad = []
     for s in tqdm(self.index["samples"], desc="verify cache", unit="img", disable=not progress):

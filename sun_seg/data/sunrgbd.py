@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 from fastcore.basics import patch
+from tqdm import tqdm  # a plain text bar: tqdm.auto would warn in a kernel without ipywidgets (and leave a dead widget)
 
 from ..core import DataError, ParameterError, check_choice, stable_hash, sun_seg_home
 # the readers' names, importable from here as before the split (files: records, decoding, hashes; readers: the forms)
@@ -194,7 +195,6 @@ def check_samples(datasets: list, # splits of one copy of the data (`SunRGBD`s):
                        "ids": sorted(r.id for r in records)}, 32)
     mark = sun_seg_home() / "checked" / f"{key}.json"  # the fingerprint follows content: a changed file is checked again
     if mark.is_file(): return
-    from tqdm import tqdm  # a plain text bar: tqdm.auto would warn in a kernel without ipywidgets (and leave a dead widget)
     refresh = 1.0 if getattr(sys.stderr, "isatty", lambda: False)() else 30.0
     bad = [(r, p) for r in tqdm(records, desc="check samples", unit="img", disable=not progress, mininterval=refresh)
            if (p := _scan_record(reader, r)) is not None]

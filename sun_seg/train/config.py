@@ -16,7 +16,7 @@ from ..core import (DATA_ENV, IGNORE_INDEX, DataError, ParameterError, check_boo
 from ..data.location import locate_data
 from ..data.sizes import parse_size
 from ..data.transforms import FLIP_PROBABILITY, JITTER, SCALE_RANGE
-from ..models.upernet import FINETUNE_DEPTHS  # the fine-tuning depths: defined once, by the model
+from ..models.upernet import FINETUNE_DEPTHS, fetch_commit, pretrained_commit  # the depths: defined once, by the model
 from fastcore.basics import patch
 
 # %% auto #0
@@ -232,7 +232,6 @@ def pretrained_commit_of(config: TrainConfig, # a validated config
                         ) -> str | None:
     "The hub commit of the UPerNet's `pretrained` weights, from local files (None: unknown, or no UPerNet)."
     if config.model != "upernet" or config.pretrained.strip().lower() in ("none", "null", "random", ""): return None
-    from sun_seg.models.upernet import fetch_commit, pretrained_commit
     commit = pretrained_commit(config.pretrained, config.pretrained_revision)
     if commit is None and fetch and not Path(config.pretrained).expanduser().exists():
         commit = fetch_commit(config.pretrained, config.pretrained_revision)
