@@ -125,7 +125,7 @@ def _ready_trainer(config: TrainConfig):
     trainer._setup_model()
     return trainer
 
-# %% ../../nbs/60b_bench.cases.ipynb #18a218fa
+# %% ../../nbs/60b_bench.cases.ipynb #3393eaaf
 class _BatchesInMemory:
     "Stands in for the engine's batch sampler and loader: `steps` batches per epoch, cycling through `batches` in memory."
     def __init__(self, batches: list, steps: int | None = None):
@@ -133,10 +133,16 @@ class _BatchesInMemory:
     def __len__(self) -> int: return self.steps
     def __iter__(self): return (self.batches[i % len(self.batches)] for i in range(self.steps))
 
-def _feed_from_memory(trainer, batches: list, steps: int | None = None, micro: int | None = None) -> None:
-    "Make `trainer.train_epoch` take `steps` steps over `batches` in memory (micro-batch `micro`): the engine's internals."
-    trainer.train_loader = trainer.batches = _BatchesInMemory(batches, steps)
+def _train_from(trainer, loader, sampler=None, micro: int | None = None) -> None:
+    "Make `trainer.train_epoch` draw from `loader` (count steps with `sampler`, at micro-batch `micro`): engine internals."
+    trainer.train_loader = loader
+    if sampler is not None: trainer.batches = sampler
     if micro is not None: trainer.micro = micro
+
+def _feed_from_memory(trainer, batches: list, steps: int | None = None, micro: int | None = None) -> None:
+    "Make `trainer.train_epoch` take `steps` steps over `batches` held in memory (at micro-batch `micro`)."
+    in_memory = _BatchesInMemory(batches, steps)
+    _train_from(trainer, in_memory, in_memory, micro)
 
 # %% ../../nbs/60b_bench.cases.ipynb #a52de89b
 def engine_trainer(model: str, # "unet" or "upernet"
@@ -318,7 +324,7 @@ def bench_train(model: str, # "unet" or "upernet"
     _release(device)
     return [rows[c] for c in configs], loop
 
-# %% ../../nbs/60b_bench.cases.ipynb #3d760c61
+# %% ../../nbs/60b_bench.cases.ipynb #f1f5d49c
 def bench_data_wait(model: str, config: StepConfig, size: tuple[int, int], batch: int, device: torch.device,
                     data_root: str | os.PathLike, out_dir: str | os.PathLike,
                     steps: int = 4, # training steps per epoch
@@ -329,7 +335,7 @@ def bench_data_wait(model: str, config: StepConfig, size: tuple[int, int], batch
     trainer = engine_trainer(model, config, size, batch, device, data_root, out_dir,
                              **{**(options or {}), "num_workers": -1, "max_train_batches": steps})
     timed = TimedLoader(trainer.train_loader)
-    trainer.train_loader = timed
+    _train_from(trainer, timed)
     trainer.train_epoch(1)
     timed.waits, epoch_seconds = [], []
     for epoch in range(2, 2 + repeats):
