@@ -14,9 +14,10 @@ import yaml
 
 import sun_seg
 from .estimate import GridEstimate, RunTiming
-from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, Lease, ParameterError, RunRecordError, SunSegError,
-                          atomic_path, atomic_write_json, check_choice, data_label, packaged_file, read_json, read_run_history,
-                          read_run_json, read_run_metrics, safe_child, safe_name, stable_hash)
+from .core import (CLASS_NAMES, DEMO_NOTICE, DataError, Lease, ParameterError, SunSegError, atomic_path,
+                          atomic_write_json, check_choice, data_label, packaged_file, read_json, safe_child,
+                          safe_name, stable_hash)
+from .runs import RunRecordError, read_run_history, read_run_json, read_run_metrics
 
 # %% auto #0
 __all__ = ['MAX_YAML_VALUES', 'MAX_STUDY_BYTES', 'MAX_STUDY_DEPTH', 'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS',
@@ -657,7 +658,7 @@ def slurm_shard(environ: dict | None = None, # the environment (default os.envir
 FINAL_STATUSES = ("completed", "diverged")
 
 # the study reads run folders without importing the training package (torch data loaders, transformers): these two
-# mirror `sun_seg.train.runs.read_metrics` / `run_status` with "nothing yet" as {} and "absent"
+# mirror `sun_seg.train.checkpoint.read_metrics` / `run_status` with "nothing yet" as {} and "absent"
 def read_metrics(run_dir: str | os.PathLike) -> dict:
     "A run folder's checked `metrics.json` ({} when absent); a `RunRecordError` naming the file when it is damaged."
     return read_run_metrics(Path(run_dir) / "metrics.json") or {}
@@ -1157,7 +1158,8 @@ def pretrain_upernet(source_root: str | os.PathLike, # a (source-domain) dataset
     import torch
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
-    from sun_seg.core import resolve_device, resolve_precision, seed_everything, normalize_images, IGNORE_INDEX
+    from sun_seg.train.device import resolve_device, resolve_precision, seed_everything
+    from sun_seg.core import normalize_images, IGNORE_INDEX
     from sun_seg.data import SunRGBD, train_transform, parse_size
     from sun_seg.models.upernet import build_upernet
     from sun_seg.train.engine import TrainingSamples, EpochBatches, collate_pairs, segmentation_loss
@@ -1238,7 +1240,7 @@ def _run_label(name: str, record: dict, selections: dict) -> str:
 class _Predictor:
     "Loads each run's best model once and predicts each (run, split) once, for all the figures of one call."
     def __init__(self, out: Path, device: str, scan: int):
-        from sun_seg.core import resolve_device
+        from sun_seg.train.device import resolve_device
         self.out, self.dev, self.scan = out, resolve_device(device), scan
         self.samples, self.preds, self.models = {}, {}, {}
 
@@ -1266,7 +1268,8 @@ class _Predictor:
     def predict(self, run_id: str, split: str) -> list[np.ndarray]:
         "The run's best model's predictions (uint8 class maps) on the scanned images of `split`."
         import torch
-        from sun_seg.core import normalize_images, resolve_precision
+        from sun_seg.core import normalize_images
+        from sun_seg.train.device import resolve_precision
         if (run_id, split) not in self.preds:
             images = self.split(run_id, split)[0]
             model = self.model(run_id)
