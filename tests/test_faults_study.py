@@ -36,7 +36,8 @@ import yaml
 import sun_seg.study as study_module
 from sun_seg.cli import main
 from sun_seg.core import DataError, ParameterError, read_json
-from sun_seg.study import (GridRun, SimulatedTrainer, load_study, parse_study, read_yaml, run_state, simulate_study)
+from sun_seg.study import GridRun, load_study, parse_study, read_yaml, run_state
+from sun_seg.testing import SimulatedTrainer, simulate_study
 from sun_seg.train import Callback, TrainConfig, fit, read_history
 
 from conftest import ROOT

@@ -15,8 +15,9 @@ import pytest
 from sun_seg.analysis import build_analysis, load_runs
 from sun_seg.core import read_json, stable_hash
 from sun_seg.report import build_site, offline_problems
-from sun_seg.study import (GridRun, SimulatedTrainer, load_study, parse_study, read_yaml, run_grid, simulate_study,
-                           study_record, write_study_record, resolve_grid, run_evaluations, simulated_evaluate)
+from sun_seg.study import (GridRun, load_study, parse_study, read_yaml, run_grid, study_record, write_study_record,
+                           resolve_grid, run_evaluations)
+from sun_seg.testing import SimulatedTrainer, simulate_study, simulated_evaluate
 
 from conftest import ROOT
 
