@@ -7,6 +7,7 @@ statuses, epochs and numbers. Regenerate it only for a change that is meant to m
 """
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 RECORDS = HERE / "data" / "tiny_study_records.json"
+HOME = "/tmp/sun-seg-behaviour-kept"  # SUN_SEG_HOME of this test (its demo data and pretrained weights are cached there)
 METRIC_KEYS = ("status", "best_epoch", "best_val_miou", "epochs_completed", "stopped_early", "trainable_params",
                "total_params", "data_fingerprint", "data_label")
 SPLIT_KEYS = ("miou", "pixel_accuracy", "mean_class_accuracy", "loss", "pixels", "images")
@@ -32,8 +34,9 @@ def study_records(tmp: Path) -> dict:
     from sun_seg.train import read_history
     from sun_seg.testing import write_tiny_study
     path = write_tiny_study(tmp)
-    threads = torch.get_num_threads()
+    threads, home = torch.get_num_threads(), os.environ.get("SUN_SEG_HOME")
     torch.set_num_threads(1)
+    os.environ["SUN_SEG_HOME"] = HOME  # the pretrained weights' folder enters the fine-tuned runs' ids: one fixed path
     try:
         result = run_study(path, "demo", tmp / "out", trainer=inprocess_trainer("cpu", progress=False), device="cpu",
                            log=lambda _: None)
@@ -41,6 +44,8 @@ def study_records(tmp: Path) -> dict:
             save_predictions(result["out"], "cpu", log=lambda _: None)
     finally:
         torch.set_num_threads(threads)
+        if home is None: os.environ.pop("SUN_SEG_HOME")
+        else: os.environ["SUN_SEG_HOME"] = home
     out = Path(result["out"])
     runs = {}
     for run in result["runs"]:
