@@ -32,12 +32,11 @@ def _pick(rule: str, accuracy: np.ndarray, classes: np.ndarray, share: np.ndarra
     score = share * (1 - np.nan_to_num(class_iou, nan=1.0))  # class:NAME: much of the class, predicted badly
     return int(np.argmax(score)) if score.max() > 0 else int(np.argmax(share))
 
-# %% ../nbs/89_pipeline.ipynb #5018ebdc
+# %% ../nbs/89_pipeline.ipynb #c7e209dc
 def _figure_run_ids(name: str, runs: list[GridRun], selections: dict) -> list[str]:
     if name in selections: return list(selections[name].get("run_ids") or [])
     return [r.run_id for r in runs if r.entry == name]
 
-# %% ../nbs/89_pipeline.ipynb #a2caced0
 def _run_label(name: str, record: dict, selections: dict) -> str:
     entries = {e["name"]: e for e in record["entries"]}
     evaluations = {e["name"]: e for e in record["evaluations"]}
@@ -162,7 +161,7 @@ def _study_command(args) -> int:
     try: return _study(args)
     finally: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
-# %% ../nbs/89_pipeline.ipynb #e26514ea
+# %% ../nbs/89_pipeline.ipynb #7a209944
 def _study(args) -> int:
     shard = parse_shard(args.shard)
     profile = "demo" if args.demo else args.profile
@@ -190,7 +189,7 @@ def _study(args) -> int:
           f"{f', {len(held)} held by other processes' if held else ''}; total {time.time() - start:.0f} s")
     return 1 if failed else 0
 
-# %% ../nbs/89_pipeline.ipynb #0a0555bc
+# %% ../nbs/89_pipeline.ipynb #9551a731
 def add_cli(subparsers) -> None:
     "Add `sun-seg study`."
     p = subparsers.add_parser("study", help="run the study's grid of trainings, then its report",

@@ -78,7 +78,7 @@ def _study_profile(study: Study, profile: str, rehearse: bool, device: str | Non
         raise ParameterError("profile", f"got {profile!r}; {study.path} defines {', '.join(study.profiles)}")
     return rehearsal_profile(study, device) if rehearse else study.profiles[profile]
 
-# %% ../../nbs/40_study.ipynb #985962c3
+# %% ../../nbs/40_study.ipynb #3a3ae09f
 def _list_grid(out: Path, study: Study, profile: Profile, runs: list, chosen: list, data: dict, log) -> dict:
     "Print the grid with each run's state (`*`: in this selection) and the method card; train nothing."
     for r in runs:
@@ -88,12 +88,11 @@ def _list_grid(out: Path, study: Study, profile: Profile, runs: list, chosen: li
     if study.method: log("\n" + format_method_card(method_card(study, profile)))
     return {"out": out, "runs": runs, "outcomes": [], "evaluations": {}, "predictions": {}}
 
-# %% ../../nbs/40_study.ipynb #c1679210
+# %% ../../nbs/40_study.ipynb #5bb5df4f
 def _engine_evaluate(device: str | None) -> Callable[..., dict]:
     "The engine's `evaluate_run` on `device` (default: the run's own)."
     return lambda run_dir, split, which: evaluate_run(run_dir, split, which, **({"device": device} if device else {}))
 
-# %% ../../nbs/40_study.ipynb #a6140802
 def _evaluate_and_predict(study: Study, runs: list, out: Path, only: list, shard, evaluate: Callable,
                           predict: Callable | None, device: str | None, log) -> tuple[dict, dict]:
     "`(evaluations, predictions)` after the training: none on a shard (its invocation without --shard does them)."
@@ -108,7 +107,7 @@ def _evaluate_and_predict(study: Study, runs: list, out: Path, only: list, shard
     predictions = predict(out, device or "auto", log=log) if predict is not None and selected else {}
     return evaluations, predictions
 
-# %% ../../nbs/40_study.ipynb #d4797277
+# %% ../../nbs/40_study.ipynb #61fb35ee
 def run_study(study: str | os.PathLike | Study | None = None, # the study file (default `reports/study.yaml`)
               profile: str = "full", # a profile of the study file: full (SUN RGB-D) or demo
               out: str | os.PathLike | None = None, # output folder (default `default_out_dir(profile)`)
@@ -154,7 +153,7 @@ def run_study(study: str | os.PathLike | Study | None = None, # the study file (
     log(f"study step finished in {format_seconds(time.time() - start)} ({out})")
     return {"out": out, "runs": runs, "outcomes": outcomes, "evaluations": evaluations, "predictions": predictions}
 
-# %% ../../nbs/40_study.ipynb #170e0148
+# %% ../../nbs/40_study.ipynb #88384745
 _all_ = ["MAX_YAML_VALUES", "MAX_STUDY_BYTES", "MAX_STUDY_DEPTH", "TABLE_IDS", "FIGURE_KINDS", "PICKS", "STUDY_KEYS",
            "METHOD_KEYS", "PRETRAIN_KEYS", "read_yaml", "RunEntry", "Evaluation", "Effect", "FigureSpec",
            "Profile", "Study", "parse_study", "load_study", "default_study_path", "GridRun", "resolve_params",

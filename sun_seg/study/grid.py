@@ -84,7 +84,7 @@ def _reason(e: BaseException) -> str:
     text = " ".join(text.split())
     return text if len(text) <= 500 else text[:497] + "..."
 
-# %% ../../nbs/40c_study.grid.ipynb #d5327de9
+# %% ../../nbs/40c_study.grid.ipynb #ba6e3140
 def _write_record(grid_dir: Path, run: GridRun, **fields) -> dict:
     path = safe_child(grid_dir, f"{run.run_id}.json", "run_id")
     record = read_json(path) if path.is_file() else {"run_id": run.run_id, "entry": run.entry, "seed": run.seed, "attempts": 0}
@@ -92,26 +92,25 @@ def _write_record(grid_dir: Path, run: GridRun, **fields) -> dict:
     atomic_write_json(path, record)
     return record
 
-# %% ../../nbs/40c_study.grid.ipynb #c382ddc3
+# %% ../../nbs/40c_study.grid.ipynb #87947301
 _ING = {"started": "starting", "retried": "retrying (it failed before)", "resumed": "resuming"}
 
 def format_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
-# %% ../../nbs/40c_study.grid.ipynb #0f7d8eae
+# %% ../../nbs/40c_study.grid.ipynb #2f078ba6
 def _epoch_seconds(run_dir: Path) -> list[float]:
     "Seconds of each epoch a run trained, from its history (empty when it has none)."
     path = run_dir / "history.csv"
     try: return [float(row["seconds"]) for row in read_run_history(path)]  # the one checked reader of history.csv
     except (OSError, SunSegError, ValueError, KeyError, TypeError): return []  # none or a damaged one: the estimate loses a sample
 
-# %% ../../nbs/40c_study.grid.ipynb #7abb5e3b
+# %% ../../nbs/40c_study.grid.ipynb #cd718f49
 def epoch_cost(params: dict) -> float:
     "The relative cost of one epoch of a run (`run_cost` of one epoch): prices a model the grid has not timed yet."
     return run_cost({**params, "epochs": 1})
 
-# %% ../../nbs/40c_study.grid.ipynb #3314cec3
 def _recorded_timings(grid_dir: Path, runs_dir: Path, runs: list[GridRun]) -> list[tuple[dict, RunTiming]]:
     "Timings of the grid's runs that earlier invocations finished (the grid records each run's seconds)."
     timings = []
@@ -123,7 +122,7 @@ def _recorded_timings(grid_dir: Path, runs_dir: Path, runs: list[GridRun]) -> li
         if seconds > 0: timings.append((run.params, RunTiming.from_run(run.params, _epoch_seconds(run_dir), seconds)))
     return timings
 
-# %% ../../nbs/40c_study.grid.ipynb #86e7b593
+# %% ../../nbs/40c_study.grid.ipynb #86a8db78
 def _skipped(out: Path, run: GridRun, grid_dir: Path, before: str, head: str, outcome: dict, log) -> bool:
     "Whether `run` needs no training now: finished earlier, or damaged (never trained over, never counted)."
     if before in FINAL_STATUSES:
@@ -136,7 +135,7 @@ def _skipped(out: Path, run: GridRun, grid_dir: Path, before: str, head: str, ou
         return True
     return False
 
-# %% ../../nbs/40c_study.grid.ipynb #b5300402
+# %% ../../nbs/40c_study.grid.ipynb #6123ac2f
 def _lock_run(out: Path, run: GridRun, run_dir: Path, head: str, outcome: dict, log) -> RunLock | None:
     "The run's lock (the engine's own, one per run folder), or None when another process holds it or finished the run meanwhile."
     lock = RunLock(run_dir / ".lock")
@@ -154,7 +153,7 @@ def _lock_run(out: Path, run: GridRun, run_dir: Path, head: str, outcome: dict, 
         return None
     return lock
 
-# %% ../../nbs/40c_study.grid.ipynb #3872e376
+# %% ../../nbs/40c_study.grid.ipynb #5032dce8
 def _trained_status(run: GridRun, run_dir: Path) -> tuple[str, str | None]:
     "`(status, reason)` of a run its trainer returned from: failed unless its folder records a final status."
     metrics = read_metrics(run_dir)
@@ -165,7 +164,7 @@ def _trained_status(run: GridRun, run_dir: Path) -> tuple[str, str | None]:
         status, reason = "failed", reason or f"the training ended with status {status!r}"
     return status, reason
 
-# %% ../../nbs/40c_study.grid.ipynb #00b90516
+# %% ../../nbs/40c_study.grid.ipynb #91228a19
 def _record_interruption(grid_dir: Path, run: GridRun, run_dir: Path, record: dict, outcome: dict, action: str,
                          seconds: float, head: str, log) -> None:
     "Record a Ctrl-C (or a stop signal) during `run`: interrupted after the epochs it finished, resumed next time."
@@ -178,7 +177,7 @@ def _record_interruption(grid_dir: Path, run: GridRun, run_dir: Path, record: di
     outcome.update(status="interrupted", action=action, seconds=seconds, reason=why)
     log(f"{head}: interrupted after {format_seconds(seconds)}; run the same command again to resume it")
 
-# %% ../../nbs/40c_study.grid.ipynb #cb1701cc
+# %% ../../nbs/40c_study.grid.ipynb #c56c00f0
 def _train_locked(run: GridRun, run_dir: Path, runs_dir: Path, grid_dir: Path, trainer: Callable, lock: RunLock,
                   record: dict, outcome: dict, action: str, head: str, log) -> tuple[str, str | None, float]:
     "Train `run` under its `lock` (released whatever happens): `(status, reason, seconds)`."
@@ -196,7 +195,7 @@ def _train_locked(run: GridRun, run_dir: Path, runs_dir: Path, grid_dir: Path, t
         lock.release()
     return status, reason, time.monotonic() - start
 
-# %% ../../nbs/40c_study.grid.ipynb #6f960f7b
+# %% ../../nbs/40c_study.grid.ipynb #d715094c
 def run_grid(runs: list[GridRun], # the runs to train (already selected)
              out: str | os.PathLike, # the study's output folder: runs go to out/runs, records to out/grid
              trainer: Callable[[GridRun, Path], None], # trains one run into runs_dir/run.run_id
@@ -237,11 +236,10 @@ def run_grid(runs: list[GridRun], # the runs to train (already selected)
     if any(o["action"] != "skipped" for o in outcomes): log(estimate.summary())
     return outcomes
 
-# %% ../../nbs/40c_study.grid.ipynb #1739b641
+# %% ../../nbs/40c_study.grid.ipynb #05465866
 def _entry_runs(runs: list[GridRun], entry: str) -> list[GridRun]:
     return [r for r in runs if r.entry == entry]
 
-# %% ../../nbs/40c_study.grid.ipynb #27c578bc
 def select_best(evaluation: Evaluation, # what to select
                 runs: list[GridRun], # the whole resolved grid
                 out: str | os.PathLike, # the study's output folder
@@ -265,7 +263,7 @@ def select_best(evaluation: Evaluation, # what to select
     run_ids = [r.run_id for r in _entry_runs(candidates, best) if states[r.run_id] == "completed"]
     return {**result, "status": "selected", "entry": best, "val_miou": scores[best], "run_ids": run_ids, "scores": scores}
 
-# %% ../../nbs/40c_study.grid.ipynb #c6c4a05e
+# %% ../../nbs/40c_study.grid.ipynb #36c89f10
 def run_evaluations(study: Study, runs: list[GridRun], out: str | os.PathLike,
                     evaluate: Callable[..., dict], # `evaluate(run_dir, split=..., which="best")`, e.g. the engine's `evaluate_run`
                     names: Iterable[str] | None = None, # evaluations to do (None = all)
@@ -294,13 +292,13 @@ def run_evaluations(study: Study, runs: list[GridRun], out: str | os.PathLike,
     atomic_write_json(path, records)
     return done
 
-# %% ../../nbs/40c_study.grid.ipynb #4431371d
+# %% ../../nbs/40c_study.grid.ipynb #2210af59
 STUDY_RECORD = "study.json"
 
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
-# %% ../../nbs/40c_study.grid.ipynb #118b7994
+# %% ../../nbs/40c_study.grid.ipynb #b2b05e7a
 def study_record(study: Study, profile: Profile, runs: list[GridRun], # the resolved grid
                  data: dict, # {"kind", "fingerprint", "root"} of the data the grid trains on
                  pretrain: dict | None = None, # the record of the profile's pretraining step, if any
@@ -319,7 +317,7 @@ def study_record(study: Study, profile: Profile, runs: list[GridRun], # the reso
             "qualitative_scan": profile.qualitative_scan or study.qualitative_scan, "pretrain": pretrain, "sun_seg": sun_seg.__version__,
             "method": method_card(study, profile) if study.method else []}
 
-# %% ../../nbs/40c_study.grid.ipynb #ec7fbd06
+# %% ../../nbs/40c_study.grid.ipynb #f6f48db7
 def write_study_record(out: str | os.PathLike, record: dict) -> Path:
     "Write `out/study.json`; refuses to mix two different studies or datasets in one output folder."
     path = Path(out) / STUDY_RECORD
@@ -331,7 +329,7 @@ def write_study_record(out: str | os.PathLike, record: dict) -> Path:
                                 "use another --out folder for this one", path.parent)
     return atomic_write_json(path, record)
 
-# %% ../../nbs/40c_study.grid.ipynb #b0b90fae
+# %% ../../nbs/40c_study.grid.ipynb #e58d6607
 def read_study_record(out: str | os.PathLike) -> dict:
     "`out/study.json`, with a clear error when the folder holds no study."
     path = Path(out) / STUDY_RECORD
@@ -340,17 +338,16 @@ def read_study_record(out: str | os.PathLike) -> dict:
                         "--out folder it wrote to", Path(out))
     return read_json(path)
 
-# %% ../../nbs/40c_study.grid.ipynb #57dccb7e
+# %% ../../nbs/40c_study.grid.ipynb #92aef615
 def record_runs(record: dict) -> list[GridRun]:
     "The `GridRun`s of a study record."
     return [GridRun(**r) for r in record["runs"]]
 
-# %% ../../nbs/40c_study.grid.ipynb #cf0d2b5d
 def record_evaluations(record: dict) -> list[Evaluation]:
     "The `Evaluation`s of a study record."
     return [Evaluation(**e) for e in record["evaluations"]]
 
-# %% ../../nbs/40c_study.grid.ipynb #8b77ae94
+# %% ../../nbs/40c_study.grid.ipynb #0280f405
 def engine_identify(runs_dir: str | os.PathLike, # where the runs go (the engine's `out_dir`)
                    ) -> Callable[[dict], str]:
     "A `resolve_grid` identity function backed by the engine: validates the parameters and returns the run id."
@@ -365,7 +362,7 @@ def engine_identify(runs_dir: str | os.PathLike, # where the runs go (the engine
         return plan.run_id
     return identify
 
-# %% ../../nbs/40c_study.grid.ipynb #21f94816
+# %% ../../nbs/40c_study.grid.ipynb #9ecc03c9
 def data_of(params: dict) -> dict:
     "`{'kind', 'fingerprint', 'root'}` of the data a run with these parameters trains on (the engine's plan)."
     plan = plan_run(TrainConfig.from_params(params), quiet=True)
@@ -373,7 +370,7 @@ def data_of(params: dict) -> dict:
             "val_method": plan.data_info.get("val_method"), "val_fraction": plan.data_info.get("val_fraction"),
             "val_seed": plan.data_info.get("val_seed"), "split_sizes": plan.data_info.get("split_sizes")}
 
-# %% ../../nbs/40c_study.grid.ipynb #696240fe
+# %% ../../nbs/40c_study.grid.ipynb #fc368135
 def papermill_trainer(log_output: bool = True, # stream each notebook's output (epochs, progress) to the terminal
                       device: str | None = None, # passed as the `device` parameter (not part of a run's identity)
                      ) -> Callable[[GridRun, Path], None]:
@@ -388,7 +385,7 @@ def papermill_trainer(log_output: bool = True, # stream each notebook's output (
             raise
     return train
 
-# %% ../../nbs/40c_study.grid.ipynb #30ea8f7e
+# %% ../../nbs/40c_study.grid.ipynb #2ad38f45
 def inprocess_trainer(device: str | None = None, progress: bool = True) -> Callable[[GridRun, Path], None]:
     "A grid trainer calling the engine's `fit` in this process (no executed notebook; saves a kernel start per run)."
     def train(run: GridRun, runs_dir: Path) -> None:
@@ -396,11 +393,10 @@ def inprocess_trainer(device: str | None = None, progress: bool = True) -> Calla
             progress=progress)
     return train
 
-# %% ../../nbs/40c_study.grid.ipynb #f8b74407
+# %% ../../nbs/40c_study.grid.ipynb #bfe0a49e
 def _number(value) -> float:
     return math.nan if value is None or isinstance(value, bool) else float(value)
 
-# %% ../../nbs/40c_study.grid.ipynb #d9d3018a
 def summary_table(out: Path, runs: list[GridRun], outcomes: list[dict]) -> str:
     import pandas as pd
     acted = {o["run_id"]: o for o in outcomes}
@@ -420,7 +416,7 @@ def summary_table(out: Path, runs: list[GridRun], outcomes: list[dict]) -> str:
            "minutes": lambda x: "-" if x is None or x != x else f"{x:.1f}"}
     return frame.to_string(index=False, formatters=fmt, na_rep="-")
 
-# %% ../../nbs/40c_study.grid.ipynb #c6b55eb3
+# %% ../../nbs/40c_study.grid.ipynb #83583b12
 def save_data_summary(out: str | os.PathLike, # the study's output folder
                       data: dict, # the study record's data: root and fingerprint
                       progress: bool = True) -> dict:

@@ -24,12 +24,11 @@ from .spec import Profile
 # %% auto #0
 __all__ = ['pretrain_folder', 'pretrain_upernet', 'profile_pretraining']
 
-# %% ../../nbs/40d_study.pretrain.ipynb #706dcae7
+# %% ../../nbs/40d_study.pretrain.ipynb #012745c5
 def pretrain_folder(settings: dict, source_fingerprint: str) -> Path:
     "Where the pretrained demo UPerNet with these settings lives: `sun_seg_home()/pretrained/upernet-convnext-demo-<hash>`."
     return sun_seg_home() / "pretrained" / f"upernet-convnext-demo-{stable_hash({'settings': settings, 'data': source_fingerprint})}"
 
-# %% ../../nbs/40d_study.pretrain.ipynb #0341e4e3
 def _label_permutation(num_labels: int, seed: int) -> np.ndarray:
     "Class c of the 37 becomes label id perm[c] of `num_labels` (void stays void)."
     return np.random.default_rng([seed, num_labels]).permutation(num_labels)[:len(CLASS_NAMES)]
@@ -45,14 +44,14 @@ def _pretrain_loader(source_root, images: int, image_size, batch_size: int, seed
     loader = DataLoader(samples, batch_sampler=batches, collate_fn=collate_pairs)
     return data, n, size, loader, batches
 
-# %% ../../nbs/40d_study.pretrain.ipynb #2a4449d2
+# %% ../../nbs/40d_study.pretrain.ipynb #4d08bc64
 def _label_table(num_labels: int, seed: int) -> torch.Tensor:
     "A lookup table from our label values (0..255) to the head's label ids: the 37 classes permuted, the rest void."
     table = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
     table[: len(CLASS_NAMES)] = torch.from_numpy(_label_permutation(num_labels, seed)).long()
     return table
 
-# %% ../../nbs/40d_study.pretrain.ipynb #2d4aeda4
+# %% ../../nbs/40d_study.pretrain.ipynb #43f0048d
 def _pretrain_epoch(model, loader, table: torch.Tensor, optimizer, device, dtype, description: str, progress: bool) -> float:
     "One epoch of pretraining: the mean training loss of its batches."
     aux_weight = float(model.net.config.auxiliary_loss_weight)
@@ -69,7 +68,7 @@ def _pretrain_epoch(model, loader, table: torch.Tensor, optimizer, device, dtype
         total, count = total + loss.detach().item(), count + 1
     return total / max(count, 1)
 
-# %% ../../nbs/40d_study.pretrain.ipynb #3c62fc03
+# %% ../../nbs/40d_study.pretrain.ipynb #48a8f88c
 def _save_pretrained(model, record: dict, folder: Path) -> dict:
     "`save_pretrained` the model and its record into `folder` atomically; returns the record there."
     part = folder.parent / f".{folder.name}.partial-{os.getpid()}"
@@ -82,7 +81,7 @@ def _save_pretrained(model, record: dict, folder: Path) -> dict:
         shutil.rmtree(part, ignore_errors=True)
     return read_json(folder / "pretrain.json")
 
-# %% ../../nbs/40d_study.pretrain.ipynb #32d9fdb0
+# %% ../../nbs/40d_study.pretrain.ipynb #7f1d2255
 def pretrain_upernet(source_root: str | os.PathLike, # a (source-domain) dataset folder
                      folder: str | os.PathLike, # where the model is saved (`save_pretrained`)
                      num_labels: int = 150, # the head's labels (ADE20K has 150)
@@ -119,7 +118,7 @@ def pretrain_upernet(source_root: str | os.PathLike, # a (source-domain) dataset
               "architecture": "UperNetForSemanticSegmentation + ConvNeXt", "saved_with": "save_pretrained"}
     return _save_pretrained(model, record, folder)
 
-# %% ../../nbs/40d_study.pretrain.ipynb #620b37c0
+# %% ../../nbs/40d_study.pretrain.ipynb #a2604e56
 def profile_pretraining(profile: Profile, device: str | None, log, make: bool = True) -> tuple[str | None, dict | None]:
     "The profile's pretrained weights, made unless `make` is False: `(folder, record)`, or `(None, None)` without a pretraining step."
     if "pretrain" not in profile.pretrained.values(): return None, None

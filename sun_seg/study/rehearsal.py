@@ -11,24 +11,22 @@ from .spec import Profile, Study
 __all__ = ['REHEARSAL_CAPS', 'REHEARSAL_DATA', 'REHEARSAL_PRETRAIN', 'REHEARSAL_SCAN', 'FULL_SPLIT_SIZES', 'rehearsal_profile',
            'rehearsal_record']
 
-# %% ../../nbs/40e_study.rehearsal.ipynb #2e6827b0
+# %% ../../nbs/40e_study.rehearsal.ipynb #a8c7aa6a
 REHEARSAL_CAPS = {  # the only changes a rehearsal makes to the full profile's training parameters: the amount of work
     "cpu": dict(max_train_batches=1, micro_batch_size=2, max_micro_batches=2),
     "cuda": dict(max_train_batches=2),
 }
 
-# %% ../../nbs/40e_study.rehearsal.ipynb #2661368a
 REHEARSAL_DATA = {  # demo data at the sensors' native sizes: 10% of the train split validates (8 or 15 images)
     "cpu": dict(n_train=80, n_test=16, scale=1.0), "cuda": dict(n_train=150, n_test=16, scale=1.0)}
 
 REHEARSAL_PRETRAIN = dict(num_labels=150, images=16, image_size="64x80", epochs=1, batch_size=8, lr=5e-4, seed=0)
 
-# %% ../../nbs/40e_study.rehearsal.ipynb #3462d028
 REHEARSAL_SCAN = 16  # images the qualitative picks look at
 
 FULL_SPLIT_SIZES = {"fit": 4756, "val": 529, "test": 5050}  # SUN RGB-D under the default seeded 10% validation split
 
-# %% ../../nbs/40e_study.rehearsal.ipynb #3375912a
+# %% ../../nbs/40e_study.rehearsal.ipynb #9fdb70a3
 def _rehearsal_epochs(study: Study, params: dict) -> dict:
     "One epoch for every budget of the study, except where two entries would then be one run: the larger budget gets more."
     budgets = sorted({e.params.get("epochs", study.defaults.get("epochs", 100)) for e in study.runs})
@@ -45,13 +43,13 @@ def _rehearsal_epochs(study: Study, params: dict) -> dict:
         epochs[clash] = max(epochs.values()) + 1
     return epochs
 
-# %% ../../nbs/40e_study.rehearsal.ipynb #55d08841
+# %% ../../nbs/40e_study.rehearsal.ipynb #6cb495f9
 def _device_kind(device: str | None) -> str:
     kind = (device or "cpu").split(":")[0]
     if kind not in REHEARSAL_CAPS: raise ParameterError("device", f"got {device!r}; rehearse on cpu or cuda")
     return kind
 
-# %% ../../nbs/40e_study.rehearsal.ipynb #811250d6
+# %% ../../nbs/40e_study.rehearsal.ipynb #1f72c1e7
 def rehearsal_profile(study: Study, # the parsed study file (its `full` profile is rehearsed)
                       device: str | None = "cpu", # cpu | cuda (cuda:N)
                      ) -> Profile:
@@ -64,7 +62,7 @@ def rehearsal_profile(study: Study, # the parsed study file (its `full` profile 
                    pretrained={k: "pretrain" for k in full.pretrained}, pretrain=dict(REHEARSAL_PRETRAIN),
                    demo_data=dict(REHEARSAL_DATA[kind]), seeds=full.seeds, qualitative_scan=REHEARSAL_SCAN)
 
-# %% ../../nbs/40e_study.rehearsal.ipynb #74143b3b
+# %% ../../nbs/40e_study.rehearsal.ipynb #f1123ebc
 def rehearsal_record(study: Study, profile: Profile, device: str | None = "cpu") -> dict:
     "What `study.json` says about a rehearsal: the caps, the full profile's budget of each entry, the full split sizes."
     kind = _device_kind(device)

@@ -66,7 +66,7 @@ def _origin(study: Study, profile: Profile, i: int, entry: RunEntry, name: str) 
     if name in study.defaults: return f"defaults.{name} (for runs[{i}] ({entry.name}))"
     return f"runs[{i}] ({entry.name}).params.{name}"
 
-# %% ../../nbs/40b_study.resolve.ipynb #1693eba2
+# %% ../../nbs/40b_study.resolve.ipynb #61718760
 def resolve_grid(study: Study, # the parsed study file
                  profile: str | Profile, # a profile name of the study, or a `Profile`
                  identify: Callable[[dict], str], # resolved parameters -> run id (validates them too)
@@ -97,7 +97,7 @@ def resolve_grid(study: Study, # the parsed study file
                                 tables=dict(entry.tables), reported=dict(entry.reported)))
     return runs
 
-# %% ../../nbs/40b_study.resolve.ipynb #9ba5a711
+# %% ../../nbs/40b_study.resolve.ipynb #9223f4d0
 _NOT_PER_ROW = ("model", "pretrained", "profile", "data_dir", "seed")  # named by the rows themselves
 
 def _card_params(study: Study, profile: Profile, entry: RunEntry | None = None) -> dict:
@@ -111,24 +111,23 @@ def _card_params(study: Study, profile: Profile, entry: RunEntry | None = None) 
         params = {**params, **resolve_params(study, profile, entry, 0, pretrain_dir="(the profile's pretraining step)")}
     return params
 
-# %% ../../nbs/40b_study.resolve.ipynb #af4dbf8f
+# %% ../../nbs/40b_study.resolve.ipynb #4c9687ec
 def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
-# %% ../../nbs/40b_study.resolve.ipynb #ce041a38
 def _same_value(a, b) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
         return math.isclose(a, b, rel_tol=1e-12) or (a != a and b != b)
     return _jsonable(a) == _jsonable(b)
 
-# %% ../../nbs/40b_study.resolve.ipynb #d6e56343
+# %% ../../nbs/40b_study.resolve.ipynb #9c16841d
 def method_values_of(study: Study, profile: Profile | str = "full", entry: RunEntry | None = None) -> dict:
     "`sun_seg.train.method_values` of the study's parameters (or one entry's) under `profile`."
     profile = study.profiles[profile] if isinstance(profile, str) else profile
     config = TrainConfig.from_params(_card_params(study, profile, entry), source=f"{study.path}, profile {profile.name}")
     return _jsonable(method_values(config))
 
-# %% ../../nbs/40b_study.resolve.ipynb #1897feac
+# %% ../../nbs/40b_study.resolve.ipynb #d5721f60
 def check_method_card(study: Study) -> None:
     "Refuse a method card whose values are not what the code does under the `full` profile, or that omits a choice."
     if not study.method or "full" not in study.profiles: return
@@ -148,7 +147,7 @@ def check_method_card(study: Study) -> None:
         raise ParameterError("method", f"does not declare {', '.join(missing)}: every choice that changes the numbers"
                              " needs an entry", str(study.path))
 
-# %% ../../nbs/40b_study.resolve.ipynb #38f57a80
+# %% ../../nbs/40b_study.resolve.ipynb #18bcd9a1
 def method_card(study: Study, profile: Profile | str = "full") -> list[dict]:
     "The card as shown: each entry with `rows` (entries whose value differs) and `profile` (what `profile` changes)."
     profile = study.profiles[profile] if isinstance(profile, str) else profile
@@ -166,11 +165,10 @@ def method_card(study: Study, profile: Profile | str = "full") -> list[dict]:
         card.append({"name": name, **entry, "rows": rows, "profile": profile.name, "profile_values": changed})
     return card
 
-# %% ../../nbs/40b_study.resolve.ipynb #72a6ca58
+# %% ../../nbs/40b_study.resolve.ipynb #c8656b29
 def _card_value(value) -> str:
     return ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
 
-# %% ../../nbs/40b_study.resolve.ipynb #4ff8314c
 def format_method_card(card: list[dict]) -> str:
     "The card as text (`sun-seg study --list`)."
     lines = ["Method card (reports/study.yaml `method:`; our values are the code's under the full profile):"]
@@ -182,7 +180,7 @@ def format_method_card(card: list[dict]) -> str:
         for row, values in e["rows"].items(): lines.append(f"      row {row}: {_card_value(values)}")
     return "\n".join(lines)
 
-# %% ../../nbs/40b_study.resolve.ipynb #5501c70f
+# %% ../../nbs/40b_study.resolve.ipynb #8bdc1a3f
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     "`'i/n'` -> `(i, n)` with 1 <= i <= n; `'slurm'` -> the SLURM array task's slice; None stays None."
     if text is None: return None
@@ -195,12 +193,11 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not 1 <= i <= n: raise ParameterError("shard", f"got {text!r}; i must be between 1 and n")
     return i, n
 
-# %% ../../nbs/40b_study.resolve.ipynb #12aae58d
+# %% ../../nbs/40b_study.resolve.ipynb #8989959c
 def _matches(run: GridRun, pattern: str) -> bool:
     return (fnmatch.fnmatchcase(run.entry, pattern) or fnmatch.fnmatchcase(run.run_id, pattern)
             or any(fnmatch.fnmatchcase(t, pattern) for t in run.tables))
 
-# %% ../../nbs/40b_study.resolve.ipynb #f085e2c2
 def select_runs(runs: list[GridRun], # the resolved grid
                 only: Iterable[str] = (), # patterns; empty = all
                 shard: tuple[int, int] | None = None, # (i, n): this machine's slice
@@ -218,16 +215,16 @@ def select_runs(runs: list[GridRun], # the resolved grid
         chosen = balanced_shards(chosen, n)[i - 1]
     return chosen
 
-# %% ../../nbs/40b_study.resolve.ipynb #7a81e319
+# %% ../../nbs/40b_study.resolve.ipynb #32e58ffe
 # training-step FLOPs per image relative to the U-Net's, by model and fine-tuning depth, as counted by
 # `sun_seg.models.model_profile` on the full-size models at 64x80 (a frozen encoder needs no backward pass through it);
 # both are convolutional, so the ratio holds at other sizes to first order. They only balance shards.
 RUN_COST_FACTORS: dict[str, float] = {"unet": 1.0, "upernet:classifier": 0.40, "upernet:decoder": 1.13,
                                       "upernet:encoder+decoder": 1.21}
 
-# %% ../../nbs/40b_study.resolve.ipynb #ced09478
 _FULL_EPOCH_IMAGES = 4757  # SUN RGB-D's fit split (train minus 10% for validation): the images of an uncapped epoch
 
+# %% ../../nbs/40b_study.resolve.ipynb #160b290c
 def run_cost(params: dict, # a run's training parameters (missing ones take `TrainConfig`'s defaults)
             ) -> float:
     "A run's expected training cost in relative units: epochs x images per epoch x pixels x the model's factor."
@@ -238,7 +235,7 @@ def run_cost(params: dict, # a run's training parameters (missing ones take `Tra
     key = "unet" if p["model"] == "unet" else f"upernet:{p['finetune'] or DEFAULT_FINETUNE}"
     return float(p["epochs"]) * images * pixels * RUN_COST_FACTORS.get(key, 1.0) / 1e9
 
-# %% ../../nbs/40b_study.resolve.ipynb #09cac621
+# %% ../../nbs/40b_study.resolve.ipynb #ac6db8f9
 def balanced_shards(runs: list[GridRun], # the runs to share out, in grid order
                     n: int, # the number of slices
                    ) -> list[list[GridRun]]:
@@ -251,7 +248,7 @@ def balanced_shards(runs: list[GridRun], # the runs to share out, in grid order
         slices[i].append(k)
     return [[runs[k] for k in sorted(s)] for s in slices]
 
-# %% ../../nbs/40b_study.resolve.ipynb #bdb34986
+# %% ../../nbs/40b_study.resolve.ipynb #487f0e35
 def slurm_shard(environ: dict | None = None, # the environment (default os.environ)
                ) -> tuple[int, int]:
     "`(i, n)` of this SLURM array task: `SLURM_ARRAY_TASK_ID` (from `SLURM_ARRAY_TASK_MIN`, default 0) of `SLURM_ARRAY_TASK_COUNT`."
