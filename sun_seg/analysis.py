@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from .core import (CLASS_NAMES, NUM_CLASSES, PALETTE, DataError, RunRecordError, SunSegError, atomic_path,
-                          atomic_write_json, atomic_write_text, colorize, read_json, read_run_history, safe_child,
-                          stable_hash, to_json)
+from .core import (CLASS_NAMES, NUM_CLASSES, PALETTE, DataError, SunSegError, atomic_path, atomic_write_json,
+                          atomic_write_text, colorize, read_json, safe_child, stable_hash, to_json)
+from .runs import RunRecordError, read_run_history
 from .metrics import bootstrap_miou_difference, image_counts_path, load_image_counts
 from .study import (FINAL_STATUSES, GridRun, read_metrics, read_study_record, record_evaluations, record_runs,
                            run_state, select_best)

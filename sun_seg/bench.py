@@ -14,7 +14,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .core import (IGNORE_INDEX, NUM_CLASSES, ParameterError, atomic_write_json, atomic_write_text,
-                          check_choice, check_positive, cpu_has_native_bf16, resolve_device, resolve_precision)
+                          check_choice, check_positive)
+from .train.device import cpu_has_native_bf16, resolve_device, resolve_precision
 
 # %% auto #0
 __all__ = ['DTYPES', 'DTYPE_NAMES', 'BASELINE', 'EAGER_CONFIGS', 'TARGETS', 'SECTIONS', 'SCHEMA', 'RECORD_FIELDS',
@@ -281,14 +282,14 @@ def engine_default_config(device: torch.device) -> StepConfig:
 def precision_choice(device: torch.device) -> dict:
     "What `auto` precision resolves to here, what it should be, and (on CPU) what it resolves to without native bf16."
     from unittest import mock
-    import sun_seg.core
+    import sun_seg.train.device
     chosen = DTYPE_NAMES[resolve_precision("auto", device)]
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
     record = {"native_bf16": native, "auto": chosen, "expected": "bf16" if native else "fp32"}
     if device.type == "cpu":
-        with mock.patch.object(sun_seg.core, "cpu_has_native_bf16", lambda: False):
+        with mock.patch.object(sun_seg.train.device, "cpu_has_native_bf16", lambda: False):
             record["auto_without_native_bf16"] = DTYPE_NAMES[resolve_precision("auto", device)]
-        with mock.patch.object(sun_seg.core, "cpu_has_native_bf16", lambda: True):
+        with mock.patch.object(sun_seg.train.device, "cpu_has_native_bf16", lambda: True):
             record["auto_with_native_bf16"] = DTYPE_NAMES[resolve_precision("auto", device)]
         record["correct"] = (chosen == record["expected"] and record["auto_without_native_bf16"] == "fp32"
                              and record["auto_with_native_bf16"] == "bf16")

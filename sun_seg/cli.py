@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, importlib, sys
 
 from . import __version__  # (the modules of the commands import torch: `sun-seg --help` imports none of them)
+from .core import SunSegError  # torch-free, like everything this module imports
 
 # %% auto #0
 __all__ = ['COMMANDS', 'COMMAND_MODULES', 'COMMAND_HELP', 'build_parser', 'main']
@@ -66,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     command = _command_in(argv)
     parser = build_parser(command, overview=command not in COMMANDS)  # no command: help, version or an error
     args = parser.parse_args(argv)
-    from sun_seg.core import SunSegError
     try:
         return int(args.func(args) or 0)
     except SunSegError as e:

@@ -8,9 +8,10 @@ import math, os, shutil
 from pathlib import Path
 
 from .core import (CLASS_NAMES, DEMO_NOTICE, IMAGENET_MEAN, IMAGENET_STD, DataError, ParameterError,
-                          atomic_write_json, atomic_write_text, check_run_metrics, data_label, read_json)
-from .train.runs import (CHECKPOINTS, DATA, FINAL_STATUSES, METRICS, PARAMS, checkpoint_path,
-                                weights_metadata)
+                          atomic_write_json, atomic_write_text, data_label, read_json)
+from .runs import check_run_metrics
+from .runs import CHECKPOINTS, DATA, FINAL_STATUSES, METRICS, PARAMS, checkpoint_path
+from .train.checkpoint import weights_metadata
 
 # %% auto #0
 __all__ = ['EXPORT_RECORD', 'check_run_folder', 'model_card', 'export_run', 'add_cli']

@@ -15,7 +15,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .core import (CLASS_NAMES, DataError, ParameterError, atomic_path, atomic_write_json, check_positive,
-                          colorize, normalize_images, read_json, resolve_device)
+                          colorize, normalize_images, read_json)
+from .train.device import resolve_device
 from .data.sunrgbd import read_image_file
 from .data.transforms import parse_size
 

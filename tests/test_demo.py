@@ -141,7 +141,8 @@ def test_colour_alone_does_not_give_the_class(default_root):
 
 def train_briefly(root, steps, size=(64, 80), batch_size=8, lr=1e-3, seed=0):
     """A real UNet, bare loop (Adam, cross-entropy ignoring void, bf16 autocast); test mIoU and pixel accuracy."""
-    from sun_seg.core import normalize_images, seed_everything
+    from sun_seg.core import normalize_images
+    from sun_seg.train.device import seed_everything
     from sun_seg.data.sunrgbd import collate
     from sun_seg.data.transforms import eval_transform, train_transform
     from sun_seg.metrics import confusion_matrix, miou, pixel_accuracy

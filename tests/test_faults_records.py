@@ -65,7 +65,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from sun_seg.core import RunRecordError, read_json
+from sun_seg.runs import RunRecordError
+from sun_seg.core import read_json
 from sun_seg.study import load_study, read_study_record, record_runs, run_grid, run_state
 from sun_seg.testing import SimulatedTrainer, simulate_study
 

@@ -21,7 +21,8 @@ from sun_seg.core import DataError, ParameterError
 from sun_seg.train import (Callback, TrainConfig, fit, load_run_model, plan_run, read_history, repeat_params,
                            RunOutOfMemory)
 from sun_seg.train.cli import parameters_from_pairs, parse_value
-from sun_seg.train.runs import load_training_state, read_events, save_weights, weights_metadata
+from sun_seg.train.checkpoint import load_training_state, save_weights, weights_metadata
+from sun_seg.runs import read_events
 
 from conftest import ROOT
 from train_fixtures import InterruptAt, param_pairs, tiny_params, weights_of, write_tiny_release

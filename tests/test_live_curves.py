@@ -11,7 +11,7 @@ import pytest
 
 from sun_seg.core import CLASS_NAMES
 from sun_seg.train import fit, read_history
-from sun_seg.train.runs import EVENTS_PATTERN, epoch_scalars, read_events
+from sun_seg.runs import EVENTS_PATTERN, epoch_scalars, read_events
 
 from train_fixtures import InterruptAt, param_pairs, tiny_params, write_tiny_release
 

@@ -285,7 +285,7 @@ def test_rq3_states_its_units_and_the_devices_name(full_out):
     import platform
     import torch
     from sun_seg.core import cpu_model_name
-    from sun_seg.train.runs import environment_info
+    from sun_seg.train.checkpoint import environment_info
     out, result, _ = full_out
     rq3 = " ".join(result["answers"][2]["answer"])
     assert "mIoU points" in rq3 and "mIoU per extra device-hour" not in rq3

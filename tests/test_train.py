@@ -10,7 +10,7 @@ import torch
 from sun_seg.core import CLASS_NAMES, ParameterError
 from sun_seg.train import (HISTORY_COLUMNS, Callback, TrainConfig, evaluate_run, fit, load_run_model, plan_run,
                            read_history)
-from sun_seg.train.runs import weights_metadata
+from sun_seg.train.checkpoint import weights_metadata
 
 from train_fixtures import InterruptAt, tiny_params, weights_of, write_tiny_release
 

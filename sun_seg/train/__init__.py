@@ -8,8 +8,8 @@ __all__ = []
 # %% ../../nbs/30_train.ipynb #7c448661
 from .config import (TrainConfig, DEMO_PROFILE, MODELS, FINETUNE_DEPTHS, apply_profile, resolve_data_dir,
                                   run_id, run_identity, method_values, evaluation_protocol)
-from .runs import (HISTORY_COLUMNS, STATUSES, checkpoint_path, load_weights, read_history, read_metrics,
-                                run_status, save_weights)
+from ..runs import HISTORY_COLUMNS, STATUSES, checkpoint_path, read_history, read_metrics, run_status
+from .checkpoint import load_weights, save_weights
 from .engine import (Callback, EarlyStopping, RunOutOfMemory, RunPlan, Trainer, build_run_model, evaluate,
                                   evaluate_run, fit, load_run_model, plan_run, repeat_params, segmentation_loss)
 from .notebook import LivePlot, per_class_table, plot_history, results_table, save_notebook_copy

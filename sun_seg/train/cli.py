@@ -17,7 +17,7 @@ from ..core import (DataError, Lease, ParameterError, SunSegError, atomic_write_
 from .config import TrainConfig, run_identity
 from .engine import fit, plan_run
 from .notebook import NOTEBOOK_OUTPUT_ENV
-from .runs import FINAL_STATUSES, NOTEBOOK, PARAMS, only_test_missing, read_metrics
+from ..runs import FINAL_STATUSES, NOTEBOOK, PARAMS, only_test_missing, read_metrics
 
 # %% auto #0
 __all__ = ['parse_value', 'parameters_from_pairs', 'parameters_from_file', 'parameters_of', 'main', 'kernel_name',

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from ..core import (DATA_ENV, IGNORE_INDEX, DataError, ParameterError, check_bool, check_choice, check_positive,
-                          resolve_device, resolve_precision, safe_name, stable_hash)
+from ..core import (DATA_ENV, IGNORE_INDEX, DataError, ParameterError, check_bool, check_choice,
+                          check_positive, safe_name, stable_hash)
+from .device import resolve_device, resolve_precision
 from ..data.transforms import FLIP_PROBABILITY, JITTER, SCALE_RANGE, parse_size
 from fastcore.basics import patch
 

@@ -18,20 +18,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from fastcore.basics import patch
 
-from ..core import (CLASS_NAMES, allotted_cpus, DEMO_NOTICE, IGNORE_INDEX, NUM_CLASSES, DataError, Lease, ParameterError,
-                          SunSegError, atomic_write_json, data_label, normalize_images, read_json, resolve_device,
-                          resolve_precision, safe_child, seed_everything, stable_hash)
+from ..core import (CLASS_NAMES, allotted_cpus, DEMO_NOTICE, IGNORE_INDEX, NUM_CLASSES, DataError, Lease,
+                          ParameterError, SunSegError, atomic_write_json, data_label, normalize_images, read_json,
+                          safe_child, stable_hash)
+from .device import resolve_device, resolve_precision, seed_everything
 from ..metrics import confusion_matrix, summarize
 from .config import (ADAM_BETAS, ADAM_WEIGHT_DECAY, AUX_LOSS_WEIGHTED, CLASS_WEIGHT_METHOD,
                                   DEFAULT_FINETUNE, TrainConfig, apply_profile, method_values, pretrained_commit_of,
                                   resolve_data_dir, run_id,
                                   run_identity)
-from .runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST_STATE, METRICS, PARAMS,
-                                EventLog, checkpoint_path, environment_info, load_training_state, load_weights, only_test_missing,
-                                read_history,
-                                read_metrics, rng_state, save_training_state, save_weights, set_rng_state,
-                                weights_metadata, write_history, _RESTART, _digest, _save_tensors, _stored_tensors,
-                                _unwrap)
+from ..runs import (CHECKPOINTS, DATA, ENVIRONMENT, FINAL_STATUSES, HISTORY, LAST_STATE, METRICS, PARAMS,
+                          EventLog, checkpoint_path, only_test_missing, read_history, read_metrics, write_history)
+from .checkpoint import (environment_info, load_training_state, load_weights, rng_state,
+                                      save_training_state, save_weights, set_rng_state, weights_metadata, _RESTART,
+                                      _digest, _save_tensors, _stored_tensors, _unwrap)
 
 # %% auto #0
 __all__ = ['MAX_EVAL_MICRO_BATCH', 'METHOD', 'PENDING', 'segmentation_loss', 'derive_seed', 'TrainingSamples', 'EpochBatches',

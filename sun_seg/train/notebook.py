@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..core import CLASS_NAMES, atomic_path
 from .engine import Callback
-from .runs import HISTORY, NOTEBOOK, read_history
+from ..runs import HISTORY, NOTEBOOK, read_history
 
 # %% auto #0
 __all__ = ['NOTEBOOK_OUTPUT_ENV', 'plot_history', 'LivePlot', 'results_table', 'per_class_table', 'papermill_output_path',
