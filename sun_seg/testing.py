@@ -43,7 +43,7 @@ def _simulated_epoch(run_id: str, epoch: int, level: float, n_classes: int = len
     row.update({f"val_iou_{c}": float(v) for c, v in zip(CLASS_NAMES, iou)})
     return row
 
-# %% ../nbs/95_testing.ipynb #2b3d59c5
+# %% ../nbs/95_testing.ipynb #ee97bc30
 def _simulated_confusion(row: dict) -> list[list[int]]:
     "A made-up confusion matrix: each present class right in proportion to its IoU, else taken for the next class."
     n = len(CLASS_NAMES)
@@ -53,14 +53,14 @@ def _simulated_confusion(row: dict) -> list[list[int]]:
         if not math.isnan(iou): cm[i, i], cm[i, (i + 1) % n] = round(1000 * iou), 1000 - round(1000 * iou)
     return cm.tolist()
 
-# %% ../nbs/95_testing.ipynb #8beaeba4
+# %% ../nbs/95_testing.ipynb #3fc8cf17
 def _split_metrics(row: dict, split: str, images: int) -> dict:
     return {"miou": row["val_miou"], "pixel_accuracy": row["val_pixel_accuracy"],
             "mean_class_accuracy": row["val_mean_class_accuracy"], "loss": row["val_loss"],
             "iou_per_class": {c: row[f"val_iou_{c}"] for c in CLASS_NAMES}, "split": split, "images": images,
             "confusion": _simulated_confusion(row)}
 
-# %% ../nbs/95_testing.ipynb #07b94b91
+# %% ../nbs/95_testing.ipynb #a514789b
 def _save_simulated_counts(run_dir: Path, row: dict, split: str, images: int) -> None:
     "Made-up per-image counts (`val_per_image.npz`, `test_per_image.npz`) whose sums give about the row's IoU per class."
     iou = np.nan_to_num(np.array([row[f"val_iou_{c}"] for c in CLASS_NAMES], dtype=float), nan=-1.0)
@@ -74,7 +74,7 @@ def _save_simulated_counts(run_dir: Path, row: dict, split: str, images: int) ->
     save_image_counts(image_counts_path(run_dir, split), {"index": np.arange(images), "intersection": inter, "union": union},
                       row["epoch"], split)
 
-# %% ../nbs/95_testing.ipynb #f7192b60
+# %% ../nbs/95_testing.ipynb #9205af83
 class SimulatedTrainer:
     "Writes run folders in the contract's form with made-up numbers (tests and examples only); can fail, diverge or be interrupted."
     def __init__(self, fail: Iterable[str] = (), # entry names whose training raises
@@ -98,7 +98,7 @@ class SimulatedTrainer:
         level = (0.45 if params.get("model") == "upernet" else 0.28) - 0.03 * abs(math.log10(lr) + 4)
         return level - 0.06 * (not params.get("augment", True)) - 0.1 * bool(params.get("weighted_loss"))
 
-# %% ../nbs/95_testing.ipynb #e6227807
+# %% ../nbs/95_testing.ipynb #86c3f1fb
 @patch
 def __call__(self: SimulatedTrainer, run: GridRun, runs_dir: Path):
     "Train `run` into `runs_dir/run.run_id` with made-up numbers."
@@ -142,7 +142,7 @@ def __call__(self: SimulatedTrainer, run: GridRun, runs_dir: Path):
         _save_simulated_counts(run_dir, best, "val", 20)
     atomic_write_json(run_dir / "metrics.json", metrics)
 
-# %% ../nbs/95_testing.ipynb #36c58295
+# %% ../nbs/95_testing.ipynb #1acba088
 def simulated_evaluate(run_dir: str | os.PathLike, # a run folder written by `SimulatedTrainer`
                        split: str = "test", which: str = "best") -> dict:
     "Add made-up `split` metrics to a simulated run's `metrics.json` (the engine's `evaluate_run`, for tests)."
@@ -153,7 +153,7 @@ def simulated_evaluate(run_dir: str | os.PathLike, # a run folder written by `Si
     atomic_write_json(Path(run_dir) / "metrics.json", metrics)
     return metrics[split]
 
-# %% ../nbs/95_testing.ipynb #26757e56
+# %% ../nbs/95_testing.ipynb #1faa317a
 def simulate_study(out: str | os.PathLike, # output folder
                    study: Study | None = None, # default: the repository's study file
                    profile: str = "demo", trainer: SimulatedTrainer | None = None, evaluate: bool = True,
@@ -176,7 +176,7 @@ def simulate_study(out: str | os.PathLike, # output folder
     if evaluate: run_evaluations(study, runs, out, simulated_evaluate, log=log)
     return record
 
-# %% ../nbs/95_testing.ipynb #8c4b2992
+# %% ../nbs/95_testing.ipynb #5d0acbe0
 TINY_STUDY = """
 study: tiny
 title: A tiny study of the test suite
@@ -218,14 +218,14 @@ def write_tiny_study(folder: str | os.PathLike, # where `tiny.yaml` is written
     path.write_text(TINY_STUDY)
     return path
 
-# %% ../nbs/95_testing.ipynb #e288763f
+# %% ../nbs/95_testing.ipynb #6f0fdeb8
 TINY_BACKBONE = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])  # a ConvNeXt config of four tiny stages
 
 TINY_HEAD = dict(hidden_size=16, auxiliary_channels=8)  # UperNetConfig fields of a tiny head
 
 TINY_UPERNET = dict(backbone_config=TINY_BACKBONE, **TINY_HEAD)  # `build_upernet(None, **TINY_UPERNET)`
 
-# %% ../nbs/95_testing.ipynb #edebea8e
+# %% ../nbs/95_testing.ipynb #12a77789
 def tiny_frames(n: int, start: int, size=(32, 40), seed=0):
     """Frames whose labels can be learnt: flat colour blocks per class, with noise and some void."""
     rng = np.random.default_rng(seed + start)
@@ -240,14 +240,14 @@ def tiny_frames(n: int, start: int, size=(32, 40), seed=0):
         image = np.clip(colours[label] + rng.normal(0, 12, (*size, 3)), 0, 255).astype(np.uint8)
         yield image, label, example_frame_path(SENSORS[i % 4], i)
 
-# %% ../nbs/95_testing.ipynb #66dee732
+# %% ../nbs/95_testing.ipynb #ba35484f
 def write_tiny_release(root: Path, n_train: int = 30, n_test: int = 6, size=(32, 40), seed=0) -> Path:
     """A SUN RGB-D copy in the preprocessed release's form: `n_train` train (10% of them val) and `n_test` test frames."""
     if not (root / "sunrgbd_training_images.txt").is_file():
         write_preprocessed_release(root, list(tiny_frames(n_train, 100, size, seed)), list(tiny_frames(n_test, 0, size, seed)))
     return root
 
-# %% ../nbs/95_testing.ipynb #37456fb2
+# %% ../nbs/95_testing.ipynb #4bf44227
 def tiny_params(data_dir, out_dir, **overrides) -> dict:
     """Training parameters for runs of a few seconds on a CPU: a 4-channel-wide U-Net on 32x32 crops."""
     params = dict(data_dir=str(data_dir), out_dir=str(out_dir), unet_width=4, image_size="32x32", batch_size=4,
@@ -255,7 +255,7 @@ def tiny_params(data_dir, out_dir, **overrides) -> dict:
     params.update(overrides)
     return params
 
-# %% ../nbs/95_testing.ipynb #16626946
+# %% ../nbs/95_testing.ipynb #b44d550c
 def reference_scores(pred: np.ndarray, target: np.ndarray, # class maps of the same shape
                      num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX) -> dict:
     """IoU and accuracy per class, mIoU, pixel accuracy and mean class accuracy by a per-class loop (NaN: absent class)."""

@@ -302,7 +302,7 @@ def record_evaluations(record: dict) -> list[Evaluation]:
     "The `Evaluation`s of a study record."
     return [Evaluation(**e) for e in record["evaluations"]]
 
-# %% ../../nbs/40c_study.grid.ipynb #dbdd38c6
+# %% ../../nbs/40c_study.grid.ipynb #0280f405
 def engine_identify(runs_dir: str | os.PathLike, # where the runs go (the engine's `out_dir`)
                    ) -> Callable[[dict], str]:
     "A `resolve_grid` identity function backed by the engine: validates the parameters and returns the run id."
@@ -317,7 +317,7 @@ def engine_identify(runs_dir: str | os.PathLike, # where the runs go (the engine
         return plan.run_id
     return identify
 
-# %% ../../nbs/40c_study.grid.ipynb #678eab92
+# %% ../../nbs/40c_study.grid.ipynb #9ecc03c9
 def data_of(params: dict) -> dict:
     "`{'kind', 'fingerprint', 'root'}` of the data a run with these parameters trains on (the engine's plan)."
     plan = plan_run(TrainConfig.from_params(params), quiet=True)
@@ -325,7 +325,7 @@ def data_of(params: dict) -> dict:
             "val_method": plan.data_info.get("val_method"), "val_fraction": plan.data_info.get("val_fraction"),
             "val_seed": plan.data_info.get("val_seed"), "split_sizes": plan.data_info.get("split_sizes")}
 
-# %% ../../nbs/40c_study.grid.ipynb #30e03ea1
+# %% ../../nbs/40c_study.grid.ipynb #fc368135
 def papermill_trainer(log_output: bool = True, # stream each notebook's output (epochs, progress) to the terminal
                       device: str | None = None, # passed as the `device` parameter (not part of a run's identity)
                      ) -> Callable[[GridRun, Path], None]:
@@ -340,7 +340,7 @@ def papermill_trainer(log_output: bool = True, # stream each notebook's output (
             raise
     return train
 
-# %% ../../nbs/40c_study.grid.ipynb #92a63940
+# %% ../../nbs/40c_study.grid.ipynb #3c95fd72
 def inprocess_trainer(device: str | None = None, progress: bool = True) -> Callable[[GridRun, Path], None]:
     "A grid trainer calling the engine's `fit` in this process (no executed notebook; saves a kernel start per run)."
     def train(run: GridRun, runs_dir: Path) -> None:
@@ -348,7 +348,7 @@ def inprocess_trainer(device: str | None = None, progress: bool = True) -> Calla
             progress=progress)
     return train
 
-# %% ../../nbs/40c_study.grid.ipynb #37cb54e5
+# %% ../../nbs/40c_study.grid.ipynb #bfe0a49e
 def _number(value) -> float:
     return math.nan if value is None or isinstance(value, bool) else float(value)
 
@@ -371,7 +371,7 @@ def summary_table(out: Path, runs: list[GridRun], outcomes: list[dict]) -> str:
            "minutes": lambda x: "-" if x is None or x != x else f"{x:.1f}"}
     return frame.to_string(index=False, formatters=fmt, na_rep="-")
 
-# %% ../../nbs/40c_study.grid.ipynb #83b95a87
+# %% ../../nbs/40c_study.grid.ipynb #83583b12
 def save_data_summary(out: str | os.PathLike, # the study's output folder
                       data: dict, # the study record's data: root and fingerprint
                       progress: bool = True) -> dict:

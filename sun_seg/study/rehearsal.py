@@ -26,7 +26,7 @@ REHEARSAL_SCAN = 16  # images the qualitative picks look at
 
 FULL_SPLIT_SIZES = {"fit": 4756, "val": 529, "test": 5050}  # SUN RGB-D under the default seeded 10% validation split
 
-# %% ../../nbs/40e_study.rehearsal.ipynb #9fdb70a3
+# %% ../../nbs/40e_study.rehearsal.ipynb #d84b6709
 def _rehearsal_epochs(study: Study, params: dict) -> dict:
     "One epoch for every budget of the study, except where two entries would then be one run: the larger budget gets more."
     budgets = sorted({e.params.get("epochs", study.defaults.get("epochs", 100)) for e in study.runs})
@@ -43,13 +43,13 @@ def _rehearsal_epochs(study: Study, params: dict) -> dict:
         epochs[clash] = max(epochs.values()) + 1
     return epochs
 
-# %% ../../nbs/40e_study.rehearsal.ipynb #6cb495f9
+# %% ../../nbs/40e_study.rehearsal.ipynb #44932592
 def _device_kind(device: str | None) -> str:
     kind = (device or "cpu").split(":")[0]
     if kind not in REHEARSAL_CAPS: raise ParameterError("device", f"got {device!r}; rehearse on cpu or cuda")
     return kind
 
-# %% ../../nbs/40e_study.rehearsal.ipynb #1f72c1e7
+# %% ../../nbs/40e_study.rehearsal.ipynb #811250d6
 def rehearsal_profile(study: Study, # the parsed study file (its `full` profile is rehearsed)
                       device: str | None = "cpu", # cpu | cuda (cuda:N)
                      ) -> Profile:
@@ -62,7 +62,7 @@ def rehearsal_profile(study: Study, # the parsed study file (its `full` profile 
                    pretrained={k: "pretrain" for k in full.pretrained}, pretrain=dict(REHEARSAL_PRETRAIN),
                    demo_data=dict(REHEARSAL_DATA[kind]), seeds=full.seeds, qualitative_scan=REHEARSAL_SCAN)
 
-# %% ../../nbs/40e_study.rehearsal.ipynb #f1123ebc
+# %% ../../nbs/40e_study.rehearsal.ipynb #74143b3b
 def rehearsal_record(study: Study, profile: Profile, device: str | None = "cpu") -> dict:
     "What `study.json` says about a rehearsal: the caps, the full profile's budget of each entry, the full split sizes."
     kind = _device_kind(device)

@@ -31,7 +31,7 @@ class GridRun:
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
 
-# %% ../../nbs/40b_study.resolve.ipynb #842099e0
+# %% ../../nbs/40b_study.resolve.ipynb #62539837
 def resolve_params(study: Study, profile: Profile, entry: RunEntry, seed: int, # one entry at one seed
                    data_dir: str = "", # the profile's dataset folder ("" = the engine's default)
                    pretrain_dir: str | None = None, # the folder `pretrained: pretrain` stands for
@@ -58,7 +58,7 @@ def resolve_params(study: Study, profile: Profile, entry: RunEntry, seed: int, #
     if data_dir: params["data_dir"] = str(data_dir)
     return params
 
-# %% ../../nbs/40b_study.resolve.ipynb #cff9807a
+# %% ../../nbs/40b_study.resolve.ipynb #867877de
 def _origin(study: Study, profile: Profile, i: int, entry: RunEntry, name: str) -> str:
     "Where in the study file a training parameter of entry `i` was set: the entry, the profile or the defaults."
     if name in entry.params: return f"runs[{i}] ({entry.name}).params.{name}"
@@ -66,7 +66,7 @@ def _origin(study: Study, profile: Profile, i: int, entry: RunEntry, name: str) 
     if name in study.defaults: return f"defaults.{name} (for runs[{i}] ({entry.name}))"
     return f"runs[{i}] ({entry.name}).params.{name}"
 
-# %% ../../nbs/40b_study.resolve.ipynb #61718760
+# %% ../../nbs/40b_study.resolve.ipynb #da16b735
 def resolve_grid(study: Study, # the parsed study file
                  profile: str | Profile, # a profile name of the study, or a `Profile`
                  identify: Callable[[dict], str], # resolved parameters -> run id (validates them too)
@@ -97,7 +97,7 @@ def resolve_grid(study: Study, # the parsed study file
                                 tables=dict(entry.tables), reported=dict(entry.reported)))
     return runs
 
-# %% ../../nbs/40b_study.resolve.ipynb #9223f4d0
+# %% ../../nbs/40b_study.resolve.ipynb #19668396
 _NOT_PER_ROW = ("model", "pretrained", "profile", "data_dir", "seed")  # named by the rows themselves
 
 def _card_params(study: Study, profile: Profile, entry: RunEntry | None = None) -> dict:
@@ -111,7 +111,7 @@ def _card_params(study: Study, profile: Profile, entry: RunEntry | None = None) 
         params = {**params, **resolve_params(study, profile, entry, 0, pretrain_dir="(the profile's pretraining step)")}
     return params
 
-# %% ../../nbs/40b_study.resolve.ipynb #4c9687ec
+# %% ../../nbs/40b_study.resolve.ipynb #1a0e2d82
 def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
@@ -120,14 +120,14 @@ def _same_value(a, b) -> bool:
         return math.isclose(a, b, rel_tol=1e-12) or (a != a and b != b)
     return _jsonable(a) == _jsonable(b)
 
-# %% ../../nbs/40b_study.resolve.ipynb #9c16841d
+# %% ../../nbs/40b_study.resolve.ipynb #6e99002d
 def method_values_of(study: Study, profile: Profile | str = "full", entry: RunEntry | None = None) -> dict:
     "`sun_seg.train.method_values` of the study's parameters (or one entry's) under `profile`."
     profile = study.profiles[profile] if isinstance(profile, str) else profile
     config = TrainConfig.from_params(_card_params(study, profile, entry), source=f"{study.path}, profile {profile.name}")
     return _jsonable(method_values(config))
 
-# %% ../../nbs/40b_study.resolve.ipynb #d5721f60
+# %% ../../nbs/40b_study.resolve.ipynb #0b08d0f6
 def check_method_card(study: Study) -> None:
     "Refuse a method card whose values are not what the code does under the `full` profile, or that omits a choice."
     if not study.method or "full" not in study.profiles: return
@@ -147,7 +147,7 @@ def check_method_card(study: Study) -> None:
         raise ParameterError("method", f"does not declare {', '.join(missing)}: every choice that changes the numbers"
                              " needs an entry", str(study.path))
 
-# %% ../../nbs/40b_study.resolve.ipynb #18bcd9a1
+# %% ../../nbs/40b_study.resolve.ipynb #935173e0
 def method_card(study: Study, profile: Profile | str = "full") -> list[dict]:
     "The card as shown: each entry with `rows` (entries whose value differs) and `profile` (what `profile` changes)."
     profile = study.profiles[profile] if isinstance(profile, str) else profile
@@ -165,7 +165,7 @@ def method_card(study: Study, profile: Profile | str = "full") -> list[dict]:
         card.append({"name": name, **entry, "rows": rows, "profile": profile.name, "profile_values": changed})
     return card
 
-# %% ../../nbs/40b_study.resolve.ipynb #c8656b29
+# %% ../../nbs/40b_study.resolve.ipynb #cbb4dfae
 def _card_value(value) -> str:
     return ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
 
@@ -180,7 +180,7 @@ def format_method_card(card: list[dict]) -> str:
         for row, values in e["rows"].items(): lines.append(f"      row {row}: {_card_value(values)}")
     return "\n".join(lines)
 
-# %% ../../nbs/40b_study.resolve.ipynb #8bdc1a3f
+# %% ../../nbs/40b_study.resolve.ipynb #ef5b8237
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     "`'i/n'` -> `(i, n)` with 1 <= i <= n; `'slurm'` -> the SLURM array task's slice; None stays None."
     if text is None: return None
@@ -193,7 +193,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not 1 <= i <= n: raise ParameterError("shard", f"got {text!r}; i must be between 1 and n")
     return i, n
 
-# %% ../../nbs/40b_study.resolve.ipynb #8989959c
+# %% ../../nbs/40b_study.resolve.ipynb #a5e01196
 def _matches(run: GridRun, pattern: str) -> bool:
     return (fnmatch.fnmatchcase(run.entry, pattern) or fnmatch.fnmatchcase(run.run_id, pattern)
             or any(fnmatch.fnmatchcase(t, pattern) for t in run.tables))
@@ -215,7 +215,7 @@ def select_runs(runs: list[GridRun], # the resolved grid
         chosen = balanced_shards(chosen, n)[i - 1]
     return chosen
 
-# %% ../../nbs/40b_study.resolve.ipynb #32e58ffe
+# %% ../../nbs/40b_study.resolve.ipynb #b11193c0
 # training-step FLOPs per image relative to the U-Net's, by model and fine-tuning depth, as counted by
 # `sun_seg.models.model_profile` on the full-size models at 64x80 (a frozen encoder needs no backward pass through it);
 # both are convolutional, so the ratio holds at other sizes to first order. They only balance shards.
@@ -224,7 +224,7 @@ RUN_COST_FACTORS: dict[str, float] = {"unet": 1.0, "upernet:classifier": 0.40, "
 
 _FULL_EPOCH_IMAGES = 4757  # SUN RGB-D's fit split (train minus 10% for validation): the images of an uncapped epoch
 
-# %% ../../nbs/40b_study.resolve.ipynb #160b290c
+# %% ../../nbs/40b_study.resolve.ipynb #159c2338
 def run_cost(params: dict, # a run's training parameters (missing ones take `TrainConfig`'s defaults)
             ) -> float:
     "A run's expected training cost in relative units: epochs x images per epoch x pixels x the model's factor."
@@ -235,7 +235,7 @@ def run_cost(params: dict, # a run's training parameters (missing ones take `Tra
     key = "unet" if p["model"] == "unet" else f"upernet:{p['finetune'] or DEFAULT_FINETUNE}"
     return float(p["epochs"]) * images * pixels * RUN_COST_FACTORS.get(key, 1.0) / 1e9
 
-# %% ../../nbs/40b_study.resolve.ipynb #ac6db8f9
+# %% ../../nbs/40b_study.resolve.ipynb #ce19872d
 def balanced_shards(runs: list[GridRun], # the runs to share out, in grid order
                     n: int, # the number of slices
                    ) -> list[list[GridRun]]:
@@ -248,7 +248,7 @@ def balanced_shards(runs: list[GridRun], # the runs to share out, in grid order
         slices[i].append(k)
     return [[runs[k] for k in sorted(s)] for s in slices]
 
-# %% ../../nbs/40b_study.resolve.ipynb #487f0e35
+# %% ../../nbs/40b_study.resolve.ipynb #9cb51dec
 def slurm_shard(environ: dict | None = None, # the environment (default os.environ)
                ) -> tuple[int, int]:
     "`(i, n)` of this SLURM array task: `SLURM_ARRAY_TASK_ID` (from `SLURM_ARRAY_TASK_MIN`, default 0) of `SLURM_ARRAY_TASK_COUNT`."

@@ -35,7 +35,7 @@ def _construct_mapping(loader, node, deep=False):
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
-# %% ../../nbs/40a_study.spec.ipynb #5b9c7474
+# %% ../../nbs/40a_study.spec.ipynb #45915fd7
 MAX_YAML_VALUES = 100_000  # a study file has hundreds; anchors and aliases could make billions (the "billion laughs")
 
 def _count_values(data: Any, limit: int) -> int:
@@ -48,7 +48,7 @@ def _count_values(data: Any, limit: int) -> int:
         elif isinstance(value, list): stack += value
     return count
 
-# %% ../../nbs/40a_study.spec.ipynb #64ab2e9c
+# %% ../../nbs/40a_study.spec.ipynb #31487898
 MAX_STUDY_BYTES = 1 << 20  # 1 MiB: a study file is a few KiB; a larger one is refused before YAML reads it
 
 MAX_STUDY_DEPTH = 32  # nesting levels (brackets, braces, indentation); a study file has about 6
@@ -77,7 +77,7 @@ def _nesting_depth(text: str, limit: int) -> int:
         if deepest > limit: break
     return deepest
 
-# %% ../../nbs/40a_study.spec.ipynb #f895ec55
+# %% ../../nbs/40a_study.spec.ipynb #c2471df1
 def read_yaml(path: str | os.PathLike) -> Any:
     "Read a YAML data file safely (no Python objects, no duplicate keys, bounded size and nesting), naming the file in every error."
     path = Path(path)
@@ -111,7 +111,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
                         "each other?); write the study out plainly", path)
     return data
 
-# %% ../../nbs/40a_study.spec.ipynb #cfbf553c
+# %% ../../nbs/40a_study.spec.ipynb #a3fde8bd
 @dataclass(frozen=True)
 class RunEntry:
     "One configuration of the study: parameters, the table rows it fills and the values the study reported."
@@ -149,7 +149,7 @@ class FigureSpec:
     pick: str | None = None
     classes: tuple = ()
 
-# %% ../../nbs/40a_study.spec.ipynb #2feec61f
+# %% ../../nbs/40a_study.spec.ipynb #75ac02f3
 @dataclass(frozen=True)
 class Profile:
     "How the study is run on one dataset: data kind, parameter overrides, epoch budgets, pretrained weights."
@@ -164,7 +164,7 @@ class Profile:
     seeds: tuple | None = None
     qualitative_scan: int | None = None  # overrides the study's
 
-# %% ../../nbs/40a_study.spec.ipynb #162414c2
+# %% ../../nbs/40a_study.spec.ipynb #6fafdf1c
 @dataclass(frozen=True)
 class Study:
     "A parsed, validated study file."
@@ -189,7 +189,7 @@ class Study:
             if e.name == name: return e
         raise ParameterError("name", f"no run entry {name!r} in the study", str(self.path))
 
-# %% ../../nbs/40a_study.spec.ipynb #f44e0053
+# %% ../../nbs/40a_study.spec.ipynb #bb825a22
 TABLE_IDS = ("T1", "T2", "T3", "T4", "T5")
 
 FIGURE_KINDS = ("void_share", "class_frequency", "curves", "class_iou", "class_iou_epochs", "predictions", "confusion")
@@ -199,14 +199,14 @@ PICKS = ("typical", "richest", "disagreement", "hardest")  # and "class:NAME"
 PRETRAIN_KEYS = ("num_labels", "images", "image_size", "epochs", "batch_size", "lr", "seed",
                  "backbone_config", "config_overrides")  # the last two make tiny models for tests
 
-# %% ../../nbs/40a_study.spec.ipynb #81778778
+# %% ../../nbs/40a_study.spec.ipynb #c3541ef7
 def _mapping(value, where: str, path) -> dict:
     if value is None: return {}
     if not isinstance(value, dict):
         raise ParameterError(where, f"expected a mapping (key: value), got {type(value).__name__} {value!r}", str(path))
     return value
 
-# %% ../../nbs/40a_study.spec.ipynb #d2071d18
+# %% ../../nbs/40a_study.spec.ipynb #235f5c03
 def _keys(d: dict, where: str, path, allowed: Iterable[str], required: Iterable[str] = ()) -> dict:
     for key in d:
         if key not in allowed:
@@ -216,7 +216,7 @@ def _keys(d: dict, where: str, path, allowed: Iterable[str], required: Iterable[
         if key not in d: raise ParameterError(f"{where}.{key}" if where else key, "is required", str(path))
     return d
 
-# %% ../../nbs/40a_study.spec.ipynb #5e56bf58
+# %% ../../nbs/40a_study.spec.ipynb #de17685c
 def _string(value, where: str, path, safe: bool = False) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ParameterError(where, f"expected a non-empty string, got {value!r}", str(path))
@@ -225,20 +225,20 @@ def _string(value, where: str, path, safe: bool = False) -> str:
         except ParameterError as e: raise ParameterError(where, e.message, str(path)) from None
     return value
 
-# %% ../../nbs/40a_study.spec.ipynb #50735563
+# %% ../../nbs/40a_study.spec.ipynb #ca0cabf4
 def _positive_int(value, where: str, path) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ParameterError(where, f"expected a positive integer, got {value!r}", str(path))
     return value
 
-# %% ../../nbs/40a_study.spec.ipynb #fc867b64
+# %% ../../nbs/40a_study.spec.ipynb #c6ce16f5
 def _seeds(value, where: str, path) -> tuple:
     if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
         raise ParameterError(where, f"expected a non-empty list of integers, got {value!r}", str(path))
     if len(set(value)) != len(value): raise ParameterError(where, f"a seed appears twice in {value}", str(path))
     return tuple(value)
 
-# %% ../../nbs/40a_study.spec.ipynb #67f22e35
+# %% ../../nbs/40a_study.spec.ipynb #4e1bf845
 def _parse_profile(name: str, d, path) -> Profile:
     where = f"profiles.{name}"
     d = _keys(_mapping(d, where, path), where, path,
@@ -262,7 +262,7 @@ def _parse_profile(name: str, d, path) -> Profile:
                    seeds=_seeds(d["seeds"], f"{where}.seeds", path) if "seeds" in d else None,
                    qualitative_scan=_positive_int(d["qualitative_scan"], f"{where}.qualitative_scan", path) if "qualitative_scan" in d else None)
 
-# %% ../../nbs/40a_study.spec.ipynb #5592770c
+# %% ../../nbs/40a_study.spec.ipynb #7518b883
 def _parse_entry(i: int, d, path, tables: dict) -> RunEntry:
     where = f"runs[{i}]"
     d = _mapping(d, where, path)
@@ -286,7 +286,7 @@ def _parse_entry(i: int, d, path, tables: dict) -> RunEntry:
     return RunEntry(name=name, params=params, tables=dict(rows), reported={t: dict(v) for t, v in reported.items()},
                     note=d.get("note"))
 
-# %% ../../nbs/40a_study.spec.ipynb #66308f35
+# %% ../../nbs/40a_study.spec.ipynb #feec0d1a
 def _parse_tables(d, path) -> dict:
     d = _mapping(d, "tables", path)
     _keys(d, "tables", path, TABLE_IDS)
@@ -299,7 +299,7 @@ def _parse_tables(d, path) -> dict:
         out[t] = {"title": str(spec.get("title") or t), "columns": list(cols)}
     return out
 
-# %% ../../nbs/40a_study.spec.ipynb #a31ae5e1
+# %% ../../nbs/40a_study.spec.ipynb #40bccfa1
 def _parse_evaluation(i: int, d, path, entries: dict, defaults: dict) -> Evaluation:
     where = f"evaluations[{i}]"
     d = _keys(_mapping(d, where, path), where, path, ("name", "label", "among", "split", "reported"), ("name", "among"))
@@ -313,7 +313,7 @@ def _parse_evaluation(i: int, d, path, entries: dict, defaults: dict) -> Evaluat
     _keys(reported, f"{where}.reported", path, ("study_choice", "test_miou", "val_miou"))
     return Evaluation(name=name, label=str(d.get("label") or name), among=dict(among), split=split, reported=dict(reported))
 
-# %% ../../nbs/40a_study.spec.ipynb #99017c6d
+# %% ../../nbs/40a_study.spec.ipynb #8428481a
 def _parse_effect(i: int, d, path, entries: dict) -> Effect:
     where = f"effects[{i}]"
     d = _keys(_mapping(d, where, path), where, path, ("name", "baseline", "variant", "reported"), ("name", "baseline", "variant"))
@@ -325,7 +325,7 @@ def _parse_effect(i: int, d, path, entries: dict) -> Effect:
     return Effect(name=_string(d["name"], f"{where}.name", path), baseline=d["baseline"], variant=d["variant"],
                   reported=None if rep is None else float(rep))
 
-# %% ../../nbs/40a_study.spec.ipynb #16b75ec2
+# %% ../../nbs/40a_study.spec.ipynb #2ca3d708
 def _parse_figure(fid: str, d, path, names: set) -> FigureSpec:
     where = f"figures.{fid}"
     d = _keys(_mapping(d, where, path), where, path, ("kind", "title", "runs", "split", "pick", "classes"), ("kind",))
@@ -348,13 +348,13 @@ def _parse_figure(fid: str, d, path, names: set) -> FigureSpec:
     return FigureSpec(id=fid, kind=kind, title=str(d.get("title") or fid), runs=tuple(runs), split=split,
                       pick=pick, classes=tuple(classes))
 
-# %% ../../nbs/40a_study.spec.ipynb #c1ed2302
+# %% ../../nbs/40a_study.spec.ipynb #85ce0ebd
 STUDY_KEYS = ("study", "title", "source", "seeds", "defaults", "profiles", "tables", "runs", "evaluations",
               "effects", "figures", "qualitative_scan", "method")
 
 METHOD_KEYS = ("study", "ours", "why")  # of each method card entry
 
-# %% ../../nbs/40a_study.spec.ipynb #5bbd0592
+# %% ../../nbs/40a_study.spec.ipynb #8e0ff69b
 def _parse_method(d, path) -> dict:
     "The method card's shape: `{name: {'study', 'ours', 'why'}}` (its values are checked by `check_method_card`)."
     card = {}
@@ -367,7 +367,7 @@ def _parse_method(d, path) -> dict:
                            "why": _string(entry["why"], f"{where}.why", path)}
     return card
 
-# %% ../../nbs/40a_study.spec.ipynb #4970d84e
+# %% ../../nbs/40a_study.spec.ipynb #abe48c3e
 def parse_study(d: Any, # the study file's content (what `read_yaml` returns)
                 path: str | os.PathLike = "study.yaml", # the file, named in errors
                ) -> Study:
@@ -399,14 +399,14 @@ def parse_study(d: Any, # the study file's content (what `read_yaml` returns)
                  runs=tuple(entries.values()), evaluations=tuple(evaluations), effects=tuple(effects),
                  figures=figures, qualitative_scan=scan, method=method)
 
-# %% ../../nbs/40a_study.spec.ipynb #48e40e78
+# %% ../../nbs/40a_study.spec.ipynb #28dfdf6b
 def load_study(path: str | os.PathLike | None = None, # a study file; default: `default_study_path()`
               ) -> Study:
     "Read and validate a study file."
     path = Path(path) if path is not None else default_study_path()
     return parse_study(read_yaml(path), path)
 
-# %% ../../nbs/40a_study.spec.ipynb #2c414cc3
+# %% ../../nbs/40a_study.spec.ipynb #43e4ffe4
 def default_study_path() -> Path:
     "`reports/study.yaml` in the working directory, else the checkout's, else the copy installed with the package."
     here = Path("reports") / "study.yaml"
