@@ -35,7 +35,8 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['sun_seg', 'sun_seg.*']),
     include_package_data=True,
-    package_data={cfg['lib_name']: ['templates/*']},  # train.ipynb and study.yaml: found from an installed wheel
+    package_data={cfg['lib_name']: ['templates/*'],  # train.ipynb and study.yaml: found from an installed wheel
+                  f"{cfg['lib_name']}.report": ['templates/*']},  # the report site's Jinja templates and stylesheet
     install_requires=requirements,
     extras_require={'dev': dev_requirements},
     python_requires='>=' + cfg['min_python'],

@@ -40,6 +40,7 @@ from data_fixtures import make_frames
 prep = importlib.import_module("sun_seg.data.prepare")  # the module (`sun_seg.data.prepare` the attribute is the function)
 analysis = importlib.import_module("sun_seg.data.analysis")
 demo = importlib.import_module("sun_seg.data.demo")
+demo_dataset = importlib.import_module("sun_seg.data.demo.dataset")  # the module that checks the free space
 
 SUN_SEG = Path(sys.executable).parent / "sun-seg"
 N_TRAIN, N_TEST = 10, 6  # labels 1..6 are the test images', 7..16 the train images' (train i -> label 6 + i)
@@ -499,7 +500,7 @@ def test_too_little_space_is_refused_before_writing(tmp_path, frames, monkeypatc
     assert f"it needs {format_bytes(_need(16, 12, 16))} more, but only {format_bytes(20_000)} are free" in str(e.value)
     assert "choose a folder on another disk" in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
-    monkeypatch.setattr(demo, "free_bytes", lambda folder: 1000)
+    monkeypatch.setattr(demo_dataset, "free_bytes", lambda folder: 1000)
     with pytest.raises(DataError, match="not enough disk space for the demo data: it needs about"):
         demo.make_demo_dataset(tmp_path / "demo", n_train=2, n_test=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -601,7 +602,7 @@ def test_full_disk_demo_data_real_enospc(tmp_path, mount_namespace):
     """`sun-seg demo-data` on a real 64 kB tmpfs filling up midway: the error names the folder; nothing is left."""
     if not mount_namespace: pytest.skip("no private mount namespace (`unshare -m` with mount) on this machine")
     mnt = tmp_path / "mnt"; mnt.mkdir()
-    code = ("import sys, importlib, sun_seg.cli as c; d = importlib.import_module('sun_seg.data.demo'); "
+    code = ("import sys, importlib, sun_seg.cli as c; d = importlib.import_module('sun_seg.data.demo.dataset'); "
             "d.free_bytes = lambda folder: 1 << 40; "
             f"sys.exit(c.main(['demo-data', '{mnt}/demo', '--n-train', '8', '--n-test', '2', '--quiet']))")
     proc = _tmpfs_run(mnt, "64k", f'"{sys.executable}" -c "{code}"')

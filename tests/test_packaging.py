@@ -73,6 +73,7 @@ def test_wheel_installed_outside_the_checkout_trains_and_lists_the_study(tmp_pat
         names = set(z.namelist())
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert {"sun_seg/templates/train.ipynb", "sun_seg/templates/study.yaml"} <= names
+    assert {"sun_seg/report/templates/base.html.j2", "sun_seg/report/templates/site.css"} <= names  # the report site's package data
     runtime = [l for l in metadata.splitlines() if l.startswith("Requires-Dist:") and "extra ==" not in l]
     assert "Requires-Python: >=3.11" in metadata and runtime and not [l for l in runtime if "nbdev" in l]
     site = tmp_path / "site"
