@@ -9,8 +9,8 @@ from transformers import UperNetForSemanticSegmentation
 from sun_seg.core import CLASS_NAMES, IGNORE_INDEX, DataError, ParameterError, normalize_images
 from train_fixtures import write_published_checkpoint
 from sun_seg.models import (FINETUNE_CHOICES, UPERNET_CHECKPOINT, UNet, UperNetSegmenter, build_model, build_upernet,
-from sun_seg.testing import STUDY_TRAINABLE_PARAMS
                             flop_breakdown, model_profile, upernet_config)
+from sun_seg.testing import STUDY_TRAINABLE_PARAMS
 
 # a tiny UPerNet (as transformers' own tests build them): same code paths, milliseconds per step
 TINY = dict(backbone_config=dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1]), hidden_size=16, auxiliary_channels=8)
