@@ -18,7 +18,8 @@ from sun_seg.data.formats import (
     DEMO_MARKER, LABELS_DIR, SEG_MAT, META_MAT, SPLIT_MAT, SENSORS, TEST_IMAGES_DIR, TRAIN_IMAGES_DIR, TRAIN_LIST,
     detect_form, example_frame_path, frame_key, sensor_of, write_official_release, write_preprocessed_release)
 from sun_seg.data.sunrgbd import (
-    OfficialReader, PreprocessedReader, SunRGBD, _read_allsplit, _read_list, collate, open_reader, read_image_file)
+    OfficialReader, PreprocessedReader, SunRGBD, collate, open_reader, read_image_file)
+from sun_seg.data.readers import read_allsplit, read_list
 
 
 def make_frames(n, start=0, size=(12, 16), sensors=SENSORS, seed=0):
@@ -159,7 +160,7 @@ def test_val_is_stratified_and_form_independent(tmp_path):
 
 
 def test_official_val_method(official):
-    tv = _read_allsplit(official / "SUNRGBDtoolbox" / SPLIT_MAT)[2]
+    tv = read_allsplit(official / "SUNRGBDtoolbox" / SPLIT_MAT)[2]
     val = SunRGBD(official, "val", val_method="official")
     fit = SunRGBD(official, "fit", val_method="official")
     assert set(val.ids) == {k for k, v in tv.items() if v == "val"}
@@ -285,7 +286,7 @@ def test_demo_marker_sets_kind(tmp_path, frames):
 
 # ---------------------------------------------------------------- the real files in ../shared
 def test_real_allsplit(shared_samples):
-    train, test, trainval = _read_allsplit(shared_samples / "toolbox" / "allsplit.mat")
+    train, test, trainval = read_allsplit(shared_samples / "toolbox" / "allsplit.mat")
     assert (len(train), len(test)) == (5285, 5050)
     assert len(set(train)) == 5285 and not set(train) & set(test)
     assert Counter(trainval.values()) == {"train": 2666, "val": 2619}
@@ -298,8 +299,8 @@ def test_real_allsplit(shared_samples):
 
 
 def test_real_image_lists(shared_samples):
-    train, test, _ = _read_allsplit(shared_samples / "toolbox" / "allsplit.mat")
-    lists = {s: [frame_key(l) for l in _read_list(shared_samples / f"sunrgbd_{n}_images.txt")]
+    train, test, _ = read_allsplit(shared_samples / "toolbox" / "allsplit.mat")
+    lists = {s: [frame_key(l) for l in read_list(shared_samples / f"sunrgbd_{n}_images.txt")]
              for s, n in (("train", "training"), ("test", "testing"))}
     assert lists["train"] == train and lists["test"] == test  # the lists are in allsplit order
     sensors = Counter(sensor_of(k) for k in lists["test"])
@@ -310,8 +311,8 @@ def test_real_image_lists(shared_samples):
 def test_real_paths_in_a_preprocessed_copy(tmp_path, shared_samples):
     """A preprocessed copy whose lists hold real frame paths: real ids and sensors; with the real allsplit.mat
     beside it, the official train/val split applies."""
-    real_train = _read_list(shared_samples / "sunrgbd_training_images.txt")[:6]
-    real_test = _read_list(shared_samples / "sunrgbd_testing_images.txt")[-3:]
+    real_train = read_list(shared_samples / "sunrgbd_training_images.txt")[:6]
+    real_test = read_list(shared_samples / "sunrgbd_testing_images.txt")[-3:]
     rng = np.random.default_rng(0)
     fr = lambda p: (rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), rng.integers(0, 38, (6, 8), dtype=np.uint8), p)
     root = write_preprocessed_release(tmp_path, [fr(p) for p in real_train], [fr(p) for p in real_test])
@@ -319,7 +320,7 @@ def test_real_paths_in_a_preprocessed_copy(tmp_path, shared_samples):
     assert ds.ids == [frame_key(p) for p in real_test]
     assert [ds[i]["meta"]["sensor"] for i in range(3)] == ["realsense"] * 3
     (root / "allsplit.mat").write_bytes((shared_samples / "toolbox" / "allsplit.mat").read_bytes())
-    _, _, trainval = _read_allsplit(root / "allsplit.mat")
+    _, _, trainval = read_allsplit(root / "allsplit.mat")
     val = SunRGBD(root, "val", val_method="official")
     assert set(val.ids) == {frame_key(p) for p in real_train if trainval[frame_key(p)] == "val"}
 
@@ -337,7 +338,7 @@ def test_full_size_official_copy_with_the_real_split(tmp_path, shared_samples):
     """All 10,335 real frame paths in an official-form copy (tiny images), read with the real allsplit.mat
     (prefix /data1/, trailing slashes): the official counts, the official train/val split, a full prepare."""
     from sun_seg.data.prepare import prepare
-    lists = {s: _read_list(shared_samples / f"sunrgbd_{n}_images.txt") for s, n in (("train", "training"), ("test", "testing"))}
+    lists = {s: read_list(shared_samples / f"sunrgbd_{n}_images.txt") for s, n in (("train", "training"), ("test", "testing"))}
     img, lab = np.zeros((2, 3, 3), np.uint8), np.ones((2, 3), np.uint8)
     root = write_official_release(tmp_path / "o", [(img, lab, p) for p in lists["train"]],
                                   [(img, lab, p) for p in lists["test"]], extras=False, compression=None)

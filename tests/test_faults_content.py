@@ -27,6 +27,7 @@ from data_fixtures import make_frames
 
 prep = importlib.import_module("sun_seg.data.prepare")
 sunrgbd = importlib.import_module("sun_seg.data.sunrgbd")
+data_files = importlib.import_module("sun_seg.data.files")  # the content hashes (split out of sunrgbd)
 
 
 def _label(root, i): return root / LABELS_DIR / f"img-{i:06d}.png"
@@ -81,11 +82,11 @@ def test_label_edited_in_place_with_the_same_size_changes_fingerprint_cache_and_
 
 def test_hashes_are_cached_so_a_recheck_reads_no_unchanged_file(release, monkeypatch):
     root, _ = release
-    monkeypatch.setattr(sunrgbd, "_RACY_NS", 0)  # the files were written just now; a real re-check comes later
+    monkeypatch.setattr(data_files, "_RACY_NS", 0)  # the files were written just now; a real re-check comes later
     first = open_reader(root).fingerprint()
     read = []
-    real = sunrgbd._sha256_file
-    monkeypatch.setattr(sunrgbd, "_sha256_file", lambda p, *a: (read.append(p), real(p, *a))[1])
+    real = data_files._sha256_file
+    monkeypatch.setattr(data_files, "_sha256_file", lambda p, *a: (read.append(p), real(p, *a))[1])
     assert open_reader(root).fingerprint() == first and read == []
     _edit_in_place_same_size(_label(root, 7), np.array(Image.open(_label(root, 7))))
     assert open_reader(root).fingerprint() != first and [Path(p).name for p in read] == ["img-000007.png"]
@@ -96,7 +97,7 @@ def _names_and_sizes_fingerprint(reader) -> str:
     files = [Path(r.image_path) for r in reader.records] + [Path(r.loc) for r in reader.records]
     return stable_hash({"form": reader.form, "n_test": reader.n_test,
                         "files": [[str(p.relative_to(reader.root)), p.stat().st_size] for p in files],
-                        "lists": {k: sunrgbd._sha256_file(reader.files[k]) if reader.files[k] else None
+                        "lists": {k: data_files._sha256_file(reader.files[k]) if reader.files[k] else None
                                   for k in ("train_list", "test_list")}}, 64)
 
 

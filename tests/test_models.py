@@ -1,4 +1,5 @@
-"""The study's two models: exact parameter counts, odd input sizes, the pretrained path offline, freezing, the
+"""The study's two models end to end and at fault (the counts, shapes and freezing the notebooks 10/11 assert are not repeated here):
+full-size models at odd sizes, the pretrained path offline, freezing,
 batch-size-1 trap, bf16 autocast and channels_last, and counted FLOPs (sun_seg.models, GitHub issue 3)."""
 import pytest
 import torch
@@ -8,7 +9,7 @@ from transformers import UperNetForSemanticSegmentation
 
 from sun_seg.core import CLASS_NAMES, IGNORE_INDEX, DataError, ParameterError, normalize_images
 from train_fixtures import write_published_checkpoint
-from sun_seg.models import (FINETUNE_CHOICES, UPERNET_CHECKPOINT, UNet, UperNetSegmenter, build_model, build_upernet,
+from sun_seg.models import (UPERNET_CHECKPOINT, UNet, UperNetSegmenter, build_model, build_upernet,
                             flop_breakdown, model_profile, upernet_config)
 from sun_seg.testing import STUDY_TRAINABLE_PARAMS
 
@@ -45,21 +46,7 @@ def train_step(model, size=(35, 45), batch=2, steps=1):
         loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
 
 
-# ---------------------------------------------------------------- parameter counts (the study's Table III)
-def test_unet_has_the_study_parameter_count():
-    model = UNet(n_classes=37)
-    assert n_params(model) == 31_039_973
-    assert n_params(model, trainable=True) == 31_039_973
-    assert (model.has_aux, model.aux_loss_weight, model.num_classes) == (False, 0.0, 37)
-
-
-def test_upernet_parameter_counts_at_each_finetune_depth(full_upernet):
-    assert n_params(full_upernet) == 60_155_626
-    for finetune, expected in STUDY_TRAINABLE.items():
-        assert n_params(full_upernet.set_finetune(finetune), trainable=True) == expected, finetune
-    full_upernet.set_finetune("encoder+decoder")
-
-
+# ---------------------------------------------------------------- fine-tuning depth
 def test_build_upernet_applies_finetune():
     model = build_upernet(None, finetune="classifier")
     assert model.finetune == "classifier"
@@ -82,49 +69,14 @@ def test_upernet_config_matches_the_checkpoint_architecture():
 
 
 # ---------------------------------------------------------------- shapes at odd sizes
-@pytest.mark.parametrize("size", [(67, 91), (427, 561), (530, 730), (16, 16), (17, 33)])
-def test_unet_output_has_input_size(size):
-    model = UNet(base_channels=4).eval()
-    with torch.no_grad():
-        assert model(torch.randn(1, 3, *size)).shape == (1, 37, *size)
-
-
 def test_full_unet_on_an_odd_size():
     with torch.no_grad():
         assert UNet().eval()(torch.randn(1, 3, 67, 91)).shape == (1, 37, 67, 91)
 
 
-@pytest.mark.parametrize("size", [(67, 91), (100, 130), (32, 33), (427, 561)])
-def test_upernet_output_has_input_size(size):
-    model = build_upernet(None, finetune="encoder+decoder", **TINY).eval()
-    with torch.no_grad():
-        assert model(torch.randn(2, 3, *size)).shape == (2, 37, *size)
-
-
 def test_full_upernet_on_an_odd_size(full_upernet):
     with torch.no_grad():
         assert full_upernet.eval()(torch.randn(1, 3, 67, 91)).shape == (1, 37, 67, 91)
-
-
-def test_upernet_logits_are_transformers_logits():
-    torch.manual_seed(0)
-    model = build_upernet(None, finetune="decoder", **TINY).eval()
-    x = torch.randn(2, 3, 67, 91)
-    with torch.no_grad():
-        assert torch.equal(model(x), model.net(pixel_values=x).logits)
-
-
-def test_aux_logits_only_in_training_when_asked():
-    model = build_upernet(None, finetune="decoder", **TINY)
-    x = torch.randn(2, 3, 40, 50)
-    logits, aux = model.train()(x, with_aux=True)
-    assert logits.shape == aux.shape == (2, 37, 40, 50)
-    assert isinstance(model.train()(x), torch.Tensor)
-    with torch.no_grad():
-        assert isinstance(model.eval()(x, with_aux=True), torch.Tensor)
-    assert (model.has_aux, model.aux_loss_weight) == (True, 0.4)
-    unet = UNet(base_channels=4).train()
-    assert isinstance(unet(x, with_aux=True), torch.Tensor)
 
 
 @pytest.mark.parametrize("model", ["unet", "upernet"])
@@ -213,27 +165,6 @@ def test_bad_pretrained_values(tmp_path):
 
 
 # ---------------------------------------------------------------- freezing really freezes
-@pytest.mark.parametrize("finetune", FINETUNE_CHOICES)
-def test_training_step_moves_exactly_the_trainable_parameters(finetune, ade_checkpoint):
-    folder, _ = ade_checkpoint
-    model = build_upernet(folder, finetune=finetune)
-    params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    stats_before = batchnorm_stats(model)
-    train_step(model, steps=2)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    moved = {n for n, p in model.named_parameters() if not torch.equal(p, params_before[n])}
-    assert moved == trainable
-    frozen_bn = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and not m.weight.requires_grad}
-    stats_after = batchnorm_stats(model)
-    for name, before in stats_before.items():
-        module = name.rsplit(".", 1)[0]
-        if module in frozen_bn:
-            assert torch.equal(stats_after[name], before), name  # bit-identical running statistics
-        else:
-            assert not torch.equal(stats_after[name], before), name  # trained BatchNorm does update
-    assert bool(frozen_bn) == (finetune == "classifier")
-
-
 def test_frozen_batchnorm_stays_in_eval_mode_after_train():
     model = build_upernet(None, finetune="classifier", **TINY)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]

@@ -7,7 +7,7 @@ __all__ = ['FORMS', 'SENSORS', 'SENSOR_SIZES', 'DEMO_MARKER', 'detect_form', 'fr
            'write_official_release', 'write_preprocessed_release', 'SPLITS', 'VAL_METHODS', 'SampleRecord', 'SunRGBD',
            'SunRGBDReader', 'collate', 'open_reader', 'STAT_COLUMNS', 'image_statistics', 'prepare', 'ARCHIVES',
            'download', 'SegmentationTransform', 'eval_transform', 'parse_size', 'train_transform', 'demo_root',
-           'make_demo_dataset']
+           'make_demo_dataset', 'DataLocation', 'locate_data']
 
 # %% ../../nbs/09_data.ipynb #c8cb760b
 from .formats import (FORMS, SENSORS, SENSOR_SIZES, DEMO_MARKER, detect_form, frame_key, sensor_of,
@@ -15,11 +15,23 @@ from .formats import (FORMS, SENSORS, SENSOR_SIZES, DEMO_MARKER, detect_form, fr
 from .sunrgbd import SPLITS, VAL_METHODS, SampleRecord, SunRGBD, SunRGBDReader, collate, open_reader
 from .prepare import STAT_COLUMNS, image_statistics, prepare
 from .download import ARCHIVES, download
-from .transforms import SegmentationTransform, eval_transform, parse_size, train_transform
+from .sizes import parse_size
 from .demo import demo_root, make_demo_dataset
+from .location import DataLocation, locate_data
 
 # %% ../../nbs/09_data.ipynb #3b507b75
 _all_ = ["FORMS", "SENSORS", "SENSOR_SIZES", "DEMO_MARKER", "detect_form", "frame_key", "sensor_of", "example_frame_path",
          "write_official_release", "write_preprocessed_release", "SPLITS", "VAL_METHODS", "SampleRecord", "SunRGBD",
          "SunRGBDReader", "collate", "open_reader", "STAT_COLUMNS", "image_statistics", "prepare", "ARCHIVES", "download",
-         "SegmentationTransform", "eval_transform", "parse_size", "train_transform", "demo_root", "make_demo_dataset"]  # `from sun_seg.data import *`
+         "SegmentationTransform", "eval_transform", "parse_size", "train_transform", "demo_root", "make_demo_dataset",
+         "DataLocation", "locate_data"]  # `from sun_seg.data import *`
+
+# %% ../../nbs/09_data.ipynb #ccd9077b
+import importlib
+
+_TRANSFORMS = ("SegmentationTransform", "eval_transform", "train_transform")  # from `sun_seg.data.transforms`
+
+def __getattr__(name: str):
+    "`sun_seg.data.train_transform` and the other transforms, importing torchvision only when one is asked for."
+    if name in _TRANSFORMS: return getattr(importlib.import_module("sun_seg.data.transforms"), name)
+    raise AttributeError(f"module 'sun_seg.data' has no attribute {name!r}")

@@ -16,11 +16,13 @@ from ..core import (CLASS_NAMES, NUM_CLASSES, DataError, ParameterError, atomic_
 from .formats import cache_checksum, write_error
 from .prepare import STAT_COLUMNS, image_statistics
 from .sunrgbd import SunRGBD
+from .location import locate_data
 
 # %% auto #0
 __all__ = ['CLASS_WEIGHT_METHODS', 'REDNET_WEIGHTS', 'WEIGHTS_CACHE_VERSION', 'sensor_counts', 'void_share_summary',
            'plot_void_share', 'class_statistics', 'plot_class_frequency', 'weights_from_statistics',
-           'weights_cache_path', 'class_weights', 'pixel_baselines', 'dataset_statistics', 'add_cli']
+           'weights_cache_path', 'class_weights', 'image_intersection_union', 'summed_miou', 'colour_class_table',
+           'pixel_baselines', 'dataset_statistics', 'add_cli']
 
 # %% ../../nbs/04_data.analysis.ipynb #e63a3b49
 def _check_stats(stats: pd.DataFrame) -> pd.DataFrame:
@@ -190,51 +192,72 @@ def class_weights(dataset: SunRGBD, # the training split (normally `fit`), witho
                                   "classes": classes.reset_index().to_dict("list")})
     return torch.tensor(weights_from_statistics(classes, method), dtype=torch.float32)
 
-# %% ../../nbs/04_data.analysis.ipynb #1477dd5d
+# %% ../../nbs/04_data.analysis.ipynb #d78495f0
+def image_intersection_union(pred: np.ndarray, # predicted classes (H, W), 0..NUM_CLASSES-1
+                             target: np.ndarray, # classes (H, W), void = 255
+                            ) -> np.ndarray:
+    "(2, C) int64: the image's intersection (`[0]`) and union (`[1]`) per class, void left out."
+    keep = target < NUM_CLASSES
+    cm = np.bincount(target[keep] * NUM_CLASSES + pred[keep], minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
+    tp = cm.diagonal()
+    return np.stack([tp, cm.sum(0) + cm.sum(1) - tp])
+
+def summed_miou(intersection: np.ndarray, union: np.ndarray) -> float:
+    "mIoU of the summed counts (N, C): the mean IoU over classes with a non-zero union."
+    i, u = intersection.astype(np.float64).sum(0), union.astype(np.float64).sum(0)
+    return float((i[u > 0] / u[u > 0]).mean()) if (u > 0).any() else float("nan")
+
+# %% ../../nbs/04_data.analysis.ipynb #29cbbe8f
+def _quantised_pixels(root, split: str, levels: int):
+    "(quantised colour code, target with 255 = void) of each image of a split."
+    ds = SunRGBD(root, split)
+    for rec in ds.records:
+        q = ds.reader.read_image(rec).astype(np.int64) * levels // 256
+        yield (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2], ds.reader.read_target(rec).astype(np.int64)
+
+def colour_class_table(root, levels: int) -> np.ndarray:
+    "(levels**3, C) pixels of each class in each colour bin over the `fit` split."
+    table = np.zeros(levels ** 3 * NUM_CLASSES, np.int64)
+    for code, target in _quantised_pixels(root, "fit", levels):
+        keep = target < NUM_CLASSES
+        table += np.bincount(code[keep] * NUM_CLASSES + target[keep], minlength=len(table))
+    return table.reshape(levels ** 3, NUM_CLASSES)
+
+# %% ../../nbs/04_data.analysis.ipynb #bdbf5d71
+def _score_baselines(root, split: str, levels: int, lut: np.ndarray, majority: int) -> dict:
+    "Each baseline's mIoU, pixel accuracy and per-image counts on `split`."
+    rows, correct, labeled = {"majority": [], "colour": []}, {"majority": 0, "colour": 0}, 0
+    for code, target in _quantised_pixels(root, split, levels):
+        labeled += int((target < NUM_CLASSES).sum())
+        for name, pred in (("majority", np.full_like(target, majority)), ("colour", lut[code])):
+            counts = image_intersection_union(pred, target)
+            rows[name].append(counts)
+            correct[name] += int(counts[0].sum())
+    scores = {}
+    for name, counts in rows.items():
+        counts = np.stack(counts) if counts else np.zeros((0, 2, NUM_CLASSES), np.int64)
+        scores[name] = {"miou": summed_miou(counts[:, 0], counts[:, 1]) if len(counts) else float("nan"),
+                        "pixel_accuracy": correct[name] / labeled if labeled else float("nan"),
+                        "index": np.arange(len(counts)), "intersection": counts[:, 0], "union": counts[:, 1]}
+    return scores
+
 def pixel_baselines(root: str | os.PathLike, # data folder (any form)
                     splits: tuple = ("val", "test"), # the splits to score
                     levels: int = 16, # colour bins per channel
                    ) -> dict:
     "Majority-class and colour-only baselines fit on `fit`: `{split: {'majority'|'colour': {miou, pixel_accuracy, index, intersection, union}}}`."
-    from sun_seg.metrics import image_counts, miou_from_counts
-    def pixels(split):  # (quantised colour code, target with 255 = void) of each image of a split
-        ds = SunRGBD(root, split)
-        for rec in ds.records:
-            q = ds.reader.read_image(rec).astype(np.int64) * levels // 256
-            yield (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2], ds.reader.read_target(rec).astype(np.int64)
-    table = np.zeros(levels ** 3 * NUM_CLASSES, np.int64)
-    for code, target in pixels("fit"):
-        keep = target < NUM_CLASSES
-        table += np.bincount(code[keep] * NUM_CLASSES + target[keep], minlength=len(table))
-    table = table.reshape(levels ** 3, NUM_CLASSES)
+    table = colour_class_table(root, levels)
     if not table.any(): raise DataError("the fit split has no labeled pixel: no baseline can be fit", root)
     lut, majority = table.argmax(1), int(table.sum(0).argmax())
     result = {"majority_class": CLASS_NAMES[majority], "levels": levels}
-    for split in splits:
-        rows = {"majority": [], "colour": []}
-        correct, labeled = {"majority": 0, "colour": 0}, 0
-        for code, target in pixels(split):
-            t = torch.from_numpy(target)[None]
-            labeled += int((target < NUM_CLASSES).sum())
-            for name, pred in (("majority", np.full_like(target, majority)), ("colour", lut[code])):
-                counts = image_counts(torch.from_numpy(pred)[None], t)[0].numpy()
-                rows[name].append(counts)
-                correct[name] += int(counts[0].sum())
-        result[split] = {}
-        for name, counts in rows.items():
-            counts = np.stack(counts) if counts else np.zeros((0, 2, NUM_CLASSES), np.int64)
-            result[split][name] = {"miou": miou_from_counts(counts[:, 0], counts[:, 1]) if len(counts) else float("nan"),
-                                   "pixel_accuracy": correct[name] / labeled if labeled else float("nan"),
-                                   "index": np.arange(len(counts)), "intersection": counts[:, 0], "union": counts[:, 1]}
+    for split in splits: result[split] = _score_baselines(root, split, levels, lut, majority)
     return result
 
 # %% ../../nbs/04_data.analysis.ipynb #351989a3
 def dataset_statistics(root: str | os.PathLike | None = None, # data folder (any form); None: the default demo dataset
                        progress: bool = True) -> tuple[pd.DataFrame, str, SunRGBD]:
     "Per-image statistics of the train and test splits, the data label for titles, and the train dataset."
-    if root is None:
-        from sun_seg.data.demo import demo_root
-        root = demo_root(progress=progress)
+    root, _ = locate_data(root, use_env=False, progress=progress)  # without a folder, the demo (not $SUN_SEG_DATA)
     train = SunRGBD(root, "train")
     stats = pd.concat([image_statistics(train, progress=progress), image_statistics(SunRGBD(root, "test"), progress=progress)],
                       ignore_index=True)

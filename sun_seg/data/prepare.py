@@ -18,14 +18,14 @@ from ..core import (CLASS_NAMES, NUM_CLASSES, DataError, allotted_cpus, Paramete
                           raw_to_target, read_json)
 from .formats import (CACHE_FORMAT, CACHE_IMAGES, CACHE_INDEX, CACHE_LABELS, CACHE_SKIPPED, CACHE_STATS,
                                   CACHE_VERSION, cache_checksum, format_bytes, free_bytes, write_error)
-from .sunrgbd import (CacheReader, SampleRecord, SunRGBD, SunRGBDReader, _probe_positions, cache_probe,
+from .sunrgbd import (CacheReader, SampleRecord, SunRGBD, SunRGBDReader, probe_positions, cache_probe,
                                   open_reader)
 
 # %% auto #0
 __all__ = ['STAT_COLUMNS', 'resize_pair', 'prepare_sample', 'stats_row', 'image_statistics', 'prepare', 'add_cli']
 
 # %% ../../nbs/01b_data.prepare.ipynb #c20ee188
-from .transforms import parse_size  # one reading of sizes for the whole library: "HxW", int or (H, W)
+from .sizes import parse_size  # one reading of sizes for the whole library: "HxW", int or (H, W)
 
 # %% ../../nbs/01b_data.prepare.ipynb #808a3448
 def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -254,7 +254,7 @@ def _finish(part: Path, reader: SunRGBDReader, params: dict, done: dict[int, dic
              "sun_seg_version": sun_seg.__version__, "samples": samples}
     maps = [np.memmap(part / name, np.uint8, "r") if index[key] else np.zeros(0, np.uint8)
             for name, key in ((CACHE_IMAGES, "images_bytes"), (CACHE_LABELS, "labels_bytes"))]
-    index["probe"] = cache_probe(*maps, samples, _probe_positions(len(samples)))
+    index["probe"] = cache_probe(*maps, samples, probe_positions(len(samples)))
     del maps
     index["checksum"] = cache_checksum(index)
     atomic_write_json(part / CACHE_INDEX, index)
@@ -310,31 +310,13 @@ def _prepare_held(reader, out: Path, params: dict, size, skip_bad: bool, workers
     todo = [p for p in range(len(reader.records)) if p not in done]
     need, images_need = _bytes_needed(reader, todo, size)
     _check_room(out, part, need, img_end + images_need)
-    bad = []
     try:
         if not done: shutil.rmtree(part, ignore_errors=True)
         part.mkdir(parents=True, exist_ok=True)
         atomic_write_text(part / "params.json", json.dumps(journal_params))
         for name, end in ((CACHE_IMAGES, img_end), (CACHE_LABELS, lab_end)):
             with open(part / name, "ab") as f: f.truncate(end)
-        with open(part / CACHE_IMAGES, "ab") as fi, open(part / CACHE_LABELS, "ab") as fl, \
-             open(part / "journal.jsonl", "a") as fj, \
-             tqdm(total=len(reader.records), initial=len(done), desc="prepare", unit="img", disable=not progress) as bar:
-            for pos, r in _results(reader, todo, size, workers):
-                rec = reader.records[pos]
-                if "problem" in r:
-                    bad.append((pos, rec, r["problem"]))
-                    fj.write(json.dumps({"pos": pos, "problem": r["problem"]}) + "\n")
-                else:
-                    entry = {"pos": pos, "id": rec.id, "key": keys[pos], "image_offset": fi.tell(), "label_offset": fl.tell(),
-                             **{k: r[k] for k in ("orig_size", "shape", "sha256", "counts")}}
-                    fi.write(r["image"].tobytes()); fl.write(r["label"].tobytes())
-                    fi.flush(); fl.flush()
-                    fj.write(json.dumps(entry) + "\n")
-                    done[pos] = entry
-                fj.flush()
-                bar.update(1)
-            for f in (fi, fl): os.fsync(f.fileno())
+        bad = _write_samples(part, reader, todo, keys, size, workers, done, progress)
         bad = [(rec, problem) for _, rec, problem in sorted(bad, key=lambda b: b[0])]
         _finish_or_refuse(part, out, reader, params, done, bad, skip_bad, state)
     except OSError as e:  # the disk filled up, or the folder cannot be written: say so, keep what is finished
@@ -347,6 +329,32 @@ def _prepare_held(reader, out: Path, params: dict, size, skip_bad: bool, workers
     if progress and bad: print(f"skipped {len(bad)} bad samples (listed in {out / CACHE_SKIPPED})")
     return out
 
+# %% ../../nbs/01b_data.prepare.ipynb #e4baf0af
+def _write_samples(part: Path, reader: SunRGBDReader, todo: list, keys: list, size, workers: int, done: dict,
+                   progress: bool) -> list:
+    "Decode the samples at `todo` into the partial cache `part`, journalling each; `done` grows; returns the bad `(pos, record, problem)`."
+    bad = []
+    with open(part / CACHE_IMAGES, "ab") as fi, open(part / CACHE_LABELS, "ab") as fl, \
+         open(part / "journal.jsonl", "a") as fj, \
+         tqdm(total=len(reader.records), initial=len(done), desc="prepare", unit="img", disable=not progress) as bar:
+        for pos, r in _results(reader, todo, size, workers):
+            rec = reader.records[pos]
+            if "problem" in r:
+                bad.append((pos, rec, r["problem"]))
+                fj.write(json.dumps({"pos": pos, "problem": r["problem"]}) + "\n")
+            else:
+                entry = {"pos": pos, "id": rec.id, "key": keys[pos], "image_offset": fi.tell(), "label_offset": fl.tell(),
+                         **{k: r[k] for k in ("orig_size", "shape", "sha256", "counts")}}
+                fi.write(r["image"].tobytes()); fl.write(r["label"].tobytes())
+                fi.flush(); fl.flush()
+                fj.write(json.dumps(entry) + "\n")
+                done[pos] = entry
+            fj.flush()
+            bar.update(1)
+        for f in (fi, fl): os.fsync(f.fileno())
+    return bad
+
+# %% ../../nbs/01b_data.prepare.ipynb #d03a641b
 def _finish_or_refuse(part: Path, out: Path, reader: SunRGBDReader, params: dict, done: dict, bad: list,
                       skip_bad: bool, state: str) -> None:
     "Refuse when samples are bad (unless `skip_bad`) or a split has none left; else write the index and move the cache into place."

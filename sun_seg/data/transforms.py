@@ -4,10 +4,9 @@
 
 # %% ../../nbs/02_data.transforms.ipynb #17f6a85d
 from __future__ import annotations
-import math, re
+import math
 from typing import Sequence
 
-import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -16,33 +15,11 @@ from torchvision.transforms.v2 import functional as F
 from fastcore.basics import patch
 
 from ..core import IGNORE_INDEX, ParameterError, check_bool, check_positive
+from .sizes import parse_size  # re-exported: `from sun_seg.data.transforms import parse_size` keeps working
 
 # %% auto #0
-__all__ = ['SCALE_RANGE', 'FLIP_PROBABILITY', 'JITTER', 'parse_size', 'SegmentationTransform', 'train_transform',
-           'eval_transform', 'BatchColourJitter']
-
-# %% ../../nbs/02_data.transforms.ipynb #4a3a93c7
-_SIZE_TEXT = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*$")
-
-def parse_size(size: int | str | Sequence[int], # 64, (64, 80), "64x80" (H x W) or "64"
-               name: str = "size", # parameter named in errors
-              ) -> tuple[int, int]:
-    "An image size as `(H, W)` from an int, an `(H, W)` pair or an `\"HxW\"` string."
-    if isinstance(size, str):
-        match = _SIZE_TEXT.match(size)
-        if not match:
-            raise ParameterError(name, f"got {size!r}; write it as HxW, e.g. '64x80' (height x width), or one number")
-        h, w = int(match[1]), int(match[2] or match[1])
-    elif isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        h = w = int(size)
-    elif (isinstance(size, (tuple, list)) and len(size) == 2
-          and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size)):
-        h, w = (int(s) for s in size)
-    else:
-        raise ParameterError(name, f"got {size!r} ({type(size).__name__}); expected an int, an (H, W) pair of ints or 'HxW'")
-    if h <= 0 or w <= 0:
-        raise ParameterError(name, f"got {size!r}; height and width must be > 0")
-    return h, w
+__all__ = ['SCALE_RANGE', 'FLIP_PROBABILITY', 'JITTER', 'SegmentationTransform', 'train_transform', 'eval_transform',
+           'BatchColourJitter']
 
 # %% ../../nbs/02_data.transforms.ipynb #b9433255
 def _as_mask(target: torch.Tensor) -> tv_tensors.Mask:

@@ -9,18 +9,19 @@ from torch import nn
 
 from ..core import NUM_CLASSES, ParameterError, check_choice
 from .profile import flop_breakdown, model_profile
-from .unet import DoubleConv, Down, OutConv, UNet, Up, check_model_input
-from .upernet import FINETUNE_CHOICES, UPERNET_CHECKPOINT, UperNetSegmenter, build_upernet
+from .inputs import check_model_input
+from .unet import DoubleConv, Down, OutConv, UNet, Up
+from .upernet import FINETUNE_DEPTHS, UPERNET_CHECKPOINT, UperNetSegmenter, build_upernet
 from .upernet import convnext_tiny_config, upernet_config
 
 # %% auto #0
 __all__ = ['MODEL_NAMES', 'build_model', 'UNet', 'DoubleConv', 'Down', 'Up', 'OutConv', 'check_model_input', 'UperNetSegmenter',
-           'build_upernet', 'upernet_config', 'convnext_tiny_config', 'UPERNET_CHECKPOINT', 'FINETUNE_CHOICES',
+           'build_upernet', 'upernet_config', 'convnext_tiny_config', 'UPERNET_CHECKPOINT', 'FINETUNE_DEPTHS',
            'model_profile', 'flop_breakdown']
 
 # %% ../../nbs/19_models.ipynb #3d785ad5
 _all_ = ["UNet", "DoubleConv", "Down", "Up", "OutConv", "check_model_input", "UperNetSegmenter", "build_upernet",
-         "upernet_config", "convnext_tiny_config", "UPERNET_CHECKPOINT", "FINETUNE_CHOICES", "model_profile",
+         "upernet_config", "convnext_tiny_config", "UPERNET_CHECKPOINT", "FINETUNE_DEPTHS", "model_profile",
          "flop_breakdown"]  # re-exported: `from sun_seg.models import *` gives the whole API
 
 # %% ../../nbs/19_models.ipynb #860758fd

@@ -10,29 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 from huggingface_hub import PyTorchModelHubMixin
 
-from ..core import NUM_CLASSES, ParameterError, check_positive
+from ..core import NUM_CLASSES, check_positive
+from .inputs import check_model_input  # re-exported: `from sun_seg.models.unet import check_model_input` keeps working
 
 # %% auto #0
-__all__ = ['check_model_input', 'DoubleConv', 'Down', 'Up', 'OutConv', 'UNet']
-
-# %% ../../nbs/10_models.unet.ipynb #ce29a12f
-def check_model_input(x: torch.Tensor, # the batch a model's forward received
-                      in_channels: int, # channels the model expects
-                      min_side: int, # smallest height/width the model's downsampling allows
-                      model: str, # the model's name, for the message
-                     ) -> None:
-    "Refuse a batch that is not float `(N, in_channels, H, W)` with both sides at least `min_side`."
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ParameterError("images", f"{model} takes a batch (N, {in_channels}, H, W); got {shape}")
-    if not x.is_floating_point():
-        raise ParameterError("images", f"{model} takes float images normalised by sun_seg.core.normalize_images; "
-                             f"got {x.dtype}: call normalize_images(images) first")
-    if x.shape[1] != in_channels:
-        raise ParameterError("images", f"{model} takes {in_channels}-channel images; got {x.shape[1]} channels")
-    if min(x.shape[-2:]) < min_side:
-        raise ParameterError("image_size", f"{model} needs images of at least {min_side}x{min_side} pixels "
-                             f"(its downsampling); got {x.shape[-2]}x{x.shape[-1]}")
+__all__ = ['DoubleConv', 'Down', 'Up', 'OutConv', 'UNet']
 
 # %% ../../nbs/10_models.unet.ipynb #ec98060e
 class DoubleConv(nn.Sequential):
@@ -67,9 +49,9 @@ class Up(nn.Module):
 
 # %% ../../nbs/10_models.unet.ipynb #c7b76692
 class OutConv(nn.Conv2d):
-    "1x1 convolution to `n_classes` logits per pixel."
-    def __init__(self, in_channels: int, n_classes: int):
-        super().__init__(in_channels, n_classes, kernel_size=1)
+    "1x1 convolution to `num_classes` logits per pixel."
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__(in_channels, num_classes, kernel_size=1)
 
 # %% ../../nbs/10_models.unet.ipynb #8acc5959
 # the hub mixin gives `save_pretrained` / `UNet.from_pretrained(folder)`: safetensors and a config.json of the arguments

@@ -16,15 +16,15 @@ from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmen
 
 from ..core import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, DataError, ParameterError
 from ..core import check_bool, check_choice, check_positive
-from .unet import check_model_input
+from .inputs import check_model_input
 
 # %% auto #0
-__all__ = ['UPERNET_CHECKPOINT', 'FINETUNE_CHOICES', 'convnext_tiny_config', 'upernet_config', 'UperNetSegmenter',
+__all__ = ['UPERNET_CHECKPOINT', 'FINETUNE_DEPTHS', 'convnext_tiny_config', 'upernet_config', 'UperNetSegmenter',
            'pretrained_commit', 'fetch_commit', 'head_replacement', 'build_upernet']
 
 # %% ../../nbs/11_models.upernet.ipynb #b17a4948
 UPERNET_CHECKPOINT = "openmmlab/upernet-convnext-tiny"  # ADE20K-pretrained UPerNet + ConvNeXt-T on the hub
-FINETUNE_CHOICES: tuple[str, ...] = ("classifier", "decoder", "encoder+decoder")  # the study's fine-tuning depths
+FINETUNE_DEPTHS: tuple[str, ...] = ("classifier", "decoder", "encoder+decoder")  # the study's fine-tuning depths
 
 def convnext_tiny_config() -> ConvNextConfig:
     "The backbone of `openmmlab/upernet-convnext-tiny` (its config.json), with all four stages as outputs."
@@ -75,7 +75,7 @@ class UperNetSegmenter(nn.Module):
     has_aux: bool = True
 
     def __init__(self, net: UperNetForSemanticSegmentation, # the transformers model (weights and config)
-                 finetune: str = "encoder+decoder", # one of `FINETUNE_CHOICES`
+                 finetune: str = "encoder+decoder", # one of `FINETUNE_DEPTHS`
                  source: str | None = None, # where the weights came from (hub id or folder), None for random
                 ):
         super().__init__()
@@ -90,6 +90,33 @@ class UperNetSegmenter(nn.Module):
 
     @property
     def config(self) -> UperNetConfig: return self.net.config
+
+# %% ../../nbs/11_models.upernet.ipynb #2315cf5f
+@patch
+def set_finetune(self: UperNetSegmenter, finetune: str # one of `FINETUNE_DEPTHS`
+                ) -> UperNetSegmenter:
+    "Freeze everything except what `finetune` trains; frozen BatchNorm layers go (and stay) in eval mode."
+    check_choice("finetune", finetune, FINETUNE_DEPTHS)
+    self.net.requires_grad_(finetune == "encoder+decoder")
+    if finetune != "encoder+decoder":
+        for name in _CLASSIFIERS if finetune == "classifier" else ("decode_head", "auxiliary_head"):
+            if self.has_aux or not name.startswith("auxiliary"): self.net.get_submodule(name).requires_grad_(True)
+    self.finetune = finetune
+    return self.train(self.training)
+
+@patch
+def train(self: UperNetSegmenter, mode: bool = True) -> UperNetSegmenter:
+    "Like `nn.Module.train`, but BatchNorm layers with frozen parameters stay in eval mode."
+    nn.Module.train(self, mode)
+    for m in self.modules():
+        params = list(m.parameters(recurse=False))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+            m.eval()  # frozen: normalise with the pretrained running statistics and never update them
+    return self
+
+@patch
+def extra_repr(self: UperNetSegmenter) -> str:
+    return f"finetune={self.finetune!r}, num_classes={self.num_classes}, source={self.source!r}"
 
 # %% ../../nbs/11_models.upernet.ipynb #9c96ae17
 @patch
@@ -112,33 +139,6 @@ def forward(self: UperNetSegmenter, x: torch.Tensor, with_aux: bool = False):
 def _head_batchnorms(self: UperNetSegmenter) -> list[nn.Module]:
     heads = [self.net.decode_head] + ([self.net.auxiliary_head] if self.has_aux else [])
     return [m for h in heads for m in h.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-# %% ../../nbs/11_models.upernet.ipynb #2315cf5f
-@patch
-def set_finetune(self: UperNetSegmenter, finetune: str # one of `FINETUNE_CHOICES`
-                ) -> UperNetSegmenter:
-    "Freeze everything except what `finetune` trains; frozen BatchNorm layers go (and stay) in eval mode."
-    check_choice("finetune", finetune, FINETUNE_CHOICES)
-    self.net.requires_grad_(finetune == "encoder+decoder")
-    if finetune != "encoder+decoder":
-        for name in _CLASSIFIERS if finetune == "classifier" else ("decode_head", "auxiliary_head"):
-            if self.has_aux or not name.startswith("auxiliary"): self.net.get_submodule(name).requires_grad_(True)
-    self.finetune = finetune
-    return self.train(self.training)
-
-@patch
-def train(self: UperNetSegmenter, mode: bool = True) -> UperNetSegmenter:
-    "Like `nn.Module.train`, but BatchNorm layers with frozen parameters stay in eval mode."
-    nn.Module.train(self, mode)
-    for m in self.modules():
-        params = list(m.parameters(recurse=False))
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
-            m.eval()  # frozen: normalise with the pretrained running statistics and never update them
-    return self
-
-@patch
-def extra_repr(self: UperNetSegmenter) -> str:
-    return f"finetune={self.finetune!r}, num_classes={self.num_classes}, source={self.source!r}"
 
 # %% ../../nbs/11_models.upernet.ipynb #bba5a21f
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -268,7 +268,7 @@ def build_upernet(pretrained: str | os.PathLike | None = UPERNET_CHECKPOINT, # h
                  ) -> UperNetSegmenter:
     "UPerNet + ConvNeXt for `num_classes` classes, pretrained or random, with `finetune` deciding what trains."
     check_positive("num_classes", num_classes, kind=int)
-    check_choice("finetune", finetune, FINETUNE_CHOICES)
+    check_choice("finetune", finetune, FINETUNE_DEPTHS)
     check_bool("local_files_only", local_files_only)
     if pretrained is None:
         return UperNetSegmenter(UperNetForSemanticSegmentation(

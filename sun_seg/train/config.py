@@ -14,19 +14,21 @@ import torch
 from ..core import (DATA_ENV, IGNORE_INDEX, DataError, ParameterError, check_bool, check_choice,
                           check_positive, safe_name, stable_hash)
 from .device import resolve_device, resolve_precision
-from ..data.transforms import FLIP_PROBABILITY, JITTER, SCALE_RANGE, parse_size
+from ..data.location import locate_data
+from ..data.sizes import parse_size
+from ..data.transforms import FLIP_PROBABILITY, JITTER, SCALE_RANGE
+from ..models.upernet import FINETUNE_DEPTHS, fetch_commit, pretrained_commit  # the depths: defined once, by the model
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['MODELS', 'FINETUNE_DEPTHS', 'DEFAULT_FINETUNE', 'SCHEDULERS', 'PRECISIONS', 'PROFILES', 'EVAL_SIZES', 'DEVICE_TYPES',
-           'MIN_SIDE', 'MAX_SIDE', 'VAL_METHODS', 'PAPERMILL_PATHS', 'DEMO_PROFILE', 'ADAM_BETAS', 'ADAM_WEIGHT_DECAY',
+__all__ = ['MODELS', 'DEFAULT_FINETUNE', 'SCHEDULERS', 'PRECISIONS', 'PROFILES', 'EVAL_SIZES', 'DEVICE_TYPES', 'MIN_SIDE',
+           'MAX_SIDE', 'VAL_METHODS', 'PAPERMILL_PATHS', 'DEMO_PROFILE', 'ADAM_BETAS', 'ADAM_WEIGHT_DECAY',
            'CLASS_WEIGHT_METHOD', 'AUX_LOSS_WEIGHTED', 'PLATEAU_MONITOR', 'EARLY_STOPPING_MONITOR', 'TrainConfig',
            'resolve_data_dir', 'apply_profile', 'pretrained_commit_of', 'run_identity', 'run_id', 'evaluation_protocol',
            'method_values']
 
 # %% ../../nbs/30a_train.config.ipynb #0e9a8b70
 MODELS = ("unet", "upernet")
-FINETUNE_DEPTHS = ("classifier", "decoder", "encoder+decoder")
 DEFAULT_FINETUNE = "decoder"
 SCHEDULERS = ("none", "plateau")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -186,12 +188,8 @@ def to_dict(self: TrainConfig) -> dict:
 def resolve_data_dir(data_dir: str = "", # the `data_dir` parameter
                     ) -> tuple[Path | None, str]:
     "`(root, source)`: the SUN RGB-D folder and where it was named, or `(None, 'demo')` for the demo dataset."
-    if data_dir:
-        source, root = "data_dir", Path(data_dir).expanduser()
-    elif os.environ.get(DATA_ENV):
-        source, root = f"${DATA_ENV}", Path(os.environ[DATA_ENV]).expanduser()
-    else:
-        return None, "demo"
+    root, source = locate_data(data_dir, demo=False)  # the engine makes the demo when it is meant
+    if root is None: return None, "demo"
     if not root.is_dir():
         raise ParameterError("data_dir", f"{str(root)!r} (from {source}) is not a folder: point it at your SUN RGB-D"
                              f" copy, or leave data_dir empty and unset {DATA_ENV} to use the demo dataset")
@@ -235,7 +233,6 @@ def pretrained_commit_of(config: TrainConfig, # a validated config
                         ) -> str | None:
     "The hub commit of the UPerNet's `pretrained` weights, from local files (None: unknown, or no UPerNet)."
     if config.model != "upernet" or config.pretrained.strip().lower() in ("none", "null", "random", ""): return None
-    from sun_seg.models.upernet import fetch_commit, pretrained_commit
     commit = pretrained_commit(config.pretrained, config.pretrained_revision)
     if commit is None and fetch and not Path(config.pretrained).expanduser().exists():
         commit = fetch_commit(config.pretrained, config.pretrained_revision)

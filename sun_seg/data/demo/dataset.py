@@ -15,7 +15,7 @@ from ...core import (DEMO_NOTICE, DataError, ParameterError, atomic_write_json, 
                           die_with_parent, hold, read_json, stable_hash, sun_seg_home)
 from ..formats import (DEMO_MARKER, SENSOR_SIZES, format_bytes, free_bytes, release_image_path,
                                   write_error, write_preprocessed_release)
-from ..sunrgbd import CONTENT_MANIFEST, content_manifest
+from ..files import CONTENT_MANIFEST, content_manifest
 from .scenes import STYLES
 from .sensors import render_frame
 
