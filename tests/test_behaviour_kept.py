@@ -30,7 +30,7 @@ def study_records(tmp: Path) -> dict:
     "Run the tiny study of tests/test_study.py in this process on one thread and keep what must not move."
     import torch
     from sun_seg.study import inprocess_trainer, run_study
-    from sun_seg.pipeline import save_predictions  # until it lands in sun_seg.analysis (issue 11)
+    from sun_seg.analysis import save_predictions
     from sun_seg.train import read_history
     from sun_seg.testing import write_tiny_study
     path = write_tiny_study(tmp)
