@@ -9,16 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
 
 from .core import (CLASS_NAMES, DataError, ParameterError, atomic_path, atomic_write_json, check_positive,
-                          colorize, normalize_images, read_json)
+                          colorize, read_json)
 from .train.device import resolve_device
 from .data.sunrgbd import read_image_file
 from .data.transforms import parse_size
+from .train.evaluation import load_run_model, predict as label_maps
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'LABELS_SUFFIX', 'OVERLAY_SUFFIX', 'PREDICTIONS', 'find_images', 'predict_batch', 'overlay',
@@ -40,22 +39,13 @@ def find_images(source: str | os.PathLike, # an image file or a folder of them (
     return [(p, p.relative_to(source)) for p in found]
 
 # %% ../nbs/71_inference.ipynb #c7c821b1
-def _to_model_input(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    "An (H, W, 3) uint8 image as a (3, h, w) uint8 tensor at the training size (bilinear, antialiased, as evaluation)."
-    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    return TF.resize(chw, list(size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-
-@torch.no_grad()
 def predict_batch(model: torch.nn.Module, # a sun_seg model in eval mode
                   images: list[np.ndarray], # (H, W, 3) uint8 RGB images of any sizes
                   size: tuple[int, int], # (h, w) the model was trained at
                   device: torch.device | str = "cpu",
                  ) -> list[np.ndarray]:
-    "Class-index maps (H, W) uint8 (0..36) of `images`, each at its own size."
-    x = torch.stack([_to_model_input(im, size) for im in images]).to(device)
-    logits = model(normalize_images(x)).float()
-    return [F.interpolate(logits[i:i + 1], size=im.shape[:2], mode="bilinear", align_corners=False)[0]
-            .argmax(0).to(torch.uint8).cpu().numpy() for i, im in enumerate(images)]
+    "Class-index maps (H, W) uint8 (0..36) of `images`, each at its own size (the engine's `predict`, in one forward)."
+    return label_maps(model, images, size=size, device=device)
 
 def overlay(image: np.ndarray, # (H, W, 3) uint8 RGB
             labels: np.ndarray, # (H, W) class indices 0..36
@@ -91,8 +81,6 @@ def predict(run_dir: str | os.PathLike, # a run folder (<out>/runs/<run_id>)
             progress: bool = True, # a progress bar
            ) -> dict:
     "Predict every image with a run's model; returns `{'written': [...], 'skipped': [(path, why)], ...}` (also `predictions.json`)."
-    from tqdm import tqdm  # text bars, in notebooks too (a widget reopens as a dead 0%)
-    from sun_seg.train import load_run_model
     check_positive("batch_size", batch_size, kind=int)
     if which not in ("best", "last"): raise ParameterError("which", f"got {which!r}; choose 'best' or 'last'")
     run_dir = Path(run_dir)

@@ -8,7 +8,7 @@ import torch
 from sun_seg.cli import main
 from sun_seg.core import allotted_cpus
 from sun_seg.study import balanced_shards, load_study, parse_shard, resolve_grid, run_cost, select_runs
-from sun_seg.train.engine import _auto_workers
+from sun_seg.train.batches import auto_workers
 
 SLURM_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_CPUS_PER_TASK")
 
@@ -74,10 +74,10 @@ def test_loader_workers_come_from_the_allotted_cpus(no_slurm):
     no_slurm.setattr(os, "cpu_count", lambda: 128)  # the whole node
     no_slurm.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # what this job may use
     assert allotted_cpus() == 8
-    assert _auto_workers(torch.device("cuda"), 1) == 7 and _auto_workers(torch.device("cuda"), 2) == 3
+    assert auto_workers(torch.device("cuda"), 1) == 7 and auto_workers(torch.device("cuda"), 2) == 3
     no_slurm.setenv("SLURM_CPUS_PER_TASK", "4")
-    assert allotted_cpus() == 4 and _auto_workers(torch.device("cuda"), 1) == 3
-    assert _auto_workers(torch.device("cpu"), 1) == 0  # unchanged: no workers on a CPU
+    assert allotted_cpus() == 4 and auto_workers(torch.device("cuda"), 1) == 3
+    assert auto_workers(torch.device("cpu"), 1) == 0  # unchanged: no workers on a CPU
 
 
 def test_slurm_examples_are_valid_scripts_with_options_sun_seg_accepts(repo_root):

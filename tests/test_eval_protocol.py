@@ -12,7 +12,7 @@ from sun_seg.data.prepare import prepare
 from sun_seg.data.transforms import eval_transform
 from sun_seg.core import normalize_images
 from sun_seg.train import evaluate_run, fit, load_run_model, plan_run
-import sun_seg.train.engine as engine
+import sun_seg.train.evaluation as evaluation
 
 from train_fixtures import tiny_params, write_tiny_release
 
@@ -75,17 +75,17 @@ def test_original_size_scores_match_an_independent_full_resolution_computation(r
 
 def test_evaluation_forwards_micro_batches_with_the_same_metrics(run64, monkeypatch):
     seen = []
-    loaded = engine.load_run_model
+    loaded = evaluation.load_run_model
 
     def spied(*args, **kw):
         model = loaded(*args, **kw)
         model.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
         return model
 
-    monkeypatch.setattr(engine, "load_run_model", spied)
+    monkeypatch.setattr(evaluation, "load_run_model", spied)
     assert json.loads((run64 / "params.json").read_text())["batch_size"] == 64
     chunked = evaluate_run(run64, "test", progress=False)  # the run's micro-batch: 64 on a CPU, capped at 16
-    assert seen and max(seen) == engine.MAX_EVAL_MICRO_BATCH
+    assert seen and max(seen) == evaluation.MAX_EVAL_MICRO_BATCH
     seen.clear()
     whole = evaluate_run(run64, "test", micro_batch_size=64, progress=False)
     assert seen == [64]  # the first 64 test images in one forward

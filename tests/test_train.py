@@ -199,8 +199,8 @@ def _batchnorm_free_model(config):
 
 
 def test_gradient_accumulation_matches_one_piece(data, tmp_path, monkeypatch):
-    import sun_seg.train.engine as engine
-    monkeypatch.setattr(engine, "build_run_model", _batchnorm_free_model)
+    import sun_seg.train.trainer as trainer
+    monkeypatch.setattr(trainer, "build_run_model", _batchnorm_free_model)
     one = fit(tiny_params(data, tmp_path / "one", precision="fp32", epochs=2, channels_last=False), progress=False)
     acc = fit(tiny_params(data, tmp_path / "acc", precision="fp32", epochs=2, channels_last=False, micro_batch_size=2),
               progress=False)

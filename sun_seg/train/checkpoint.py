@@ -18,11 +18,13 @@ from ..core import DataError, FILE_MODE, atomic_path, cpu_model_name, read_json
 from ..runs import BEST, CHECKPOINTS, LAST, LAST_STATE, checkpoint_path
 
 # %% auto #0
-__all__ = ['weights_digest', 'save_weights', 'weights_metadata', 'load_weights', 'rng_state', 'set_rng_state',
-           'save_training_state', 'load_training_state', 'git_commit', 'environment_info']
+__all__ = ['METHOD', 'PENDING', 'STATE_KEYS', 'unwrap_model', 'weights_digest', 'save_weights', 'weights_metadata',
+           'load_weights', 'rng_state', 'set_rng_state', 'save_training_state', 'load_training_state', 'git_commit',
+           'environment_info', 'pending_path', 'commit_pending', 'drop_pending', 'commit_epoch', 'read_resume_state',
+           'check_committed_weights', 'drop_resume_state']
 
 # %% ../../nbs/30b_train.checkpoint.ipynb #4b09fb39
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     "The plain module inside DistributedDataParallel and torch.compile wrappers."
     while True:
         if hasattr(model, "_orig_mod"): model = model._orig_mod
@@ -32,7 +34,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     "The state dict with each tied tensor once (safetensors refuses shared tensors)."
     state, seen = {}, set()
-    for name, t in _unwrap(model).state_dict().items():
+    for name, t in unwrap_model(model).state_dict().items():
         key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
         if t.numel() and key in seen: continue
         seen.add(key)
@@ -115,7 +117,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike,
     if "sha256" in metadata and _digest(tensors) != metadata["sha256"]:
         raise DataError(f"the weights do not match the SHA-256 they were saved with: the file was damaged or modified;"
                         f" {_RESTART}", path)
-    target = _unwrap(model)
+    target = unwrap_model(model)
     expected = _untied_state(target)
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in sorted(tensors.keys() & expected.keys())
@@ -201,3 +203,88 @@ def environment_info(device: torch.device, **extra) -> dict:
     else:
         info["device_name"] = cpu_model_name()  # the CPU model, not just "x86_64"
     return {**info, **extra}
+
+# %% ../../nbs/30b_train.checkpoint.ipynb #ckpt0001
+METHOD = "method.json"  # the run's `method_values`: every choice that changes its numbers
+PENDING = ".pending"  # suffix of weights written for an epoch whose state is not saved yet
+
+def pending_path(path: Path) -> Path:
+    "Where the weights for `path` wait until their epoch is committed."
+    return path.with_name(path.name + PENDING)
+
+# %% ../../nbs/30b_train.checkpoint.ipynb #ckpt0003
+def commit_pending(run_dir: Path, epoch: int, best_epoch: int | None) -> None:
+    "Move the pending weights of the saved `epoch` into place; drop pending weights of an epoch that was not saved."
+    for which in ("best", "last"):
+        final = checkpoint_path(run_dir, which)
+        pending = pending_path(final)
+        if not pending.is_file(): continue
+        try: written = weights_metadata(pending).get("epoch")
+        except DataError: written = None  # torn pending files cannot exist (atomic writes), but never trust them
+        if written == str(epoch) and (which == "last" or best_epoch == epoch): os.replace(pending, final)
+        else: pending.unlink()
+
+def drop_pending(run_dir: Path) -> None:
+    "Remove the pending weights of an epoch whose state was never saved."
+    for which in ("best", "last"): pending_path(checkpoint_path(run_dir, which)).unlink(missing_ok=True)
+
+# %% ../../nbs/30b_train.checkpoint.ipynb #ckpt0006
+def commit_epoch(run_dir: Path, # the run folder
+                 model: torch.nn.Module, # the model whose weights are saved
+                 state: dict, # the resumable training state (its `epoch` and `early_stopping` say which files)
+                 improved: bool, # the epoch is the new best: its weights are also the best ones
+                 run_id: str,
+                ) -> None:
+    "Save an epoch: pending weights, the training state (the commit), the weights renamed into place."
+    epoch, stopping = state["epoch"], state["early_stopping"]
+    best, last = checkpoint_path(run_dir, "best"), checkpoint_path(run_dir, "last")
+    tensors = {k: t.cpu() for k, t in _stored_tensors(model).items()}  # gathered, copied and hashed once
+    digest = _digest(tensors)
+    try:
+        if improved:
+            _save_tensors(tensors, digest, pending_path(best), epoch=epoch, val_miou=stopping["best"], run_id=run_id)
+        _save_tensors(tensors, digest, pending_path(last), epoch=epoch, run_id=run_id)
+        save_training_state(run_dir / CHECKPOINTS / LAST_STATE, state)  # the commit
+    except Exception:  # this epoch is not saved: its weights only take space
+        for path in (pending_path(best), pending_path(last)): path.unlink(missing_ok=True)
+        raise
+    commit_pending(run_dir, epoch, stopping["best_epoch"])
+
+# %% ../../nbs/30b_train.checkpoint.ipynb #ckpt0009
+STATE_KEYS = {"epoch", "optimizer", "scheduler", "early_stopping", "history", "best_val", "rng", "identity",
+              "wall_seconds", "train_seconds", "train_images", "stopped_early"}
+
+def read_resume_state(run_dir: Path, # the run folder
+                      identity: str, # `stable_hash` of the run's identity
+                     ) -> dict | None:
+    "The run's committed training state, checked complete and of this run; None when no epoch was committed."
+    state_path = run_dir / CHECKPOINTS / LAST_STATE
+    if not state_path.is_file(): return None
+    state = load_training_state(state_path)
+    if not STATE_KEYS <= set(state):
+        raise DataError(f"is not a complete sun_seg training state (it lacks {sorted(STATE_KEYS - set(state))});"
+                        f" {_RESTART}", state_path)
+    if state["identity"] != identity:
+        raise DataError("the checkpoint belongs to a run with other parameters or data (copied from another run"
+                        f" folder?); use another run_name or out_dir, or {_RESTART}", state_path)
+    return state
+
+# %% ../../nbs/30b_train.checkpoint.ipynb #ckpt0011
+def check_committed_weights(run_dir: Path, state: dict) -> None:
+    "Refuse weights in place that are not those of the state's last and best epochs."
+    last, best = checkpoint_path(run_dir, "last"), checkpoint_path(run_dir, "best")
+    best_epoch = state["early_stopping"]["best_epoch"]
+    if weights_metadata(last).get("epoch") != str(state["epoch"]):
+        raise DataError(f"these weights are not from epoch {state['epoch']} like last_state.pt; {_RESTART}", last)
+    if best_epoch is not None and weights_metadata(best).get("epoch") != str(best_epoch):
+        raise DataError(f"these weights are not from epoch {best_epoch}, the best epoch in last_state.pt; {_RESTART}", best)
+
+# %% ../../nbs/30b_train.checkpoint.ipynb #ckpt0014
+def drop_resume_state(run_dir: str | os.PathLike, # a completed run's folder
+                      keep_last: bool = False, # keep `last.safetensors` (the last epoch's weights)
+                     ) -> list[Path]:
+    "Delete what only a resume needs (`last_state.pt`, and the last weights unless `keep_last`); returns what went."
+    gone = [Path(run_dir) / CHECKPOINTS / LAST_STATE] + ([] if keep_last else [checkpoint_path(run_dir, "last")])
+    gone = [p for p in gone if p.is_file()]
+    for path in gone: path.unlink()
+    return gone
