@@ -19,7 +19,7 @@ COMMANDS: dict[str, str] = {  # subcommand -> the module that adds it, in the or
     "prepare": "sun_seg.data.prepare",
     "data-summary": "sun_seg.data.analysis",
     "train": "sun_seg.train",
-    "study": "sun_seg.study",
+    "study": "sun_seg.pipeline",
     "report": "sun_seg.report",
     "predict": "sun_seg.inference",
     "export": "sun_seg.export",

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from .core import (CLASS_NAMES, DEMO_NOTICE, IMAGENET_MEAN, IMAGENET_STD, DataError, ParameterError,
                           atomic_write_json, atomic_write_text, data_label, read_json)
-from .runs import check_run_metrics
-from .runs import CHECKPOINTS, DATA, FINAL_STATUSES, METRICS, PARAMS, checkpoint_path
+from .runs import CHECKPOINTS, DATA, FINAL_STATUSES, METRICS, PARAMS, check_run_metrics, checkpoint_path
 from .train.checkpoint import weights_metadata
+from .train.evaluation import load_run_model
 
 # %% auto #0
 __all__ = ['EXPORT_RECORD', 'check_run_folder', 'model_card', 'export_run', 'add_cli']
@@ -165,7 +165,6 @@ def export_run(run_dir: str | os.PathLike, # a run folder, <out>/runs/<run_id>
                allow_unfinished: bool = False, # export a running, failed or interrupted run's weights too
               ) -> Path:
     "Write `run_dir`'s model as a Hugging Face folder (`config.json`, `model.safetensors`, `README.md`) in `out`."
-    from sun_seg.train import load_run_model
     if which not in ("best", "last"): raise ParameterError("which", f"got {which!r}; choose 'best' or 'last'")
     run_dir, out = Path(run_dir), Path(out).expanduser().absolute()
     records = check_run_folder(run_dir, which, allow_unfinished)

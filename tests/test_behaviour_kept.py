@@ -30,17 +30,18 @@ def study_records(tmp: Path) -> dict:
     "Run the tiny study of tests/test_study.py in this process on one thread and keep what must not move."
     import torch
     from sun_seg.study import inprocess_trainer, run_study
+    from sun_seg.analysis import save_predictions
     from sun_seg.train import read_history
-    sys.path.insert(0, str(HERE))
-    from test_study import TINY
-    path = tmp / "tiny.yaml"
-    path.write_text(TINY)
+    from sun_seg.testing import write_tiny_study
+    path = write_tiny_study(tmp)
     threads, home = torch.get_num_threads(), os.environ.get("SUN_SEG_HOME")
     torch.set_num_threads(1)
     os.environ["SUN_SEG_HOME"] = HOME  # the pretrained weights' folder enters the fine-tuned runs' ids: one fixed path
     try:
         result = run_study(path, "demo", tmp / "out", trainer=inprocess_trainer("cpu", progress=False), device="cpu",
                            log=lambda _: None)
+        if any(s["status"] == "selected" for s in result["evaluations"].values()):  # as `sun-seg study` does
+            save_predictions(result["out"], "cpu", log=lambda _: None)
     finally:
         torch.set_num_threads(threads)
         if home is None: os.environ.pop("SUN_SEG_HOME")

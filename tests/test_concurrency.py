@@ -27,7 +27,8 @@ from sun_seg.data.formats import write_preprocessed_release
 from sun_seg.data.prepare import prepare
 from sun_seg.data.sunrgbd import CacheReader, SunRGBD
 from sun_seg.report import build_site
-from sun_seg.study import RunLock, SimulatedTrainer, load_study, run_state, run_study, simulate_study
+from sun_seg.study import RunLock, load_study, run_state, run_study
+from sun_seg.testing import SimulatedTrainer, simulate_study
 
 from data_fixtures import make_frames
 from lock_fixtures import NO_FLOCK, alone_env, hold_in_another_process, stop

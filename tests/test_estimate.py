@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from sun_seg.estimate import GridEstimate, RunTiming
-from sun_seg.study import _epoch_cost
+from sun_seg.study import epoch_cost
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "demo_grid_timings.json").read_text())["runs"]
 
 
 def _replay(done: int) -> tuple[float, float, float]:
     """The estimate after the first `done` runs, the truth, and the old estimate (mean run time x runs left)."""
-    estimate = GridEstimate(epoch_cost=_epoch_cost)
+    estimate = GridEstimate(epoch_cost=epoch_cost)
     for r in RECORDED[:done]:
         estimate.add(RunTiming.from_run(r["params"], r["epoch_seconds"], r["seconds"]), r["params"])
     truth = sum(r["seconds"] for r in RECORDED[done:])
@@ -35,7 +35,7 @@ def test_estimate_is_within_25_percent_once_a_third_of_the_demo_grid_has_run():
 
 
 def test_estimate_uses_early_stopping_seen_and_the_overhead():
-    estimate = GridEstimate(epoch_cost=_epoch_cost)
+    estimate = GridEstimate(epoch_cost=epoch_cost)
     for r in RECORDED[:6]:
         estimate.add(RunTiming.from_run(r["params"], r["epoch_seconds"], r["seconds"]), r["params"])
     fixed_budget = {**RECORDED[0]["params"], "patience": 0}  # a T1 row: trains its whole budget

@@ -67,7 +67,8 @@ import pandas as pd
 
 from sun_seg.runs import RunRecordError
 from sun_seg.core import read_json
-from sun_seg.study import SimulatedTrainer, load_study, read_study_record, record_runs, run_grid, run_state, simulate_study
+from sun_seg.study import load_study, read_study_record, record_runs, run_grid, run_state
+from sun_seg.testing import SimulatedTrainer, simulate_study
 
 STUDY = Path(__file__).resolve().parents[1] / "reports" / "study.yaml"
 

@@ -33,10 +33,11 @@ import pytest
 import torch
 import yaml
 
-import sun_seg.study as study_module
+import sun_seg.pipeline as pipeline_module
 from sun_seg.cli import main
 from sun_seg.core import DataError, ParameterError, read_json
-from sun_seg.study import (GridRun, SimulatedTrainer, load_study, parse_study, read_yaml, run_state, simulate_study)
+from sun_seg.study import GridRun, load_study, parse_study, read_yaml, run_state
+from sun_seg.testing import SimulatedTrainer, simulate_study
 from sun_seg.train import Callback, TrainConfig, fit, read_history
 
 from conftest import ROOT
@@ -92,7 +93,7 @@ def engine_trainer(faults: dict | None = None):
 
 def use_trainer(monkeypatch, trainer):
     """`sun-seg study` (the command, in this process) trains with `trainer` instead of starting papermill kernels."""
-    monkeypatch.setattr(study_module, "papermill_trainer", lambda **kw: trainer)
+    monkeypatch.setattr(pipeline_module, "papermill_trainer", lambda **kw: trainer)  # the command builds it
 
 
 def never_trains(run, runs_dir):

@@ -9,18 +9,7 @@ import torchmetrics
 from sun_seg.core import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from sun_seg.metrics import (class_accuracy, confusion_matrix, iou_per_class, mean_class_accuracy, miou,
                              pixel_accuracy, summarize)
-
-
-def _numpy_scores(pred, target, num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX):
-    """Per-class loop written from the definitions, sharing no code with sun_seg.metrics."""
-    keep = target != ignore_index
-    p, t = pred[keep], target[keep]
-    iou, acc = np.full(num_classes, np.nan), np.full(num_classes, np.nan)
-    for c in range(num_classes):
-        inter, union, support = np.sum((p == c) & (t == c)), np.sum((p == c) | (t == c)), np.sum(t == c)
-        if union: iou[c] = inter / union
-        if support: acc[c] = inter / support
-    return dict(iou=iou, miou=np.nanmean(iou), pixel_accuracy=np.mean(p == t), mean_class_accuracy=np.nanmean(acc))
+from sun_seg.testing import reference_scores
 
 
 def _random_case(seed, shape=(4, 30, 40), num_classes=NUM_CLASSES):
@@ -39,7 +28,7 @@ def _random_case(seed, shape=(4, 30, 40), num_classes=NUM_CLASSES):
 def test_matches_numpy_loop(seed):
     pred, target = _random_case(seed)
     cm = confusion_matrix(pred, target)
-    ref = _numpy_scores(pred.numpy(), target.numpy())
+    ref = reference_scores(pred.numpy(), target.numpy())
     ours = iou_per_class(cm).numpy()
     assert np.array_equal(np.isnan(ours), np.isnan(ref["iou"]))
     np.testing.assert_allclose(ours[~np.isnan(ours)], ref["iou"][~np.isnan(ref["iou"])], rtol=0, atol=1e-12)

@@ -14,8 +14,8 @@ import torch
 from sun_seg.analysis import build_analysis, load_history
 from sun_seg.core import read_json
 from sun_seg.report import build_site
-from sun_seg.study import (REHEARSAL_CAPS, SimulatedTrainer, load_study, rehearsal_profile, rehearsal_record,
-                           simulate_study)
+from sun_seg.study import REHEARSAL_CAPS, load_study, rehearsal_profile, rehearsal_record
+from sun_seg.testing import SimulatedTrainer, simulate_study
 
 from conftest import ROOT
 

@@ -15,8 +15,9 @@ import pytest
 from sun_seg.analysis import build_analysis, load_runs
 from sun_seg.core import read_json, stable_hash
 from sun_seg.report import build_site, offline_problems
-from sun_seg.study import (GridRun, SimulatedTrainer, load_study, parse_study, read_yaml, run_grid, simulate_study,
-                           study_record, write_study_record, resolve_grid, run_evaluations, simulated_evaluate)
+from sun_seg.study import (GridRun, load_study, parse_study, read_yaml, run_grid, study_record, write_study_record,
+                           resolve_grid, run_evaluations)
+from sun_seg.testing import SimulatedTrainer, simulate_study, simulated_evaluate
 
 from conftest import ROOT
 
@@ -164,7 +165,8 @@ def test_api_pages_come_from_the_notebooks(study_out):
     api = (site / "api" / "index.html").read_text()
     for module in ("sun_seg.core", "sun_seg.study", "sun_seg.analysis", "sun_seg.report"):
         assert module in api
-    study = (site / "api" / "study.html").read_text()
+    assert "run_study" in (site / "api" / "study.html").read_text()  # the package's page (40_study)
+    study = (site / "api" / "study.grid.html").read_text()  # one of its modules' (40c_study.grid)
     assert "run_grid" in study and "the study's output folder" in html.unescape(study)  # a docments comment
     # Markdown in docstrings and parameter comments is rendered: backticks become code
     assert "<em>" in study and not re.search(r"<em>[^<]*`[^<]*</em>", study) and re.search(r"<em>[^<]*<code>", study)

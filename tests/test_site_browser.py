@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sun_seg.report import build_site
-from sun_seg.study import SimulatedTrainer, simulate_study
+from sun_seg.testing import SimulatedTrainer, simulate_study
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [pytest.mark.browser, pytest.mark.slow,

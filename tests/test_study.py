@@ -17,8 +17,10 @@ import pytest
 import yaml
 
 from sun_seg.core import ParameterError, DataError, read_json
-from sun_seg.study import (GridRun, SimulatedTrainer, RunLock, load_study, parse_study, read_yaml, resolve_grid,
-                           run_grid, run_state, run_study, select_runs, simulate_study, stable_hash)
+from sun_seg.study import (GridRun, RunLock, load_study, parse_study, read_yaml, resolve_grid, run_grid, run_state,
+                           run_study, select_runs)
+from sun_seg.testing import TINY_STUDY, SimulatedTrainer, simulate_study
+from sun_seg.core import stable_hash
 
 from conftest import ROOT
 from lock_fixtures import hold_in_another_process, stop
@@ -222,39 +224,7 @@ def test_only_selects_entries_tables_and_evaluations():
 
 # ---- the real engine ----------------------------------------------------------------------------------------------
 
-TINY = """
-study: tiny
-title: A tiny study of the test suite
-seeds: [0]
-defaults: {model: unet, batch_size: 4, epochs: 2, patience: 2, scheduler: none, image_size: 32, unet_width: 4, plateau_patience: 1}
-profiles:
-  demo:
-    data: demo
-    demo_data: {n_train: 16, n_test: 6, scale: 0.1}
-    params: {}
-    pretrained: {ade20k: pretrain}
-    pretrain: {num_labels: 150, images: 8, image_size: 32, epochs: 1, batch_size: 4,
-               backbone_config: {hidden_sizes: [8, 16, 24, 32], depths: [1, 1, 1, 1]},
-               config_overrides: {hidden_size: 16, auxiliary_channels: 8}}
-tables:
-  T1: {title: sweep, columns: [epoch, val_loss, val_miou]}
-  T2: {title: results, columns: [trainable_params, best_epoch, val_miou]}
-runs:
-  - {name: unet-a, params: {lr: 0.001}, tables: {T1: "0.001", T2: "plain"}, reported: {T1: {epoch: 18, val_loss: 1.375, val_miou: 0.131}}}
-  - {name: unet-b, params: {lr: 0.01, augment: false}, tables: {T1: "0.01", T2: "woAugment"}, reported: {T2: {val_miou: 0.16}}}
-  - {name: convnext-a, params: {model: upernet, pretrained: ade20k, finetune: decoder, lr: 0.001, unet_width: 64}, tables: {T2: "Decoder"}}
-evaluations:
-  - {name: best-unet, among: {table: T2, model: unet}, reported: {test_miou: 0.278, val_miou: 0.283}}
-  - {name: best-convnext, among: {table: T2, model: upernet}, reported: {test_miou: 0.43, val_miou: 0.448}}
-effects:
-  - {name: augmentation off, baseline: unet-a, variant: unet-b, reported: -0.06}
-figures:
-  F11: {kind: void_share}
-  Fa: {kind: curves, runs: [unet-a]}
-  F6: {kind: class_iou, split: test, runs: [best-unet, best-convnext]}
-  F8: {kind: predictions, split: test, pick: typical, runs: [best-unet, best-convnext]}
-qualitative_scan: 4
-"""
+TINY = TINY_STUDY  # the tiny study file, shared with tests/test_behaviour_kept.py and the notebooks
 
 
 def test_engine_and_study_agree_on_run_ids(tmp_path):
