@@ -195,12 +195,13 @@ def _warm_trainer(model: str, config: StepConfig, size, batch: int, device: torc
     with PeakMemory(device) as mem: trainer.run_steps(steps, batches)  # a warm-up call too
     return trainer, first_call, mem.extra_bytes
 
-# %% ../../nbs/60b_bench.cases.ipynb #4842d0c3
+# %% ../../nbs/60b_bench.cases.ipynb #43c0d3e0
 def _step_row(model: str, config: StepConfig, trainer) -> dict:
     return {"model": model, "config": config.name, "precision": config.precision, "layout": config.layout,
             "compile": config.compile, "status": "ok", "reason": None, "micro_batch": trainer.micro,
             "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
 
+# %% ../../nbs/60b_bench.cases.ipynb #b1d16ff5
 def _failed_row(model: str, config: StepConfig, error: BaseException) -> dict:
     return {"model": model, "config": config.name, "precision": config.precision, "layout": config.layout,
             "compile": config.compile, "status": "failed", "reason": error_line(error)}
@@ -231,7 +232,7 @@ def _timed_row(row: dict, config: StepConfig, seconds: dict, steps: int, batch: 
                speedup_vs_fp32_nchw=rate / baseline if baseline else None,
                note=f"compiled in {first_call:.0f} s" if config.compile else None)
 
-# %% ../../nbs/60b_bench.cases.ipynb #8ef8e16a
+# %% ../../nbs/60b_bench.cases.ipynb #b904d000
 def _loop_record(model: str, config: StepConfig, seconds: dict, steps: int, repeats: int) -> dict:
     "The engine's epoch loop against the bare loop on the same model: seconds per step of each, and the overhead."
     engine_s, bare_s = median(seconds[config.name]) / steps, median(seconds["bare"]) / steps
@@ -239,10 +240,28 @@ def _loop_record(model: str, config: StepConfig, seconds: dict, steps: int, repe
             "engine_seconds_per_step": engine_s, "bare_seconds_per_step": bare_s,
             "overhead": engine_s / bare_s - 1, "seconds": {"engine": seconds[config.name], "bare": seconds["bare"]}}
 
+# %% ../../nbs/60b_bench.cases.ipynb #b6911a16
 def _release(device: torch.device) -> None:
     "Free what the finished trainers held before the next case."
     gc.collect()
     if device.type == "cuda": torch.cuda.empty_cache()
+
+# %% ../../nbs/60b_bench.cases.ipynb #9e6a3af6
+def _warm_configs(model: str, configs: list[StepConfig], size, batch: int, device: torch.device, data_root, out_dir,
+                  steps: int, warmup: int, options: dict | None, log: Callable[[str], None]):
+    "Per configuration: its row and, where it runs here, its warmed-up trainer and first call's seconds; the shared batches."
+    rows, trainers, first_call, batches = {}, {}, {}, []
+    for config in configs:
+        try:
+            trainer, first_call[config], extra = _warm_trainer(model, config, size, batch, device, data_root, out_dir,
+                                                               batches, steps, warmup, options, log)
+            trainers[config], rows[config] = trainer, _step_row(model, config, trainer)
+            state = state_bytes(trainer.model, trainer.optimizer)
+            rows[config].update(state_bytes=state, extra_bytes=extra, peak_memory_bytes=state + extra)
+        except Exception as e:  # a configuration that cannot run here is reported, not fatal
+            if device.type == "cuda": torch.cuda.empty_cache()
+            rows[config] = _failed_row(model, config, e)
+    return rows, trainers, first_call, batches
 
 # %% ../../nbs/60b_bench.cases.ipynb #1df878a8
 def bench_train(model: str, # "unet" or "upernet"
@@ -259,18 +278,9 @@ def bench_train(model: str, # "unet" or "upernet"
                 log: Callable[[str], None] = lambda s: None,
                ) -> tuple[list[dict], dict | None]:
     "Rows of img/s, FLOP/s, fraction of ceiling, peak memory per configuration; and the loop-overhead record."
-    rows, trainers, fns, first_call, batches = {}, {}, {}, {}, []
-    for config in configs:
-        try:
-            trainer, first_call[config], extra = _warm_trainer(model, config, size, batch, device, data_root, out_dir,
-                                                               batches, steps, warmup, options, log)
-            trainers[config], rows[config] = trainer, _step_row(model, config, trainer)
-            state = state_bytes(trainer.model, trainer.optimizer)
-            rows[config].update(state_bytes=state, extra_bytes=extra, peak_memory_bytes=state + extra)
-            fns[config.name] = lambda t=trainer: t.run_steps(steps, batches)
-        except Exception as e:  # a configuration that cannot run here is reported, not fatal
-            if device.type == "cuda": torch.cuda.empty_cache()
-            rows[config] = _failed_row(model, config, e)
+    rows, trainers, first_call, batches = _warm_configs(model, configs, size, batch, device, data_root, out_dir,
+                                                        steps, warmup, options, log)
+    fns = {config.name: (lambda t=trainer: t.run_steps(steps, batches)) for config, trainer in trainers.items()}
     bare = trainers.get(bare_of) if bare_of is not None else None
     if bare is not None:
         cycled = [batches[i % len(batches)] for i in range(steps)]  # the steps the engine takes
