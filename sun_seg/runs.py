@@ -235,7 +235,9 @@ def run_state(out: str | os.PathLike, # the study's output folder (`runs/` and `
 # %% ../nbs/25_runs.ipynb #ffa98aa9
 class RunLock(Lease):
     "The lease of one run folder (`runs/<run_id>/.lock`); `acquire()` returns False while another live process holds it."
-    def __init__(self, path: str | os.PathLike): super().__init__(path, f"the run {Path(path).parent.name}")
+    def __init__(self, path: str | os.PathLike, # the run folder's lock file, `<run_dir>/.lock`
+                 what: str | None = None): # what it guards, for messages (default: `the run <run_id>`)
+        super().__init__(path, what or f"the run {Path(path).parent.name}")
 
 def run_lock(run_dir: str | os.PathLike) -> RunLock:
     "The lock of the run folder `run_dir` (the engine's and the study's one lock)."

@@ -11,11 +11,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..core import DataError, Lease, ParameterError, SunSegError, read_json, stable_hash
+from ..core import DataError, ParameterError, SunSegError, read_json, stable_hash
 from ..data.formats import write_error
 from ..models.profile import model_profile
 from .config import TrainConfig, run_identity
-from ..runs import CHECKPOINTS, FINAL_STATUSES, METRICS, PARAMS, checkpoint_path, only_test_missing, read_metrics
+from ..runs import (CHECKPOINTS, FINAL_STATUSES, LOCK, METRICS, PARAMS, RunLock, checkpoint_path, only_test_missing,
+                          read_metrics)
 from .checkpoint import drop_resume_state, load_weights
 from .distributed import barrier, processes
 from .loss import segmentation_loss
@@ -96,7 +97,7 @@ def _run_lock(run_dir: Path, active: bool = True):
         yield; return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        lease = Lease(run_dir / ".lock", f"the run folder {run_dir.name}")
+        lease = RunLock(run_dir / LOCK, f"the run folder {run_dir.name}")  # the study's lock on the same folder
         taken = lease.acquire()
     except OSError as e:
         raise ParameterError("out_dir", f"cannot create or lock the run folder {run_dir} ({e.strerror or e}); "
