@@ -39,6 +39,7 @@ COMMAND_HELP: dict[str, str] = {  # each subcommand's one-line help as its modul
     "bench": "measure the engine's speed: data, training step, evaluation, loop overhead",
 }
 
+# %% ../nbs/90_cli.ipynb #7e34f22c
 def build_parser(command: str | None = None, # import only this subcommand's module (None: all of them)
                  overview: bool = False, # import no module: the subcommands' names and one-line help only
                 ) -> argparse.ArgumentParser:

@@ -106,6 +106,7 @@ def _params_table(params: dict) -> list[str]:
     cell = lambda v: repr(v).replace("|", "\\|")  # a `|` in a value would end the table cell
     return rows + [f"| `{k}` | `{cell(params[k])}` |" for k in sorted(params)]
 
+# %% ../nbs/70_export.ipynb #77b708a7
 def model_card(params: dict, data: dict, metrics: dict, # the run's records
                which: str = "best", # the exported weights
                epoch: int | None = None, # their epoch

@@ -98,6 +98,21 @@ class SimulatedTrainer:
         level = (0.45 if params.get("model") == "upernet" else 0.28) - 0.03 * abs(math.log10(lr) + 4)
         return level - 0.06 * (not params.get("augment", True)) - 0.1 * bool(params.get("weighted_loss"))
 
+# %% ../nbs/95_testing.ipynb #6b132763
+def _final_metrics(metrics: dict, # the run's `metrics.json` while it trains, completed here in place
+                   rows: list[dict], # the history's rows, one per epoch
+                   diverged: bool, # the loss became NaN
+                  ) -> dict | None:
+    "Complete a simulated run's metrics once its epochs are done; returns its best epoch's row (None: no finite loss)."
+    finite = [r for r in rows if math.isfinite(r["val_loss"])]
+    best = max(finite, key=lambda r: r["val_miou"]) if finite else None
+    metrics.update(status="diverged" if diverged else "completed",
+                   reason="the training loss became NaN at epoch 2" if diverged else None,
+                   best_epoch=best["epoch"] if best else None, best_val_miou=best["val_miou"] if best else float("nan"),
+                   epochs_completed=len(rows), stopped_early=False, wall_seconds=sum(r["seconds"] for r in rows),
+                   train_images_per_second=float(np.mean([r["train_images_per_second"] for r in rows])))
+    return best
+
 # %% ../nbs/95_testing.ipynb #86c3f1fb
 @patch
 def __call__(self: SimulatedTrainer, run: GridRun, runs_dir: Path):
@@ -129,14 +144,7 @@ def __call__(self: SimulatedTrainer, run: GridRun, runs_dir: Path):
         rows.append(row)
         pd.DataFrame(rows).to_csv(history_path, index=False)
         if run.entry in self.diverge and epoch >= 2: break
-    finite = [r for r in rows if math.isfinite(r["val_loss"])]
-    best = max(finite, key=lambda r: r["val_miou"]) if finite else None
-    diverged = run.entry in self.diverge
-    metrics.update(status="diverged" if diverged else "completed",
-                   reason="the training loss became NaN at epoch 2" if diverged else None,
-                   best_epoch=best["epoch"] if best else None, best_val_miou=best["val_miou"] if best else float("nan"),
-                   epochs_completed=len(rows), stopped_early=False, wall_seconds=sum(r["seconds"] for r in rows),
-                   train_images_per_second=float(np.mean([r["train_images_per_second"] for r in rows])))
+    best = _final_metrics(metrics, rows, diverged=run.entry in self.diverge)
     if best:
         metrics["val"] = _split_metrics(best, "val", 20)
         _save_simulated_counts(run_dir, best, "val", 20)

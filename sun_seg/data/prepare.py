@@ -272,6 +272,48 @@ def _move_into_place(part: Path, out: Path, state: str) -> None:
         if out.is_dir(): out.rmdir()  # empty (checked)
         os.replace(part, out)
 
+# %% ../../nbs/01b_data.prepare.ipynb #e4baf0af
+def _write_samples(part: Path, reader: SunRGBDReader, todo: list, keys: list, size, workers: int, done: dict,
+                   progress: bool) -> list:
+    "Decode the samples at `todo` into the partial cache `part`, journalling each; `done` grows; returns the bad `(pos, record, problem)`."
+    bad = []
+    with open(part / CACHE_IMAGES, "ab") as fi, open(part / CACHE_LABELS, "ab") as fl, \
+         open(part / "journal.jsonl", "a") as fj, \
+         tqdm(total=len(reader.records), initial=len(done), desc="prepare", unit="img", disable=not progress) as bar:
+        for pos, r in _results(reader, todo, size, workers):
+            rec = reader.records[pos]
+            if "problem" in r:
+                bad.append((pos, rec, r["problem"]))
+                fj.write(json.dumps({"pos": pos, "problem": r["problem"]}) + "\n")
+            else:
+                entry = {"pos": pos, "id": rec.id, "key": keys[pos], "image_offset": fi.tell(), "label_offset": fl.tell(),
+                         **{k: r[k] for k in ("orig_size", "shape", "sha256", "counts")}}
+                fi.write(r["image"].tobytes()); fl.write(r["label"].tobytes())
+                fi.flush(); fl.flush()
+                fj.write(json.dumps(entry) + "\n")
+                done[pos] = entry
+            fj.flush()
+            bar.update(1)
+        for f in (fi, fl): os.fsync(f.fileno())
+    return bad
+
+# %% ../../nbs/01b_data.prepare.ipynb #d03a641b
+def _finish_or_refuse(part: Path, out: Path, reader: SunRGBDReader, params: dict, done: dict, bad: list,
+                      skip_bad: bool, state: str) -> None:
+    "Refuse when samples are bad (unless `skip_bad`) or a split has none left; else write the index and move the cache into place."
+    if bad and not skip_bad:
+        raise DataError(_bad_report(bad, len(reader.records)) + "\nFix or re-extract these files and run prepare again "
+                        "(finished samples are kept and not redone), or pass skip_bad=True (--skip-bad) to leave them out "
+                        f"(they are listed in {CACHE_SKIPPED}). No cache was written", out)
+    for split in ("train", "test"):
+        n = sum(1 for p in done if reader.records[p].split == split)
+        total = sum(1 for r in reader.records if r.split == split)
+        if total and not n:
+            raise DataError(f"every one of the {total} {split} samples is bad; no cache was written:\n"
+                            + _bad_report(bad, len(reader.records)), out)
+    _finish(part, reader, params, done, bad, skip_bad)
+    _move_into_place(part, out, state)
+
 # %% ../../nbs/01b_data.prepare.ipynb #2fff3591
 def prepare(src: str | os.PathLike, # SUN RGB-D in any form (official, preprocessed, or a cache to resize)
             out: str | os.PathLike, # cache folder to create (new or empty; or a cache to replace with overwrite)
@@ -328,48 +370,6 @@ def _prepare_held(reader, out: Path, params: dict, size, skip_bad: bool, workers
     if verify: CacheReader(out).verify(progress)
     if progress and bad: print(f"skipped {len(bad)} bad samples (listed in {out / CACHE_SKIPPED})")
     return out
-
-# %% ../../nbs/01b_data.prepare.ipynb #e4baf0af
-def _write_samples(part: Path, reader: SunRGBDReader, todo: list, keys: list, size, workers: int, done: dict,
-                   progress: bool) -> list:
-    "Decode the samples at `todo` into the partial cache `part`, journalling each; `done` grows; returns the bad `(pos, record, problem)`."
-    bad = []
-    with open(part / CACHE_IMAGES, "ab") as fi, open(part / CACHE_LABELS, "ab") as fl, \
-         open(part / "journal.jsonl", "a") as fj, \
-         tqdm(total=len(reader.records), initial=len(done), desc="prepare", unit="img", disable=not progress) as bar:
-        for pos, r in _results(reader, todo, size, workers):
-            rec = reader.records[pos]
-            if "problem" in r:
-                bad.append((pos, rec, r["problem"]))
-                fj.write(json.dumps({"pos": pos, "problem": r["problem"]}) + "\n")
-            else:
-                entry = {"pos": pos, "id": rec.id, "key": keys[pos], "image_offset": fi.tell(), "label_offset": fl.tell(),
-                         **{k: r[k] for k in ("orig_size", "shape", "sha256", "counts")}}
-                fi.write(r["image"].tobytes()); fl.write(r["label"].tobytes())
-                fi.flush(); fl.flush()
-                fj.write(json.dumps(entry) + "\n")
-                done[pos] = entry
-            fj.flush()
-            bar.update(1)
-        for f in (fi, fl): os.fsync(f.fileno())
-    return bad
-
-# %% ../../nbs/01b_data.prepare.ipynb #d03a641b
-def _finish_or_refuse(part: Path, out: Path, reader: SunRGBDReader, params: dict, done: dict, bad: list,
-                      skip_bad: bool, state: str) -> None:
-    "Refuse when samples are bad (unless `skip_bad`) or a split has none left; else write the index and move the cache into place."
-    if bad and not skip_bad:
-        raise DataError(_bad_report(bad, len(reader.records)) + "\nFix or re-extract these files and run prepare again "
-                        "(finished samples are kept and not redone), or pass skip_bad=True (--skip-bad) to leave them out "
-                        f"(they are listed in {CACHE_SKIPPED}). No cache was written", out)
-    for split in ("train", "test"):
-        n = sum(1 for p in done if reader.records[p].split == split)
-        total = sum(1 for r in reader.records if r.split == split)
-        if total and not n:
-            raise DataError(f"every one of the {total} {split} samples is bad; no cache was written:\n"
-                            + _bad_report(bad, len(reader.records)), out)
-    _finish(part, reader, params, done, bad, skip_bad)
-    _move_into_place(part, out, state)
 
 # %% ../../nbs/01b_data.prepare.ipynb #e44e0801
 def _cli(args) -> int:

@@ -23,7 +23,7 @@ __all__ = ['METHOD', 'PENDING', 'STATE_KEYS', 'unwrap_model', 'weights_digest', 
            'environment_info', 'pending_path', 'commit_pending', 'drop_pending', 'commit_epoch', 'read_resume_state',
            'check_committed_weights', 'drop_resume_state']
 
-# %% ../../nbs/30b_train.checkpoint.ipynb #4b09fb39
+# %% ../../nbs/30b_train.checkpoint.ipynb #9769d2f4
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     "The plain module inside DistributedDataParallel and torch.compile wrappers."
     while True:
@@ -45,6 +45,7 @@ def _stored_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     "What a weights file holds: the untied state dict made contiguous, as safetensors stores it."
     return {name: t.contiguous() for name, t in _untied_state(model).items()}
 
+# %% ../../nbs/30b_train.checkpoint.ipynb #8d6e389f
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -64,6 +65,7 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike, **metadata) ->
     tensors = _stored_tensors(model)
     return _save_tensors(tensors, _digest(tensors), path, **metadata)
 
+# %% ../../nbs/30b_train.checkpoint.ipynb #bf6879a1
 def _write_failure(e: Exception, path: str | os.PathLike, tmp: Path) -> Exception:
     "The `OSError` behind a failed weights or state write (safetensors and torch wrap a full disk or a file size limit in errors of their own); else `e`."
     import contextlib, errno, re
@@ -90,6 +92,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], digest: str, path: str | os.
         os.chmod(tmp, FILE_MODE)  # safetensors recreates the file owner-only; records get the usual permissions
     return Path(path)
 
+# %% ../../nbs/30b_train.checkpoint.ipynb #ca6615b3
 def weights_metadata(path: str | os.PathLike) -> dict:
     "The text metadata of a safetensors file (a `DataError` naming it when it is not a readable one)."
     path = Path(path)
@@ -100,6 +103,7 @@ def weights_metadata(path: str | os.PathLike) -> dict:
         raise DataError(f"not a readable safetensors checkpoint ({type(e).__name__}: {str(e)[:200]}); it is damaged or"
                         f" not a checkpoint: {_RESTART}", path) from None
 
+# %% ../../nbs/30b_train.checkpoint.ipynb #c455ac46
 def load_weights(model: torch.nn.Module, path: str | os.PathLike,
                  run_id: str | None = None, # refuse a file written by another run
                 ) -> dict:

@@ -140,7 +140,7 @@ def kernel_manager_class():
         def _encrypted(self): return "auto"
     return EncryptedKernelManager
 
-# %% ../../nbs/32b_train.cli.ipynb #2f138d37
+# %% ../../nbs/32b_train.cli.ipynb #504eec75
 def default_template() -> Path:
     "The training notebook: `nbs/train.ipynb` of this checkout, else the copy installed with the package."
     return packaged_file("train.ipynb", "nbs/train.ipynb")
@@ -153,6 +153,7 @@ def _absolute_paths(params: dict) -> dict:
     if "out_dir" not in out: out["out_dir"] = str(Path(TrainConfig.out_dir).resolve())
     return out
 
+# %% ../../nbs/32b_train.cli.ipynb #ddca0586
 def _kernels(parent) -> list:
     "The Jupyter kernels among `parent`'s child processes."
     import psutil
@@ -186,6 +187,7 @@ def _interrupts_to_kernel():
     finally:
         for s, handler in previous.items(): signal.signal(s, handler)
 
+# %% ../../nbs/32b_train.cli.ipynb #1b9a438b
 def _run_folder_is_ours(plan) -> bool:
     "May this command write into the run folder? Not while another process trains it, nor when it holds another run."
     params = plan.run_dir / PARAMS
@@ -201,6 +203,7 @@ def _run_folder_is_ours(plan) -> bool:
     except OSError: pass  # an unwritable folder: the training says so, naming it
     return True
 
+# %% ../../nbs/32b_train.cli.ipynb #1fc0f861
 class _AtomicLocalFiles:
     "papermill's local file handler with atomic writes: a kill never leaves a torn notebook in the run folder."
     def __init__(self):
@@ -224,6 +227,7 @@ def _atomic_notebook_writes(folder: Path):
     finally:
         with contextlib.suppress(ValueError, AttributeError): papermill_io._handlers.remove(entry)
 
+# %% ../../nbs/32b_train.cli.ipynb #d36c4032
 def run_notebook(params: dict, # training parameters
                  template: str | os.PathLike | None = None, # default `default_template()`
                  output: str | os.PathLike | None = None, # also write the executed notebook here

@@ -92,72 +92,92 @@ def _check_str(name: str, value: Any) -> str:
         raise ParameterError(name, f"got {value!r} ({type(value).__name__}); expected text")
     return value
 
-# %% ../../nbs/30a_train.config.ipynb #6eaa9aaa
-@patch
-def validate(self: TrainConfig) -> TrainConfig:
-    "Refuse bad values (a `ParameterError` naming the parameter); returns the config, normalised."
-    check_choice("model", self.model, MODELS)
-    self.lr = float(check_positive("lr", self.lr))
-    check_choice("scheduler", self.scheduler, SCHEDULERS)
+# %% ../../nbs/30a_train.config.ipynb #77253aad
+def _validate_method(config: TrainConfig) -> None:
+    "Model, optimiser, loss and fine-tuning choices; `lr` becomes a float."
+    check_choice("model", config.model, MODELS)
+    config.lr = float(check_positive("lr", config.lr))
+    check_choice("scheduler", config.scheduler, SCHEDULERS)
     for name in ("weighted_loss", "augment", "channels_last", "compile", "test", "eval_original_size", "keep_last"):
-        setattr(self, name, check_bool(name, getattr(self, name)))
-    check_choice("eval_size", self.eval_size, EVAL_SIZES)
-    if self.eval_original_size and self.eval_size != "original":
+        setattr(config, name, check_bool(name, getattr(config, name)))
+    check_choice("eval_size", config.eval_size, EVAL_SIZES)
+    if config.eval_original_size and config.eval_size != "original":
         raise ParameterError("eval_original_size", f"is True (the old name of eval_size='original') but eval_size is"
-                             f" {self.eval_size!r}: give only eval_size")
-    self.eval_original_size = self.eval_size == "original"  # the old name, kept in step
-    _check_str("finetune", self.finetune)
-    if self.model == "unet" and self.finetune:
-        raise ParameterError("finetune", f"got {self.finetune!r}, but the U-Net is trained from scratch, all of it;"
+                             f" {config.eval_size!r}: give only eval_size")
+    config.eval_original_size = config.eval_size == "original"  # the old name, kept in step
+    _check_str("finetune", config.finetune)
+    if config.model == "unet" and config.finetune:
+        raise ParameterError("finetune", f"got {config.finetune!r}, but the U-Net is trained from scratch, all of it;"
                              " fine-tuning depths apply to model='upernet' only: leave finetune empty")
-    if self.finetune: check_choice("finetune", self.finetune, FINETUNE_DEPTHS)
-    _check_int("epochs", self.epochs, 1)
-    _check_int("patience", self.patience, 0)
-    _check_int("batch_size", self.batch_size, 1)
-    if isinstance(self.image_size, int) and not isinstance(self.image_size, bool): self.image_size = str(self.image_size)
-    h, w = parse_size(_check_str("image_size", self.image_size), "image_size")
+    if config.finetune: check_choice("finetune", config.finetune, FINETUNE_DEPTHS)
+
+# %% ../../nbs/30a_train.config.ipynb #38095b20
+def _validate_schedule_and_paths(config: TrainConfig) -> None:
+    "Epochs, batch, image size (normalised to 'HxW'), seed and the folders."
+    _check_int("epochs", config.epochs, 1)
+    _check_int("patience", config.patience, 0)
+    _check_int("batch_size", config.batch_size, 1)
+    if isinstance(config.image_size, int) and not isinstance(config.image_size, bool): config.image_size = str(config.image_size)
+    h, w = parse_size(_check_str("image_size", config.image_size), "image_size")
     if not (MIN_SIDE <= min(h, w) and max(h, w) <= MAX_SIDE):
         raise ParameterError("image_size", f"got {h}x{w}; each side must be {MIN_SIDE}..{MAX_SIDE} pixels (the models"
                              f" downsample by {MIN_SIDE}; SUN RGB-D's images are at most 730x530)")
-    self.image_size = f"{h}x{w}"
-    _check_int("seed", self.seed, 0)
-    if self.seed >= 2**63: raise ParameterError("seed", f"got {self.seed}; use a number below 2**63")
-    for name in ("data_dir", "pretrained", "out_dir", "run_name"): _check_str(name, getattr(self, name))
-    if self.model == "upernet" and not self.pretrained.strip():
+    config.image_size = f"{h}x{w}"
+    _check_int("seed", config.seed, 0)
+    if config.seed >= 2**63: raise ParameterError("seed", f"got {config.seed}; use a number below 2**63")
+    for name in ("data_dir", "pretrained", "out_dir", "run_name"): _check_str(name, getattr(config, name))
+    if config.model == "upernet" and not config.pretrained.strip():
         raise ParameterError("pretrained", "the UPerNet is fine-tuned from pretrained weights: give a hub id"
                              " (openmmlab/upernet-convnext-tiny) or a local folder")
-    if not self.out_dir.strip(): raise ParameterError("out_dir", "is empty; give a folder for the run folders")
-    if self.run_name: safe_name(self.run_name, "run_name")
-    check_choice("precision", self.precision, PRECISIONS)
-    _check_str("device", self.device)
-    device = resolve_device(self.device)
+    if not config.out_dir.strip(): raise ParameterError("out_dir", "is empty; give a folder for the run folders")
+    if config.run_name: safe_name(config.run_name, "run_name")
+
+# %% ../../nbs/30a_train.config.ipynb #221bf6ee
+def _validate_device_and_batches(config: TrainConfig) -> None:
+    "Precision, device, data loading and the batch caps."
+    check_choice("precision", config.precision, PRECISIONS)
+    _check_str("device", config.device)
+    device = resolve_device(config.device)
     if device.type not in DEVICE_TYPES:
-        raise ParameterError("device", f"got {self.device!r}; train on {' or '.join(DEVICE_TYPES)} ('auto' picks)")
+        raise ParameterError("device", f"got {config.device!r}; train on {' or '.join(DEVICE_TYPES)} ('auto' picks)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ParameterError("device", f"got {self.device!r}, but this machine shows {torch.cuda.device_count()} CUDA GPU(s)")
-    _check_int("num_workers", self.num_workers, -1)
-    _check_int("micro_batch_size", self.micro_batch_size, 0)
-    if self.micro_batch_size and self.batch_size % self.micro_batch_size:
-        raise ParameterError("micro_batch_size", f"{self.micro_batch_size} does not divide batch_size={self.batch_size}"
+        raise ParameterError("device", f"got {config.device!r}, but this machine shows {torch.cuda.device_count()} CUDA GPU(s)")
+    _check_int("num_workers", config.num_workers, -1)
+    _check_int("micro_batch_size", config.micro_batch_size, 0)
+    if config.micro_batch_size and config.batch_size % config.micro_batch_size:
+        raise ParameterError("micro_batch_size", f"{config.micro_batch_size} does not divide batch_size={config.batch_size}"
                              " (the study's batch is reached with equal micro-batches)")
-    _check_int("max_train_batches", self.max_train_batches, 0)
-    _check_int("max_eval_batches", self.max_eval_batches, 0)
-    _check_int("max_micro_batches", self.max_micro_batches, 0)
-    check_choice("profile", self.profile, PROFILES)
-    _check_int("unet_width", self.unet_width, 1)
-    if self.model != "unet" and self.unet_width != 64:
+    _check_int("max_train_batches", config.max_train_batches, 0)
+    _check_int("max_eval_batches", config.max_eval_batches, 0)
+    _check_int("max_micro_batches", config.max_micro_batches, 0)
+    check_choice("profile", config.profile, PROFILES)
+
+# %% ../../nbs/30a_train.config.ipynb #9a92c5c7
+def _validate_model_and_split(config: TrainConfig) -> None:
+    "The models' own parameters, the scheduler's and the validation split's."
+    _check_int("unet_width", config.unet_width, 1)
+    if config.model != "unet" and config.unet_width != 64:
         raise ParameterError("unet_width", "applies to model='unet' only; leave it at 64")
-    self.aux_loss_weight = float(check_positive("aux_loss_weight", self.aux_loss_weight, allow_zero=True))
-    self.plateau_factor = float(check_positive("plateau_factor", self.plateau_factor))
-    if self.plateau_factor >= 1: raise ParameterError("plateau_factor", f"got {self.plateau_factor}; use 0 < factor < 1")
-    _check_int("plateau_patience", self.plateau_patience, 0)
-    check_choice("val_method", self.val_method, VAL_METHODS)
-    self.val_fraction = float(check_positive("val_fraction", self.val_fraction))
-    if self.val_fraction >= 1: raise ParameterError("val_fraction", f"got {self.val_fraction}; use 0 < fraction < 1 (0.1 = 10%)")
-    _check_int("val_seed", self.val_seed, 0)
-    if not _check_str("pretrained_revision", self.pretrained_revision).strip() or any(c.isspace() for c in self.pretrained_revision):
-        raise ParameterError("pretrained_revision", f"got {self.pretrained_revision!r}; give a hub branch, tag or commit"
+    config.aux_loss_weight = float(check_positive("aux_loss_weight", config.aux_loss_weight, allow_zero=True))
+    config.plateau_factor = float(check_positive("plateau_factor", config.plateau_factor))
+    if config.plateau_factor >= 1: raise ParameterError("plateau_factor", f"got {config.plateau_factor}; use 0 < factor < 1")
+    _check_int("plateau_patience", config.plateau_patience, 0)
+    check_choice("val_method", config.val_method, VAL_METHODS)
+    config.val_fraction = float(check_positive("val_fraction", config.val_fraction))
+    if config.val_fraction >= 1: raise ParameterError("val_fraction", f"got {config.val_fraction}; use 0 < fraction < 1 (0.1 = 10%)")
+    _check_int("val_seed", config.val_seed, 0)
+    if not _check_str("pretrained_revision", config.pretrained_revision).strip() or any(c.isspace() for c in config.pretrained_revision):
+        raise ParameterError("pretrained_revision", f"got {config.pretrained_revision!r}; give a hub branch, tag or commit"
                              " (default 'main')")
+
+# %% ../../nbs/30a_train.config.ipynb #6f4cfcb6
+@patch
+def validate(self: TrainConfig) -> TrainConfig:
+    "Refuse bad values (a `ParameterError` naming the parameter); returns the config, normalised."
+    _validate_method(self)
+    _validate_schedule_and_paths(self)
+    _validate_device_and_batches(self)
+    _validate_model_and_split(self)
     return self
 
 # %% ../../nbs/30a_train.config.ipynb #f883f108
