@@ -11,7 +11,7 @@ import torch
 from sun_seg import bench
 from sun_seg.bench import (RECORD_FIELDS, SCHEMA, SECTIONS, TARGETS, bench_eval, check_record, engine_iou,
                            per_class_loop_iou, render_markdown, run_bench, torchmetrics_iou)
-from sun_seg.bench.cases import _eval_batches, _same_scores
+from sun_seg.bench.eval_cases import _eval_batches, _same_scores
 from sun_seg.models import UNet
 
 NARROW_UNET_PARAMS = sum(p.numel() for p in UNet(base_channels=8).parameters())  # what unet_width=8 should build

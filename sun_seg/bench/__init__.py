@@ -16,9 +16,10 @@ from ..data.sizes import parse_size
 from .tools import (DTYPES, DTYPE_NAMES, BackgroundLoad, PeakMemory, count_flops, error_line, machine_info,
                                  measure_ceilings, median, state_bytes, synchronize, time_alternating)
 from .cases import (BASELINE, EAGER_CONFIGS, StepConfig, bare_epoch, bench_data, bench_data_wait,
-                                 bench_dataset, bench_eval, bench_largest_batch, bench_run_overhead, bench_train,
-                                 engine_default_config, engine_iou, engine_trainer, largest_batch, per_class_loop_iou,
-                                 precision_choice, profile_step, run_overhead, torchmetrics_iou)
+                                 bench_dataset, bench_largest_batch, bench_run_overhead, bench_train,
+                                 engine_default_config, engine_trainer, largest_batch, precision_choice, profile_step,
+                                 run_overhead)
+from .eval_cases import bench_eval, engine_iou, per_class_loop_iou, torchmetrics_iou
 from .targets import STUDY_STEPS_PER_EPOCH, TARGETS, Target, compile_advice, evaluate_targets
 from .render import render_markdown
 from .peer import bench_peer

@@ -17,6 +17,7 @@ from ..core import IGNORE_INDEX, NUM_CLASSES, normalize_images
 from ..data.sunrgbd import SunRGBD
 from ..data.transforms import eval_transform
 from ..metrics import confusion_matrix, miou
+from ..train import Callback
 from .tools import median, synchronize
 from .cases import StepConfig, engine_trainer
 
@@ -119,7 +120,7 @@ def _data_rates(engine, pipeline: ExamplePipeline, batch: int, data_steps: int, 
     "images/s of the engine's training loader and of the example's loader, `repeats` rounds of each in turn."
     ours, theirs = [], []
     for _ in range(repeats):
-        ours.append(loader_rate(engine.train_loader, min(data_steps, len(engine.batches) - 1)))
+        ours.append(loader_rate(engine.train_loader, min(data_steps, len(engine.train_loader) - 1)))
         theirs.append(loader_rate(example_loader(pipeline, batch, engine.num_workers), data_steps))
     return ours, theirs
 
@@ -128,15 +129,18 @@ def _steps_rate(batch: int, ends: list[float]) -> float:
     return batch * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
 
 # %% ../../nbs/60e_bench.peer.ipynb #76de5fee
-def _engine_rate(engine, batch: int, device: torch.device) -> float:
-    "The engine trains one epoch of its steps; images/s from the end of its first step to the end of its last."
-    ends = []
-    class _Timer:
-        def after_step(self, trainer, epoch, step): synchronize(device); ends.append(time.perf_counter())
-        def __getattr__(self, name): return lambda *a, **k: None
-    engine.callbacks.append(_Timer())
+class _StepEnds(Callback):
+    "An engine hook: the clock at the end of each training step, once the device has finished it."
+    def __init__(self, device: torch.device): self.device, self.ends = device, []
+    def after_step(self, trainer, epoch: int, step: int) -> None:
+        synchronize(self.device)
+        self.ends.append(time.perf_counter())
+
+def _engine_rate(engine, step_ends: _StepEnds, batch: int) -> float:
+    "One epoch of the engine's steps (`step_ends` among its callbacks); images/s from the end of its first step to its last."
+    step_ends.ends.clear()
     engine.train_epoch(1)
-    return _steps_rate(batch, ends)
+    return _steps_rate(batch, step_ends.ends)
 
 def _validation_images(cache_root, size: tuple[int, int], eval_images: int) -> tuple[torch.Tensor, torch.Tensor]:
     "The first `eval_images` validation images and targets at `size` (the evaluation transform)."
@@ -155,7 +159,8 @@ def bench_peer(raw_root, cache_root, # the same data in a raw form and as the en
                options: dict | None = None, # other `TrainConfig` parameters (tests: a tiny backbone)
                log: Callable[[str], None] = lambda s: None) -> dict:
     "The engine vs transformers' Trainer on the same UPerNet fine-tuning: images/s of training and of data, and mIoU."
-    engine = engine_trainer("upernet", config, size, batch, device, cache_root, out_dir,
+    step_ends = _StepEnds(device)
+    engine = engine_trainer("upernet", config, size, batch, device, cache_root, out_dir, callbacks=[step_ends],
                             finetune=finetune, lr=lr, max_train_batches=steps, **(options or {}))
     net = copy.deepcopy(engine.model.net)  # the same initial weights and the same trainable parameters
     pipeline = ExamplePipeline(raw_root, size, seed=0)
@@ -163,7 +168,7 @@ def bench_peer(raw_root, cache_root, # the same data in a raw form and as the en
     log(f"peer: data pipelines ({data_steps} batches of {batch}, {repeats} rounds, {workers} workers)")
     ours_data, peer_data = _data_rates(engine, pipeline, batch, data_steps, repeats)
     log(f"peer: the engine trains {steps} steps")
-    ours_rate = _engine_rate(engine, batch, device)
+    ours_rate = _engine_rate(engine, step_ends, batch)
     log(f"peer: transformers.Trainer trains {steps} steps")
     trainer, times = hf_trainer(net, pipeline, batch, steps, lr, config.precision, device, Path(out_dir) / "hf", workers)
     with contextlib.redirect_stdout(io.StringIO()):  # Trainer prints its metrics dict: the bench reports its own

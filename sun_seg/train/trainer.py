@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib, math, os, time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import psutil
 import torch
@@ -228,8 +228,9 @@ def _backward_micro_batch(self: Trainer, x: torch.Tensor, y: torch.Tensor, denom
 
 # %% ../../nbs/31f_train.trainer.ipynb #49d9c3aa
 @patch
-def _train_step(self: Trainer, images_u8: torch.Tensor, targets: torch.Tensor, epoch: int, step: int):
-    "One optimizer step on a batch; returns its loss (on the device) and the images it trained on (all processes)."
+def _train_step(self: Trainer, images_u8: torch.Tensor, targets: torch.Tensor, epoch: int, step: int,
+                micro: int | None = None):
+    "One optimizer step on a batch (in micro-batches of `micro` images, None: the plan's); returns its loss (on the device) and the images it trained on (all processes)."
     c, device = self.config, self.device
     if self.device_jitter is not None:  # seeded per step and process: resumes and reruns repeat it
         generator = torch.Generator().manual_seed(derive_seed(c.seed, epoch, "jitter", step, self.procs.rank))
@@ -238,7 +239,7 @@ def _train_step(self: Trainer, images_u8: torch.Tensor, targets: torch.Tensor, e
     y = targets.to(device, non_blocking=True).long()
     denominator = all_reduce(loss_denominator(y, self.class_weights)).clamp(min=1.0)
     step_loss = torch.zeros((), dtype=torch.float32, device=device)
-    parts = micro_batch_slices(len(x), self.micro)
+    parts = micro_batch_slices(len(x), micro or self.micro)
     # a rehearsal steps through the first micro-batches only, each scaled by the whole batch's denominator
     if c.max_micro_batches: parts = parts[:c.max_micro_batches]
     for i, part in enumerate(parts):
@@ -254,8 +255,8 @@ class Diverged(Exception):
 
 # %% ../../nbs/31f_train.trainer.ipynb #2b2b304a
 @patch
-def _train_batches(self: Trainer, epoch: int, loader, total: int) -> dict:
-    "Train on `total` batches of `loader` as epoch `epoch`; returns the mean loss, seconds, images and steps."
+def _train_batches(self: Trainer, epoch: int, loader, total: int, micro: int | None = None) -> dict:
+    "Train on `total` batches of `loader` as epoch `epoch` (micro-batches of `micro` images); returns the mean loss, seconds, images and steps."
     c, device = self.config, self.device
     seed_everything(derive_seed(c.seed, epoch, "model"))  # dropout and the like: the same after a resume
     self.train_model.train()
@@ -267,7 +268,7 @@ def _train_batches(self: Trainer, epoch: int, loader, total: int) -> dict:
     try:
         for images_u8, targets in bar:
             if self.timeline["first_step"] is None: self.timeline["first_step"] = time.time()
-            step_loss, step_images = self._train_step(images_u8, targets, epoch, steps)
+            step_loss, step_images = self._train_step(images_u8, targets, epoch, steps, micro)
             loss_total += step_loss
             steps += 1
             images += step_images
@@ -306,13 +307,15 @@ def _cycled(batches, steps: int):
 # %% ../../nbs/31f_train.trainer.ipynb #bec90eea
 @patch
 def run_steps(self: Trainer, steps: int, # optimizer steps to train
-              batches: Sequence | None = None, # `(images uint8, targets)` batches to cycle through (None: the trainer's loader)
-              epoch: int = 1, # the epoch the steps count as (it seeds the data order, augmentation and dropout)
+              batches: Iterable | None = None, # `(images uint8, targets)` batches to cycle through (None: the trainer's loader)
+              epoch: int = 1, # the epoch the steps count as (it seeds the loader's order, augmentation and dropout)
+              micro_batch_size: int | None = None, # images per forward and backward in these steps (None: the plan's)
              ) -> dict:
     "Train `steps` optimizer steps; returns `steps`, `images` (all processes), `seconds` (device synchronised) and `train_loss`."
-    if batches is None: self.batches.epoch = epoch
+    self.batches.epoch = epoch  # the loader's order, also when `batches` wraps the loader
     start = time.perf_counter()
-    done = self._train_batches(epoch, _cycled(self.train_loader if batches is None else batches, steps), steps)
+    done = self._train_batches(epoch, _cycled(self.train_loader if batches is None else batches, steps), steps,
+                               micro_batch_size)
     if self.device.type == "cuda": torch.cuda.synchronize(self.device)
     return {"steps": done["steps"], "images": done["train_images"], "seconds": time.perf_counter() - start,
             "train_loss": done["train_loss"]}
