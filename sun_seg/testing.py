@@ -17,7 +17,8 @@ from .core import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, atomic_write_json, saf
 from .data import SunRGBD
 from .data.formats import SENSORS, example_frame_path, write_preprocessed_release
 from .metrics import image_counts_path, save_image_counts
-from .study import (GridRun, Study, load_study, read_metrics, resolve_grid, run_evaluations, run_grid,
+from .runs import read_metrics
+from .study import (GridRun, Study, load_study, resolve_grid, run_evaluations, run_grid,
                            save_data_summary, study_record, write_study_record)
 
 # %% auto #0

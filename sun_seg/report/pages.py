@@ -13,7 +13,8 @@ import pandas as pd
 import sun_seg
 from ..core import CLASS_NAMES, DEMO_NOTICE, read_json, safe_child
 from ..analysis import BASELINE_LABELS, data_baselines, data_summary, format_value, interval_text, load_history
-from ..study import FINAL_STATUSES, read_metrics, record_runs, run_state
+from ..runs import FINAL_STATUSES, read_metrics, run_state
+from ..study import record_runs
 from .render import executed_notebook_html, site_environment
 from .views import (frame_view, pretrain_note, readable, rehearsal_line, settings_line, settings_rows,
                                   table_view)
@@ -161,7 +162,7 @@ def run_page(site: SitePages, r, run, analysis: dict, notebooks: bool) -> None:
     out = site.out
     run_dir = safe_child(out / "runs", r.run_id, "run_id")
     status, reason = run_state(out, r.run_id)  # `damaged: <fault>` when a record of the run is damaged
-    metrics = {} if status == "damaged" else read_metrics(run_dir)
+    metrics = {} if status == "damaged" else read_metrics(run_dir) or {}
     notebook = notebooks and (run_dir / "train.ipynb").is_file()
     site.page(f"runs/{r.run_id}.html", "run.html", f"{r.entry} (seed {r.seed})", "Runs", run=run, status=status, reason=reason,
               params={k: readable(v, k) for k, v in run.params.items()}, results=_run_results(metrics, r.flags),
