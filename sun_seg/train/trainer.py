@@ -4,9 +4,8 @@
 
 # %% ../../nbs/31f_train.trainer.ipynb #0c631378
 from __future__ import annotations
-import contextlib, math, os, time
+import contextlib, math, time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import psutil

@@ -16,9 +16,9 @@ from .furniture import (SMALL, bathtub, bed, bookshelf, chance, chair, count_bet
 from .walls import door, mirror, picture, towel, whiteboard, window
 
 # %% auto #0
-__all__ = ['FURNISH', 'ceiling_lights', 'floor_material', 'wall_base', 'room_shell', 'dresser', 'wardrobe', 'low_cabinet',
-           'desk_with_chair', 'dining_set', 'screen_on_wall', 'on_walls_in_view', 'things_on_the_floor', 'common',
-           'night_stands', 'furnish_bedroom', 'furnish_living_room', 'furnish_office', 'furnish_classroom',
+__all__ = ['FURNISH', 'ceiling_lights', 'floor_material', 'wall_base', 'room_shell', 'spot_at_a_wall', 'dresser', 'wardrobe',
+           'low_cabinet', 'desk_with_chair', 'dining_set', 'screen_on_wall', 'on_walls_in_view', 'things_on_the_floor',
+           'common', 'night_stands', 'furnish_bedroom', 'furnish_living_room', 'furnish_office', 'furnish_classroom',
            'furnish_kitchen', 'furnish_bathroom', 'furnish_dining_room', 'furnish_study']
 
 # %% ../../../nbs/03e_data.demo.rooms.ipynb #dd7b8ca2
@@ -78,15 +78,22 @@ def room_shell(scene):
     quad([left, 0, front], [width, 0, 0], [0, height, 0], [0, 0, 1], paint, wall_raw, wall_obj)
     wall_base(scene, wet, paint, wall_raw, wall_obj)
 
+# %% ../../../nbs/03e_data.demo.rooms.ipynb #5a7b0c11
+def spot_at_a_wall(scene, width_range: tuple[float, float], # the piece's width is drawn from this range
+                   depth: float): # how deep the piece is
+    "A wall in view, a width drawn from `width_range` and a free spot there for a piece `depth` deep: `(wall, width, (along, x, z, yaw))`, or None."
+    wall = scene.pick_wall()
+    if wall is None: return None
+    width = uniform(scene, *width_range)
+    spot = stand_at_wall(scene, wall, width, depth)
+    return None if spot is None else (wall, width, spot)
+
 # %% ../../../nbs/03e_data.demo.rooms.ipynb #0f72283f
 def dresser(scene):
     "A dresser against a wall in view, things on it, maybe a mirror above."
-    wall = scene.pick_wall()
-    if wall is None: return
-    width = uniform(scene, 0.8, 1.6)
-    spot = stand_at_wall(scene, wall, width, 0.5)
-    if spot is None: return
-    along, x, z, yaw = spot
+    found = spot_at_a_wall(scene, (0.8, 1.6), 0.5)
+    if found is None: return
+    wall, width, (along, x, z, yaw) = found
     height = uniform(scene, 0.75, 1.1)
     panel_box(scene, "dresser", x, z, yaw, width, 0.5, 0, height, (int(scene.rng.integers(3, 5)), 2), handle=(0.5, 0.5))
     on_top(scene, x, z, yaw, width, 0.45, height, [k for k, p in (("tv", 0.3), ("lamp", 0.3), ("box", 0.2), ("books", 0.2),
@@ -96,24 +103,18 @@ def dresser(scene):
 # %% ../../../nbs/03e_data.demo.rooms.ipynb #16fcb138
 def wardrobe(scene, label="cabinet"):
     "A tall cabinet against a wall in view."
-    wall = scene.pick_wall()
-    if wall is None: return
-    width = uniform(scene, 0.8, 2.0)
-    spot = stand_at_wall(scene, wall, width, 0.6)
-    if spot is None: return
-    along, x, z, yaw = spot
+    found = spot_at_a_wall(scene, (0.8, 2.0), 0.6)
+    if found is None: return
+    wall, width, (along, x, z, yaw) = found
     panel_box(scene, label, x, z, yaw, width, 0.6, 0, uniform(scene, 1.7, 2.2), (1, int(scene.rng.integers(2, 4))),
               handle=(0.85, 0.5))
 
 # %% ../../../nbs/03e_data.demo.rooms.ipynb #407f02cd
 def low_cabinet(scene):
     "A low cabinet against a wall in view, with a TV, books, a box or a lamp on it."
-    wall = scene.pick_wall()
-    if wall is None: return
-    width = uniform(scene, 0.6, 1.6)
-    spot = stand_at_wall(scene, wall, width, 0.45)
-    if spot is None: return
-    along, x, z, yaw = spot
+    found = spot_at_a_wall(scene, (0.6, 1.6), 0.45)
+    if found is None: return
+    wall, width, (along, x, z, yaw) = found
     height = uniform(scene, 0.5, 0.9)
     panel_box(scene, "cabinet", x, z, yaw, width, 0.45, 0, height, (1, int(scene.rng.integers(1, 4))), handle=(0.5, 0.85))
     on_top(scene, x, z, yaw, width, 0.4, height, [k for k, p in (("tv", 0.35), ("books", 0.2), ("box", 0.2), ("lamp", 0.15))
