@@ -12,7 +12,7 @@ from ..runs import HISTORY_COLUMNS, STATUSES, checkpoint_path, read_history, rea
 from .checkpoint import load_weights, save_weights
 from .loss import segmentation_loss
 from .batches import EpochBatches, EvalBatches, TrainingSamples, collate_pairs
-from .plan import RunPlan, build_run_model, find_micro_batch_size, plan_run
+from .plan import LabelHead, RunPlan, build_run_model, find_micro_batch_size, plan_pretraining, plan_run
 from .evaluation import check_original_labels, evaluate, evaluate_run, load_run_model, predict, repeat_params
 from .trainer import Callback, EarlyStopping, Trainer
 from .engine import RunOutOfMemory, fit
@@ -23,7 +23,7 @@ __all__ = ["TrainConfig", "DEMO_PROFILE", "MODELS", "FINETUNE_DEPTHS", "apply_pr
            "run_identity", "method_values", "evaluation_protocol", "HISTORY_COLUMNS", "STATUSES", "checkpoint_path",
            "load_weights", "read_history", "read_metrics", "run_status", "save_weights", "segmentation_loss",
            "EpochBatches", "EvalBatches", "TrainingSamples", "collate_pairs", "RunPlan", "build_run_model",
-           "find_micro_batch_size", "plan_run", "check_original_labels", "evaluate", "evaluate_run", "load_run_model",
+           "find_micro_batch_size", "plan_run", "LabelHead", "plan_pretraining", "check_original_labels", "evaluate", "evaluate_run", "load_run_model",
            "predict", "repeat_params", "Callback", "EarlyStopping", "Trainer", "RunOutOfMemory", "fit", "LivePlot",
            "per_class_table", "plot_history", "results_table", "save_notebook_copy", "add_cli", "main",
            "parameters_from_pairs", "run_notebook"]

@@ -23,12 +23,15 @@ def open_split(root: str | os.PathLike, # the data folder
                split: str, # "fit", "val", "train" or "test"
                info: dict | None = None, # the data info of the run (`val_method`, `val_fraction`, `val_seed`)
                target_dtype: torch.dtype = torch.int64,
+               images: int = 0, # keep the split's first `images` samples only (0: all; a pretraining's share)
               ) -> SunRGBD:
     "The `split` of the data at `root`, with the validation split the run's data info describes."
     info = info or {}
     kw = {k: info[k] for k in ("val_method", "val_fraction", "val_seed") if info.get(k) is not None}
     if kw.get("val_method") == "official": kw.pop("val_fraction", None); kw.pop("val_seed", None)
-    return SunRGBD(root, split, target_dtype=target_dtype, **kw)
+    dataset = SunRGBD(root, split, target_dtype=target_dtype, **kw)
+    if images: dataset.records = dataset.records[:images]  # a split's order is fixed: always the same images
+    return dataset
 
 # %% ../../nbs/31c_train.batches.ipynb #8c1105b0
 def check_original_labels(dataset, # a `SunRGBD` dataset (any split of the data)

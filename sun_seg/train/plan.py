@@ -4,13 +4,13 @@
 
 # %% ../../nbs/31d_train.plan.ipynb #6caf2e1c
 from __future__ import annotations
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..core import DEMO_NOTICE, NUM_CLASSES, ParameterError, data_label, safe_child
+from ..core import DEMO_NOTICE, IGNORE_INDEX, NUM_CLASSES, ParameterError, data_label, safe_child
 from ..data.demo import demo_root
 from ..models import build_model
 from .config import (DEFAULT_FINETUNE, TrainConfig, apply_profile, pretrained_commit_of, resolve_data_dir,
@@ -22,7 +22,29 @@ from .loss import loss_sum
 from .batches import check_original_labels, open_split
 
 # %% auto #0
-__all__ = ['RunPlan', 'plan_run', 'build_run_model', 'model_architecture', 'divisors', 'find_micro_batch_size']
+__all__ = ['LabelHead', 'RunPlan', 'plan_run', 'plan_pretraining', 'build_run_model', 'model_architecture', 'divisors',
+           'find_micro_batch_size']
+
+# %% ../../nbs/31d_train.plan.ipynb #6e8a9409
+@dataclass(frozen=True)
+class LabelHead:
+    "A head over another label set than our classes (a pretraining's): our class c trains its label `label_ids[c]`."
+    num_labels: int  # the head's size (ADE20K's: 150)
+    label_ids: tuple[int, ...]  # the head's label of each of our NUM_CLASSES classes: distinct, below num_labels
+
+    def __post_init__(self):
+        ids = tuple(int(i) for i in self.label_ids)
+        if len(ids) != NUM_CLASSES or len(set(ids)) != NUM_CLASSES or not all(
+                0 <= i < self.num_labels and i != IGNORE_INDEX for i in ids):
+            raise ParameterError("label_ids", f"expected {NUM_CLASSES} distinct label ids in 0..{self.num_labels - 1}"
+                                 f" (not {IGNORE_INDEX}, void); got {list(self.label_ids)}")
+        object.__setattr__(self, "label_ids", ids)
+
+    def target_table(self) -> torch.Tensor:
+        "Our label values (0..255) -> the head's label ids: the classes mapped, every other value void."
+        table = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
+        table[:NUM_CLASSES] = torch.tensor(self.label_ids)
+        return table
 
 # %% ../../nbs/31d_train.plan.ipynb #153b117b
 @dataclass
@@ -39,9 +61,15 @@ class RunPlan:
     dtype: torch.dtype  # autocast dtype (float32 = no autocast)
     run_id: str
     run_dir: Path
+    head: LabelHead | None = None  # a pretraining's head over another label set (None: our classes)
+    train_split: str = "fit"  # the split trained on ("train" for a pretraining, which validates nothing)
+    train_images: int = 0  # train on the split's first images only (0: all of them)
+    model_options: dict = field(default_factory=dict)  # more `build_model` options (a tiny backbone in tests)
 
     @property
     def label(self) -> str: return data_label(self.data_kind, self.data_info.get("fingerprint"))
+    @property
+    def num_classes(self) -> int: return NUM_CLASSES if self.head is None else self.head.num_labels
 
 # %% ../../nbs/31d_train.plan.ipynb #c52a6341
 def _check_out_dir(out_dir: Path) -> Path:
@@ -90,17 +118,37 @@ def plan_run(config: TrainConfig | dict, # the run's parameters
         if source is None or e.source: raise
         raise ParameterError(e.name, e.message, source) from None
 
+# %% ../../nbs/31d_train.plan.ipynb #c15c0bc0
+def plan_pretraining(config: TrainConfig | dict, # the parameters; `data_dir` names the dataset, no profile is applied
+                     head: LabelHead, # the head's labels and where our classes go
+                     images: int = 0, # train on the first `images` of the train split (0: all of it)
+                     model_options: dict | None = None, # more `build_model` options (a tiny backbone for tests)
+                    ) -> RunPlan:
+    "A plan that pretrains a model with its own `head` on the train split of `data_dir`, with the engine's batches, loss and optimizer."
+    config = TrainConfig.from_params(config) if isinstance(config, dict) else replace(config).validate()
+    if not config.data_dir:
+        raise ParameterError("data_dir", "name the dataset to pretrain on (a pretraining never falls back to the demo)")
+    if config.weighted_loss:
+        raise ParameterError("weighted_loss", "class weights are our classes'; a pretraining's head has other labels")
+    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+        raise ParameterError("images", f"got {images!r}; expected a whole number >= 0 (0: the whole train split)")
+    plan = plan_run(replace(config, profile="full"), quiet=True)
+    return replace(plan, head=head, train_split="train", train_images=images, model_options=dict(model_options or {}))
+
 # %% ../../nbs/31d_train.plan.ipynb #cc6c3f38
 def _pretrained_source(config: TrainConfig) -> str | None:
     return None if config.pretrained.strip().lower() in ("none", "null", "random") else config.pretrained
 
-def build_run_model(config: TrainConfig) -> nn.Module:
+def build_run_model(config: TrainConfig, # the run's parameters
+                    num_classes: int = NUM_CLASSES, # the head's size (a pretraining's: `RunPlan.num_classes`)
+                    **options, # more `build_model` options, e.g. a tiny `backbone_config` (`RunPlan.model_options`)
+                   ) -> nn.Module:
     "The model a run trains (weights initialised from the current RNG state, or loaded from `pretrained`)."
     if config.model == "unet":
-        return build_model("unet", num_classes=NUM_CLASSES, base_channels=config.unet_width)
+        return build_model("unet", num_classes=num_classes, base_channels=config.unet_width, **options)
     source = _pretrained_source(config)
-    return build_model("upernet", num_classes=NUM_CLASSES, pretrained=source, finetune=config.finetune or DEFAULT_FINETUNE,
-                       **({"revision": config.pretrained_revision} if source is not None else {}))
+    return build_model("upernet", num_classes=num_classes, pretrained=source, finetune=config.finetune or DEFAULT_FINETUNE,
+                       **({"revision": config.pretrained_revision} if source is not None else {}), **options)
 
 def model_architecture(model: nn.Module) -> dict | None:
     "What rebuilds the model without its pretrained source: the transformers config of the UPerNet (None for the U-Net)."

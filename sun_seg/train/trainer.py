@@ -133,7 +133,8 @@ def eval_loader(self: Trainer, split_dataset, original_size: bool | None = None)
 def _setup_data(self: Trainer) -> None:
     c, p = self.config, self.procs
     self.image_size = parse_size(c.image_size, "image_size")
-    self.fit_split = open_split(self.plan.data_root, "fit", self.plan.data_info, target_dtype=torch.uint8)
+    self.fit_split = open_split(self.plan.data_root, self.plan.train_split, self.plan.data_info, target_dtype=torch.uint8,
+                                images=self.plan.train_images)  # a pretraining's: the first images of `train`
     self.val_split = open_split(self.plan.data_root, "val", self.plan.data_info, target_dtype=torch.uint8)
     if len(self.val_split) == 0: raise DataError("the validation split is empty", self.plan.data_root)
     test = [open_split(self.plan.data_root, "test", self.plan.data_info)] if c.test else []
@@ -150,6 +151,8 @@ def _setup_data(self: Trainer) -> None:
     self.eval_transform = eval_transform(self.image_size)
     self.val_loader = self.eval_loader(self.val_split)
     self.num_workers = workers
+    # a pretraining's head has its own label ids: the targets are mapped on the device (every other value void)
+    self.label_table = None if self.plan.head is None else self.plan.head.target_table().to(self.device)
 
 # %% ../../nbs/31f_train.trainer.ipynb #b18aa6e2
 @patch
@@ -185,7 +188,7 @@ def _setup_model(self: Trainer) -> None:
     c = self.config
     if self.device.type == "cuda": torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels
     seed_everything(c.seed)  # the initial weights depend on the seed only
-    model = build_run_model(c).to(self.device)
+    model = build_run_model(c, self.plan.num_classes, **self.plan.model_options).to(self.device)
     if c.channels_last: model = model.to(memory_format=torch.channels_last)
     self.model = model
     self.has_aux = bool(getattr(model, "has_aux", False))
@@ -236,6 +239,7 @@ def _train_step(self: Trainer, images_u8: torch.Tensor, targets: torch.Tensor, e
         images_u8 = self.device_jitter(images_u8.to(device, non_blocking=True), generator)
     x = prepare_images(images_u8, device, c.channels_last)
     y = targets.to(device, non_blocking=True).long()
+    if self.label_table is not None: y = self.label_table[y]  # a pretraining: our classes -> its head's label ids
     denominator = all_reduce(loss_denominator(y, self.class_weights)).clamp(min=1.0)
     step_loss = torch.zeros((), dtype=torch.float32, device=device)
     parts = micro_batch_slices(len(x), micro or self.micro)
@@ -437,6 +441,8 @@ def write_start(self: Trainer, resumed: bool) -> None:
 @patch
 def evaluate_split(self: Trainer, loader, split: str, progress=False) -> dict:
     "Score the evaluation model on `loader`; keeps the split's per-image counts."
+    if self.plan.head is not None:  # its scores would compare label ids of two different label sets
+        raise ParameterError("head", "a pretraining trains only: its head's labels are not our classes, it is never scored")
     result = evaluate(self.eval_model, loader, device=self.device, dtype=self.dtype, class_weights=self.class_weights,
                       micro_batch_size=eval_micro_batch_size(self.micro), channels_last=self.config.channels_last,
                       progress=progress if self.progress else False, per_image=True)
