@@ -1,8 +1,10 @@
 """Refactors keep behaviour (GitHub issue 11): a tiny study's run records, as the code before the split wrote them.
 
 `tests/data/tiny_study_records.json` was written by this file's `study_records` on the code before the layers were
-split (commit d68436c); the same tiny study (real engine, in this process, one thread; about 10 s) must give the same run ids,
-statuses, epochs and numbers. Regenerate it only for a change that is meant to move numbers:
+split (commit d68436c), and regenerated once since, when the demo's pretraining moved onto the engine's `Trainer`
+(`PRETRAIN_RECIPE` 2): the fine-tuned run's id changed with its `pretrained` folder, its numbers did not. The same
+tiny study (real engine, in this process, one thread; about 10 s) must give the same run ids, statuses, epochs and
+numbers. Regenerate it only for a change that is meant to move numbers:
 `python tests/test_behaviour_kept.py` (and say why in the commit).
 """
 import json
