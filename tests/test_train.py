@@ -191,11 +191,11 @@ def test_jitter_on_the_device_repeats_and_resumes(data, tmp_path, monkeypatch):
     assert in_loader["run_id"] != whole["run_id"]  # ... so never the same run folder (issue 10)
 
 
-def _batchnorm_free_model(config):
+def _batchnorm_free_model(config, num_classes=len(CLASS_NAMES), **options):
     """Per-pixel layers only: BatchNorm would see micro-batches of 2 instead of 4 and change the numbers itself."""
     from torch import nn
     torch.manual_seed(config.seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, len(CLASS_NAMES), 1))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, num_classes, 1))
 
 
 def test_gradient_accumulation_matches_one_piece(data, tmp_path, monkeypatch):
