@@ -119,10 +119,11 @@ class EvalSamples(Dataset):
 # %% ../../nbs/31c_train.batches.ipynb #008d465c
 def collate_pairs(batch: list[tuple[torch.Tensor, torch.Tensor]]):
     "Stack images; stack targets when they share a size, else keep them as a list (original-size evaluation)."
-    images = torch.stack([b[0] for b in batch])
-    targets = [b[1] for b in batch]
-    same = len({tuple(t.shape) for t in targets}) == 1
-    return images, (torch.stack(targets) if same else targets)
+    with one_thread():  # a copy of a few small tensors: two threads only wait for each other on a busy CPU
+        images = torch.stack([b[0] for b in batch])
+        targets = [b[1] for b in batch]
+        same = len({tuple(t.shape) for t in targets}) == 1
+        return images, (torch.stack(targets) if same else targets)
 
 # %% ../../nbs/31c_train.batches.ipynb #fd76a214
 def jitter_on_device(device: torch.device) -> bool:
