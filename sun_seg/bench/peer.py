@@ -255,7 +255,7 @@ def _steps_rate(batch: int, ends: list[float]) -> float:
     "Images per second between the first and the last step's end (the first step is not timed)."
     return batch * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
 
-# %% ../../nbs/60e_bench.peer.ipynb #8e7ad5c5
+# %% ../../nbs/60e_bench.peer.ipynb #cceec0b5
 def _ms_per_item(fns: dict[str, Callable], keys: list, repeats: int) -> dict[str, float]:
     "Milliseconds per key of each function: the median of `repeats` rounds, the functions in turn within a round."
     rounds = {name: [] for name in fns}
@@ -282,6 +282,7 @@ def engine_data_parts(split, # the engine's `fit` split of the prepared cache (u
             "flip": ms["flipped"] - ms["scaled"], "colour_jitter": ms["jittered"] - ms["flipped"], "collate": collate,
             "total": ms["jittered"] + collate}
 
+# %% ../../nbs/60e_bench.peer.ipynb #6c40040e
 def example_data_parts(pipeline: ExamplePipeline, batch: int, images: int = 16, repeats: int = 3) -> dict[str, float]:
     "Milliseconds per image of each part of the example's pipeline, each part timed on the previous one's outputs."
     keys = [i % len(pipeline) for i in range(images)]
