@@ -21,8 +21,8 @@ from .notebook import NOTEBOOK_OUTPUT_ENV
 from ..runs import FINAL_STATUSES, NOTEBOOK, PARAMS, only_test_missing, read_metrics
 
 # %% auto #0
-__all__ = ['parse_value', 'parameters_from_pairs', 'parameters_from_file', 'parameters_of', 'main', 'kernel_name',
-           'kernel_manager_class', 'default_template', 'run_notebook', 'parameters_help', 'add_cli']
+__all__ = ['KERNEL_SHUTDOWN', 'parse_value', 'parameters_from_pairs', 'parameters_from_file', 'parameters_of', 'main',
+           'kernel_name', 'kernel_manager_class', 'default_template', 'run_notebook', 'parameters_help', 'add_cli']
 
 # %% ../../nbs/32b_train.cli.ipynb #439d8694
 def parse_value(text: str):
@@ -227,6 +227,9 @@ def _atomic_notebook_writes(folder: Path):
     finally:
         with contextlib.suppress(ValueError, AttributeError): papermill_io._handlers.remove(entry)
 
+# %% ../../nbs/32b_train.cli.ipynb #6e808ea1
+KERNEL_SHUTDOWN = "immediate"  # nbclient's shutdown_kernel: the run's files are all closed when its last cell ends
+
 # %% ../../nbs/32b_train.cli.ipynb #d36c4032
 def run_notebook(params: dict, # training parameters
                  template: str | os.PathLike | None = None, # default `default_template()`
@@ -263,7 +266,8 @@ def run_notebook(params: dict, # training parameters
                     papermill.execute_notebook(str(template), str(executed), parameters=params, progress_bar=False,
                                                log_output=False, stdout_file=sys.stdout if log_output else None,
                                                stderr_file=sys.stderr if log_output else None, cwd=str(template.parent),
-                                               kernel_name=kernel_name(), kernel_manager_class=kernel_manager_class())
+                                               kernel_name=kernel_name(), kernel_manager_class=kernel_manager_class(),
+                                               shutdown_kernel=KERNEL_SHUTDOWN)
                 except PapermillExecutionError: raise
                 except Exception:  # e.g. the kernel died of the interrupt while it was starting
                     if interrupted: raise KeyboardInterrupt from None
