@@ -360,3 +360,16 @@ def test_cached_flops_are_never_read_back_for_other_code(tmp_path, monkeypatch):
     net.conv.bias.requires_grad_(False)
     assert profile_key(net, (16, 16)) != profile_key(importlib.import_module("flopmodels.net").Net(), (16, 16))
     sys.modules.pop("flopmodels.net"); sys.modules.pop("flopmodels.helpers"); sys.modules.pop("flopmodels")
+
+
+def test_a_unet_run_never_imports_transformers():
+    """transformers is imported where a UPerNet is built or loaded (about 2 s of every U-Net run's start otherwise, issue
+    13); the run still records its version (from the package's metadata)."""
+    import subprocess, sys
+    code = ("import sys, torch\nfrom sun_seg.train import TrainConfig, build_run_model, plan_run, fit, LivePlot\n"
+            "from sun_seg.train.checkpoint import environment_info\n"
+            "build_run_model(TrainConfig(model='unet', unet_width=4)); env = environment_info(torch.device('cpu'))\n"
+            "assert 'transformers' not in sys.modules, 'imported'\n"
+            "import transformers; assert env['transformers'] == transformers.__version__, env['transformers']\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
