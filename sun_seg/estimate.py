@@ -9,7 +9,7 @@ import statistics
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['cost_key', 'can_stop_early', 'RunTiming', 'GridEstimate']
+__all__ = ['cost_key', 'can_stop_early', 'RunTiming', 'slots_finish', 'GridEstimate']
 
 # %% ../nbs/39_estimate.ipynb #199e0106
 def cost_key(params: dict) -> tuple:
@@ -42,6 +42,15 @@ class RunTiming:
     def from_run(cls, params: dict, epoch_seconds: list, seconds: float) -> RunTiming:
         return cls(cost_key(params), int(params.get("epochs", 100)), can_stop_early(params),
                    [float(s) for s in epoch_seconds], float(seconds))
+
+# %% ../nbs/39_estimate.ipynb #c562716f
+def slots_finish(seconds: list[float], # each run's expected seconds, in the order the runs start
+                 jobs: int = 1, # runs trained at once
+                ) -> float:
+    "When the last of these runs ends if each starts in the first of `jobs` slots to free up."
+    slots = [0.0] * max(1, int(jobs))
+    for s in seconds: slots[slots.index(min(slots))] += s
+    return max(slots)
 
 # %% ../nbs/39_estimate.ipynb #19bc4f5d
 class GridEstimate:
@@ -82,10 +91,12 @@ class GridEstimate:
         overhead = statistics.median(t.overhead for t in self.timings)
         return overhead + self._epoch_seconds(params) * self.expected_epochs(params)
 
-    def remaining(self, params_left: list[dict]) -> float | None:
+    def remaining(self, params_left: list[dict], # the runs still to train, in the order they will start
+                  jobs: int = 1, # runs trained at once
+                 ) -> float | None:
         "Expected seconds for the runs still to train (None before any run has finished)."
         if not self.timings: return None
-        return sum(self.run_seconds(p) for p in params_left)
+        return slots_finish([self.run_seconds(p) for p in params_left], jobs)
 
     def summary(self) -> str:
         "One line: the per-run overhead beside the cost of one epoch, as measured by this grid."

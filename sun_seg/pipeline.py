@@ -6,7 +6,7 @@
 from __future__ import annotations
 import signal, time
 
-from .study import FINAL_STATUSES, inprocess_trainer, papermill_trainer, parse_shard, run_study
+from .study import FINAL_STATUSES, parse_shard, run_study
 from .analysis import save_predictions
 from .report import build_site
 
@@ -40,8 +40,7 @@ def _study(args) -> int:
     start = time.time()
     result = run_study_pipeline(report=False, study=args.study, profile=profile, out=args.out, data_dir=args.data,
                                 only=args.only or (), shard=shard, device=args.device, list_only=args.list, rehearse=args.rehearse,
-                                trainer=(inprocess_trainer(args.device, progress=not args.quiet) if args.no_notebook
-                                         else papermill_trainer(log_output=not args.quiet, device=args.device)))
+                                jobs=args.jobs, notebook=not args.no_notebook, quiet=args.quiet)
     if args.list: return 0
     held = [o for o in result["outcomes"] if o["action"] == "locked"]
     failed = [o for o in result["outcomes"] if o["status"] not in FINAL_STATUSES and o not in held]
@@ -78,6 +77,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--only", nargs="+", metavar="PATTERN", help="only these entries, tables (T1, T2, T3) or run ids (shell patterns)")
     p.add_argument("--shard", metavar="I/N", help="train only the i-th of n slices of the grid (one machine of n; slices balanced by expected cost), or `slurm`: the slice of this SLURM array task")
     p.add_argument("--device", help="training and evaluation device (default: the runs' own, auto)")
+    p.add_argument("--jobs", metavar="N|auto", help="runs trained at once, each in a process of its own with a share of the CPUs "
+                   "(default: the profile's `jobs`: auto for the demo, one per CPU up to 4 on a CPU, 1 on a GPU; else 1)")
     p.add_argument("--no-notebook", action="store_true", help="train in this process instead of through papermill (no executed notebook per run)")
     p.add_argument("--no-report", action="store_true", help="do not rebuild tables, figures and site at the end")
     p.add_argument("--list", action="store_true", help="print the grid with each run's state and id; train nothing")

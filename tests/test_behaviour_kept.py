@@ -26,8 +26,10 @@ def _number(x):
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def study_records(tmp: Path) -> dict:
-    "Run the tiny study of tests/test_study.py in this process on one thread and keep what must not move."
+def study_records(tmp: Path, **how) -> dict:
+    """Run the tiny study of tests/test_study.py in this process on one thread and keep what must not move.
+
+    `how`: other `run_study` arguments (e.g. `jobs=2, notebook=False`: runs in processes of their own, one thread each)."""
     import torch
     from sun_seg.study import inprocess_trainer, run_study
     from sun_seg.analysis import save_predictions
@@ -38,8 +40,8 @@ def study_records(tmp: Path) -> dict:
     torch.set_num_threads(1)
     os.environ["SUN_SEG_HOME"] = HOME  # the pretrained weights' folder enters the fine-tuned runs' ids: one fixed path
     try:
-        result = run_study(path, "demo", tmp / "out", trainer=inprocess_trainer("cpu", progress=False), device="cpu",
-                           log=lambda _: None)
+        trainer = None if how else inprocess_trainer("cpu", progress=False)
+        result = run_study(path, "demo", tmp / "out", trainer=trainer, device="cpu", log=lambda _: None, **how)
         if any(s["status"] == "selected" for s in result["evaluations"].values()):  # as `sun-seg study` does
             save_predictions(result["out"], "cpu", log=lambda _: None)
     finally:

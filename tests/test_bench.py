@@ -149,7 +149,13 @@ def test_peer_section_compares_engine_and_trainer(small_data, tiny_upernet_folde
     assert peer["data_speedup"] == pytest.approx(peer["engine_data_images_per_second"] / peer["trainer_data_images_per_second"])
     verdicts = {t["id"]: t["verdict"] for t in run["targets"]}
     assert {verdicts[k] for k in ("peer_train", "peer_data", "peer_miou")} <= {"PASS", "FAIL"}
-    assert "Against transformers' Trainer" in render_markdown(run)
+    # where the time goes: each path's step in phases that add up to it, each data pipeline's parts, two verdicts
+    for phases in (peer["engine_step_phases"], peer["trainer_step_phases"]):
+        assert sum(phases[k] for k in ("data", "to_device", "forward_backward", "clip", "optimizer", "rest")) == pytest.approx(phases["step"])
+    assert peer["engine_data_parts_ms"]["total"] > 0 and peer["trainer_data_parts_ms"]["total"] > 0
+    assert peer["same_ops_data_speedup"] > 0 and peer["step_verdict"] and peer["data_verdict"]
+    markdown = render_markdown(run)
+    assert "Against transformers' Trainer" in markdown and "Where a training step's time goes" in markdown
 
 
 def test_peer_is_skipped_without_upernet(small_data):

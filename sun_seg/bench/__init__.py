@@ -97,7 +97,11 @@ RECORD_FIELDS: dict[str, str] = {
     "peer": "the engine vs transformers' Trainer on the same UPerNet (decoder) fine-tuning (`sun_seg.bench.peer`): "
             "`engine_images_per_second`, `trainer_images_per_second`, `engine_speedup`, the data pipelines' "
             "`engine_data_images_per_second`, `trainer_data_images_per_second`, `data_speedup`, `engine_miou`, "
-            "`trainer_miou` after the same steps",
+            "`trainer_miou` after the same steps; where the time goes: `engine_step_phases` and `trainer_step_phases` "
+            "(seconds per step of data, to_device, forward_backward, clip, optimizer, rest and the whole step, over "
+            "`timed_steps`), `engine_data_parts_ms` and `trainer_data_parts_ms` (each pipeline's parts per image), "
+            "`engine_same_ops_data_images_per_second` and `same_ops_data_speedup` (our loader doing only the "
+            "example's pad, crop and flip), `step_verdict` and `data_verdict` (one line each on why)",
     "overhead": "one demo run launched as the study launches it (`run_overhead`): `before_first_step_seconds`, "
                 "`after_last_epoch_seconds`, `fixed_seconds`, `epoch_seconds` (median), `fixed_vs_epoch`",
     "targets": "per target: `id`, `description`, `goal`, `unit`, `measured`, `verdict` (PASS, FAIL or NOT MEASURED)",

@@ -144,6 +144,38 @@ def _md_overhead(result: dict) -> list[str]:
             f"\nEach run of a study pays **{o['fixed_seconds']:.1f} s** of fixed cost, "
             f"{_num(o['fixed_vs_epoch'], 1)}x the cost of one of its epochs."]
 
+# %% ../../nbs/60d_bench.render.ipynb #1e71b8ef
+_STEP_ROWS = {"data": "data: waiting for the batch (read or decode, transform, collate)",
+              "to_device": "to the device and normalised (the loop's handling of the batch)",
+              "forward_backward": "forward + backward", "clip": "gradient clipping", "optimizer": "optimizer step",
+              "rest": "the rest (loop, zeroing gradients, scheduler, callbacks, logging decisions)", "step": "whole step"}
+_ENGINE_PARTS = {"cache_read": "read the prepared cache", "seeding": "seed the sample's draws",
+                 "random_scale_crop": "random scale + crop (one resize)", "flip": "flip (half the images)",
+                 "colour_jitter": "colour jitter", "collate": "collate (uint8)", "total": "whole, per image"}
+_EXAMPLE_PARTS = {"decode_image": "decode the JPEG image (PIL)", "decode_label": "decode the PNG label, reduce labels",
+                  "pad_crop_flip": "pad + random crop + flip", "normalise": "normalise to float32, to tensor",
+                  "other": "the rest (per-sample RNG, dict)", "collate": "collate (float32)", "total": "whole, per image"}
+
+def _md_peer_steps(p: dict) -> list[str]:
+    ours, theirs = p.get("engine_step_phases"), p.get("trainer_step_phases")
+    if not (ours and theirs): return []
+    share = lambda phases, k: _pct(phases.get(k, math.nan) / phases["step"])
+    rows = [[label, _num(ours.get(k), 4), share(ours, k), _num(theirs.get(k), 4), share(theirs, k)]
+            for k, label in _STEP_ROWS.items()]
+    return [f"\n**Where a training step's time goes** (seconds per step, mean of the {p.get('timed_steps', '-')} steps "
+            "after the first, clocks at each phase's boundaries):", "",
+            *_table(["phase", "sun_seg engine", "share", "Trainer + example pipeline", "share"], rows),
+            *([f"\n{p['step_verdict']}"] if p.get("step_verdict") else [])]
+
+def _md_peer_data(p: dict) -> list[str]:
+    ours, theirs = p.get("engine_data_parts_ms"), p.get("trainer_data_parts_ms")
+    if not (ours and theirs): return []
+    rows = [[a, _num(ours.get(ka), 2), b, _num(theirs.get(kb), 2)]
+            for (ka, a), (kb, b) in zip(_ENGINE_PARTS.items(), _EXAMPLE_PARTS.items())]
+    return ["\n**Where a data-pipeline image's time goes** (milliseconds per image, one process):", "",
+            *_table(["sun_seg engine (prepared cache)", "ms", "example pipeline (raw files)", "ms"], rows),
+            *([f"\n{p['data_verdict']}"] if p.get("data_verdict") else [])]
+
 # %% ../../nbs/60d_bench.render.ipynb #6f66efe6
 def _md_peer(result: dict) -> list[str]:
     p = result.get("peer")
@@ -151,15 +183,20 @@ def _md_peer(result: dict) -> list[str]:
     rows = [["training, end to end (img/s)", _num(p["engine_images_per_second"], 2), _num(p["trainer_images_per_second"], 2),
              _num(p["engine_speedup"], 2, "x")],
             ["training data pipeline (img/s)", _num(p["engine_data_images_per_second"], 1),
-             _num(p["trainer_data_images_per_second"], 1), _num(p["data_speedup"], 1, "x")],
-            [f"mIoU after {p['steps']} steps ({p['eval_images']} val images)", _num(p["engine_miou"], 4),
-             _num(p["trainer_miou"], 4), "-"]]
+             _num(p["trainer_data_images_per_second"], 1), _num(p["data_speedup"], 1, "x")]]
+    if "same_ops_data_speedup" in p:
+        rows.append(["data pipeline doing only the example's operations: pad, crop, flip (img/s)",
+                     _num(p["engine_same_ops_data_images_per_second"], 1), _num(p["trainer_data_images_per_second"], 1),
+                     _num(p["same_ops_data_speedup"], 1, "x")])
+    rows.append([f"mIoU after {p['steps']} steps ({p['eval_images']} val images)", _num(p["engine_miou"], 4),
+                 _num(p["trainer_miou"], 4), "-"])
     return [f"### Against transformers' Trainer ({p['model']}, {p['size'][0]}x{p['size'][1]}, batch {p['batch']}, "
             f"{p['precision']}, {p['workers']} loader workers; {p['note']})",
             *_table(["", "sun_seg engine", "Trainer + example pipeline", "engine's speed-up"], rows),
             "\nThe peer is the path of transformers' semantic-segmentation example: per-sample PIL decoding of the raw "
             "files, reduce labels, pad, random crop, flip, normalise, `default_data_collator`, `Trainer` with the "
-            "model's own loss. The engine reads the prepared cache and augments in its loader."]
+            "model's own loss. The engine reads the prepared cache and augments in its loader.",
+            *_md_peer_steps(p), *_md_peer_data(p)]
 
 # %% ../../nbs/60d_bench.render.ipynb #afd5159e
 def _md_cuda(result: dict) -> list[str]:

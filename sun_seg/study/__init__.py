@@ -4,7 +4,7 @@
 
 # %% ../../nbs/40_study.ipynb #5123f14f
 from __future__ import annotations
-import fnmatch, os, time
+import dataclasses, fnmatch, json, os, sys, time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -22,16 +22,17 @@ from .resolve import (GridRun, resolve_params, resolve_grid, method_values_of,
 from .grid import (read_metrics, format_seconds, epoch_cost, run_grid, select_best,
                                 run_evaluations, STUDY_RECORD, study_record, write_study_record,
                                 read_study_record, record_runs, record_evaluations, engine_identify, data_of,
-                                papermill_trainer, inprocess_trainer, summary_table, save_data_summary)
+                                papermill_trainer, inprocess_trainer, summary_table, save_data_summary, Prerequisite)
+from .processes import RunProcesses, subprocess_trainer, resolve_jobs, threads_per_job, log_tail
 from .pretrain import (pretrain_folder, pretrain_upernet, profile_pretraining)
 from .rehearsal import (REHEARSAL_CAPS, REHEARSAL_DATA, REHEARSAL_PRETRAIN, REHEARSAL_SCAN,
                                      FULL_SPLIT_SIZES, rehearsal_profile, rehearsal_record)
 
 # %% auto #0
-__all__ = ['default_out_dir', 'run_study', 'MAX_YAML_VALUES', 'MAX_STUDY_BYTES', 'MAX_STUDY_DEPTH', 'TABLE_IDS', 'FIGURE_KINDS',
-           'PICKS', 'STUDY_KEYS', 'METHOD_KEYS', 'PRETRAIN_KEYS', 'read_yaml', 'RunEntry', 'Evaluation', 'Effect',
-           'FigureSpec', 'Profile', 'Study', 'parse_study', 'load_study', 'default_study_path', 'GridRun',
-           'resolve_params', 'resolve_grid', 'method_values_of', 'check_method_card', 'method_card',
+__all__ = ['PRETRAIN_COMMAND', 'default_out_dir', 'run_study', 'MAX_YAML_VALUES', 'MAX_STUDY_BYTES', 'MAX_STUDY_DEPTH',
+           'TABLE_IDS', 'FIGURE_KINDS', 'PICKS', 'STUDY_KEYS', 'METHOD_KEYS', 'PRETRAIN_KEYS', 'read_yaml', 'RunEntry',
+           'Evaluation', 'Effect', 'FigureSpec', 'Profile', 'Study', 'parse_study', 'load_study', 'default_study_path',
+           'GridRun', 'resolve_params', 'resolve_grid', 'method_values_of', 'check_method_card', 'method_card',
            'format_method_card', 'parse_shard', 'select_runs', 'RUN_COST_FACTORS', 'run_cost', 'balanced_shards',
            'slurm_shard', 'FINAL_STATUSES', 'RunLock', 'check_run_records', 'damaged_reason', 'run_state',
            'read_metrics', 'format_seconds', 'epoch_cost', 'run_grid', 'select_best', 'run_evaluations', 'STUDY_RECORD',
@@ -106,6 +107,28 @@ def _evaluate_and_predict(study: Study, runs: list, out: Path, only: list, shard
     predictions = predict(out, device or "auto", log=log) if predict is not None and selected else {}
     return evaluations, predictions
 
+# %% ../../nbs/40_study.ipynb #2d663bdb
+PRETRAIN_COMMAND = ("import json, sys; from sun_seg.study.spec import Profile; "
+                    "from sun_seg.study.pretrain import profile_pretraining; a = json.loads(sys.argv[1]); "
+                    "profile_pretraining(Profile(**a['profile']), a['device'], print)")
+
+def _pretraining_slot(prof: Profile, device: str | None, out: Path, processes: RunProcesses, threads: int,
+                      folder: str, log) -> Prerequisite:
+    "The profile's pretraining as a grid prerequisite: a process of its own (Ctrl-C reaches it), its output in grid/pretraining.log."
+    log_path = out / "grid" / "pretraining.log"
+    def make() -> None:
+        log(f"pretraining the demo UPerNet in a process of its own -> {folder} (output: {log_path})")
+        argv = [sys.executable, "-c", PRETRAIN_COMMAND, json.dumps({"profile": dataclasses.asdict(prof), "device": device})]
+        code = processes.run(argv, log_path, threads)
+        if code == 130: raise KeyboardInterrupt
+        if code != 0: raise RuntimeError(f"the pretraining exited with {code}: {log_tail(log_path)} (whole output: {log_path})")
+    return Prerequisite("the demo's pretraining", make, lambda run: run.params.get("pretrained") == folder)
+
+def _default_trainer(slots: int, processes: RunProcesses, device: str | None, notebook: bool, quiet: bool) -> Callable:
+    "One slot: the notebook (or the engine) in this process; several: `sun-seg train` processes, a share of the CPUs each."
+    if slots > 1: return subprocess_trainer(processes, threads_per_job(slots), device, notebook=notebook)
+    return papermill_trainer(log_output=not quiet, device=device) if notebook else inprocess_trainer(device, progress=not quiet)
+
 # %% ../../nbs/40_study.ipynb #61fb35ee
 def run_study(study: str | os.PathLike | Study | None = None, # the study file (default `reports/study.yaml`)
               profile: str = "full", # a profile of the study file: full (SUN RGB-D) or demo
@@ -120,6 +143,9 @@ def run_study(study: str | os.PathLike | Study | None = None, # the study file (
               rehearse: bool = False, # rehearse the full profile (`rehearsal_profile`) instead of running `profile`
               log: Callable[[str], None] = print,
               predict: Callable | None = None, # `predict(out, device, log=)` after Table IV, e.g. `sun_seg.analysis.save_predictions`
+              jobs: int | str | None = None, # runs trained at once, or "auto" (default: the profile's `jobs`; 1 with a `trainer`)
+              notebook: bool = True, # the default trainer runs the training notebook (papermill); False: the engine directly
+              quiet: bool = False, # the default trainer does not stream the runs' output
              ) -> dict:
     "Run (or continue) the study's grid under `profile`; returns `{'out', 'runs', 'outcomes', 'evaluations', 'predictions'}`."
     start, only = time.time(), list(only)
@@ -139,13 +165,23 @@ def run_study(study: str | os.PathLike | Study | None = None, # the study file (
     if list_only: return _list_grid(out, study, prof, runs, chosen, data, log)
     log(data_label(data["kind"], data["fingerprint"]))
     needs_weights = pretrain_dir is not None and any(r.params.get("pretrained") == pretrain_dir for r in chosen)
-    _, pretrain_record = profile_pretraining(prof, device, log, make=needs_weights)  # only when this slice fine-tunes from them
+    slots = resolve_jobs(jobs if jobs is not None else (prof.jobs if trainer is None else 1), device)
+    # with several slots the pretraining takes one while U-Net runs go ahead; with one it comes first, as always
+    _, pretrain_record = profile_pretraining(prof, device, log, make=needs_weights and slots == 1)
     record = study_record(study, prof, runs, data, pretrain_record)
     if rehearse: record["rehearsal"] = rehearsal_record(study, prof, device)
     write_study_record(out, record)
     if shard is None or shard[0] == 1: save_data_summary(out, data)
     log(f"{len(chosen)} of {len(runs)} training runs in this invocation -> {out / 'runs'}")
-    outcomes = run_grid(chosen, out, trainer or papermill_trainer(device=device), log=log)
+    processes = RunProcesses()
+    later = (_pretraining_slot(prof, device, out, processes, threads_per_job(slots), pretrain_dir, log)
+             if needs_weights and slots > 1 and pretrain_record is None else None)
+    if slots > 1: log(f"{slots} runs at a time, {threads_per_job(slots)} CPU thread(s) each; their output: {out / 'grid'}/<run id>.log")
+    outcomes = run_grid(chosen, out, trainer or _default_trainer(slots, processes, device, notebook, quiet), log=log,
+                        jobs=slots, prerequisite=later, on_interrupt=processes.interrupt)
+    if later is not None:  # the study's record names the pretraining it fine-tuned from, once it exists
+        record["pretrain"] = profile_pretraining(prof, device, log, make=False)[1]
+        write_study_record(out, record)
     evaluations, predictions = _evaluate_and_predict(study, runs, out, only, shard, evaluate or _engine_evaluate(device),
                                                      predict, device, log)
     log("\n" + summary_table(out, runs, outcomes))

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/40c_study.grid.ipynb #9396e72a
 from __future__ import annotations
-import dataclasses, hashlib, math, os, socket, time, traceback
+import dataclasses, hashlib, math, os, socket, threading, time, traceback
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -22,9 +22,10 @@ from .spec import Evaluation, Profile, Study
 from .resolve import GridRun, method_card, run_cost
 
 # %% auto #0
-__all__ = ['STUDY_RECORD', 'read_metrics', 'format_seconds', 'epoch_cost', 'run_grid', 'select_best', 'run_evaluations',
-           'study_record', 'write_study_record', 'read_study_record', 'record_runs', 'record_evaluations',
-           'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer', 'summary_table', 'save_data_summary']
+__all__ = ['STUDY_RECORD', 'read_metrics', 'format_seconds', 'epoch_cost', 'Prerequisite', 'run_grid', 'select_best',
+           'run_evaluations', 'study_record', 'write_study_record', 'read_study_record', 'record_runs',
+           'record_evaluations', 'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer',
+           'summary_table', 'save_data_summary']
 
 # %% ../../nbs/40c_study.grid.ipynb #d7dda967
 def read_metrics(run_dir: str | os.PathLike) -> dict:
@@ -150,45 +151,183 @@ def _train_locked(run: GridRun, run_dir: Path, runs_dir: Path, grid_dir: Path, t
         lock.release()
     return status, reason, time.monotonic() - start
 
-# %% ../../nbs/40c_study.grid.ipynb #cdc88f38
+# %% ../../nbs/40c_study.grid.ipynb #525394fb
+@dataclasses.dataclass
+class _Grid:
+    "What the steps of one `run_grid` share: folders, trainer, log, and the estimate (guarded: steps may run in threads)."
+    out: Path
+    runs: list
+    trainer: Callable
+    log: Callable
+    jobs: int = 1
+    estimate: GridEstimate = None
+    pending: dict = None
+    guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def runs_dir(self) -> Path: return self.out / "runs"
+    @property
+    def grid_dir(self) -> Path: return self.out / "grid"
+
+def _open_grid(runs: list[GridRun], out: Path, trainer: Callable, log: Callable, jobs: int) -> _Grid:
+    grid = _Grid(out, runs, trainer, log, jobs, GridEstimate(epoch_cost=epoch_cost))
+    grid.runs_dir.mkdir(parents=True, exist_ok=True)
+    grid.pending = {r.run_id: r.params for r in runs
+                    if folder_status(safe_child(grid.runs_dir, r.run_id, "run_id")) not in FINAL_STATUSES}
+    # what earlier invocations measured counts too; unseen models are priced by the shards' cost model
+    for params, timing in _recorded_timings(grid.grid_dir, grid.runs_dir, runs): grid.estimate.add(timing, params)
+    return grid
+
+# %% ../../nbs/40c_study.grid.ipynb #c1eaa72c
+def _eta(grid: _Grid) -> str:
+    "`, about 4m10s left for the grid` from what the grid measured (its runs share `jobs` slots), or nothing yet."
+    with grid.guard: left = grid.estimate.remaining(list(grid.pending.values()), jobs=grid.jobs)
+    return f", about {format_seconds(left)} left for the grid" if left is not None else ""
+
+def _grid_step(grid: _Grid, k: int, run: GridRun, outcome: dict) -> dict:
+    "Train the `k`-th run of the grid unless it is finished, damaged or held elsewhere; fills and returns `outcome`."
+    out, log, grid_dir = grid.out, grid.log, grid.grid_dir
+    run_dir = safe_child(grid.runs_dir, run.run_id, "run_id")
+    head = f"[{k}/{len(grid.runs)}] {run.entry} (seed {run.seed}, run {run.run_id})"
+    if _skipped(out, run, grid_dir, outcome["status"], head, outcome, log): return outcome
+    lock = _lock_run(out, run, run_dir, head, outcome, log)
+    if lock is None: return outcome
+    action = {"absent": "started", "failed": "retried"}.get(outcome["status"], "resumed")
+    log(f"{head}: {_ING[action]}{_eta(grid)}")
+    record = _write_record(grid_dir, run, status="running", started=time.time(), host=socket.gethostname())
+    status, reason, seconds = _train_locked(run, run_dir, grid.runs_dir, grid_dir, grid.trainer, lock, record, outcome,
+                                            action, head, log)
+    with grid.guard:
+        grid.pending.pop(run.run_id, None)
+        if status in FINAL_STATUSES:
+            grid.estimate.add(RunTiming.from_run(run.params, _epoch_seconds(run_dir), seconds), run.params)
+    _write_record(grid_dir, run, status=status, reason=reason, seconds=seconds, finished=time.time(),
+                  attempts=record["attempts"] + 1)
+    outcome.update(status=status, action=action, seconds=seconds, reason=reason)
+    tail = f": {reason}" if status != "completed" and reason else ""
+    more = f" (traceback in {grid_dir / (run.run_id + '.json')})" if status == "failed" else ""
+    log(f"{head}: {status} in {format_seconds(seconds)}{tail}{more}")
+    return outcome
+
+def _first_outcome(out: Path, run: GridRun) -> dict:
+    "A run's outcome before the grid touches it: its state on disk, skipped."
+    return dict(entry=run.entry, seed=run.seed, run_id=run.run_id, status=run_state(out, run.run_id)[0],
+                action="skipped", seconds=0.0, reason=None)
+
+# %% ../../nbs/40c_study.grid.ipynb #d9fa3803
+@dataclasses.dataclass
+class Prerequisite:
+    "Work some runs of the grid need done first (the demo's pretraining): run in a slot of its own while the others train."
+    name: str  # what the log calls it
+    make: Callable[[], None]  # does it (raises on failure)
+    needed_by: Callable[[GridRun], bool]  # which runs wait for it
+
+def _prerequisite_failed(grid: _Grid, k: int, run: GridRun, outcome: dict, why: str) -> dict:
+    "A run whose prerequisite failed: recorded as failed with the reason, not trained."
+    reason = f"not trained: {why}"
+    _write_record(grid.grid_dir, run, status="failed", reason=reason, finished=time.time())
+    outcome.update(status="failed", action="skipped", reason=reason)
+    grid.log(f"[{k}/{len(grid.runs)}] {run.entry} (seed {run.seed}, run {run.run_id}): {reason}")
+    return outcome
+
+# %% ../../nbs/40c_study.grid.ipynb #52868e88
+class _Slots:
+    "The queue of a grid run `jobs` at a time: the prerequisite first, then runs in grid order, those needing it once it is done."
+    def __init__(self, grid: _Grid, prerequisite: Prerequisite | None):
+        self.grid, self.prerequisite = grid, prerequisite
+        self.todo = list(enumerate(grid.runs, 1))
+        self.prerequisite_state = "todo" if prerequisite else "done"  # todo -> making -> done | failed: <why>
+        self.stopped = False
+        self.changed = threading.Condition()
+
+    def _ready(self, run: GridRun) -> bool:
+        return self.prerequisite is None or self.prerequisite_state != "making" or not self.prerequisite.needed_by(run)
+
+    def take(self):
+        "The next task: `'prerequisite'`, `(k, run)`, or None when nothing is left (or the grid stopped)."
+        with self.changed:
+            while not self.stopped:
+                if self.prerequisite_state == "todo" and any(self.prerequisite.needed_by(r) for _, r in self.todo):
+                    self.prerequisite_state = "making"
+                    return "prerequisite"
+                for i, (k, run) in enumerate(self.todo):
+                    if self._ready(run): return self.todo.pop(i)
+                if not self.todo: return None
+                self.changed.wait()
+            return None
+
+    def settle(self, state: str) -> None:
+        with self.changed:
+            self.prerequisite_state = state
+            self.changed.notify_all()
+
+    def stop(self) -> None:
+        with self.changed:
+            self.stopped = True
+            self.changed.notify_all()
+
+# %% ../../nbs/40c_study.grid.ipynb #d373957c
+def _slot_worker(grid: _Grid, slots: _Slots, outcomes: list, interrupted: threading.Event, on_interrupt: Callable) -> None:
+    "One slot: take tasks until none is left; a Ctrl-C in a run stops every slot."
+    try:
+        while (task := slots.take()) is not None:
+            if task == "prerequisite":
+                grid.log(f"{slots.prerequisite.name}: started in a slot of its own; runs that need it wait for it")
+                start = time.monotonic()
+                try:
+                    slots.prerequisite.make()
+                    slots.settle("done")
+                    grid.log(f"{slots.prerequisite.name}: done in {format_seconds(time.monotonic() - start)}")
+                except Exception as e:
+                    slots.settle(f"failed: {_reason(e)}")
+                    grid.log(f"{slots.prerequisite.name}: failed: {_reason(e)}")
+                continue
+            k, run = task
+            state = slots.prerequisite_state
+            if slots.prerequisite is not None and state.startswith("failed") and slots.prerequisite.needed_by(run):
+                _prerequisite_failed(grid, k, run, outcomes[k - 1], f"{slots.prerequisite.name} {state}")
+            else:
+                _grid_step(grid, k, run, outcomes[k - 1])
+    except KeyboardInterrupt:
+        interrupted.set()
+        slots.stop()
+        on_interrupt()
+
+def _run_in_slots(grid: _Grid, prerequisite: Prerequisite | None, on_interrupt: Callable) -> list[dict]:
+    "Every run of `grid`, `grid.jobs` at a time (threads that each wait on a run's process)."
+    outcomes = [_first_outcome(grid.out, run) for run in grid.runs]
+    slots, interrupted = _Slots(grid, prerequisite), threading.Event()
+    threads = [threading.Thread(target=_slot_worker, args=(grid, slots, outcomes, interrupted, on_interrupt),
+                                name=f"grid slot {i + 1}", daemon=True) for i in range(grid.jobs)]
+    for t in threads: t.start()
+    try:
+        for t in threads:
+            while t.is_alive(): t.join(0.2)  # a short wait: Ctrl-C reaches this (main) thread
+    except KeyboardInterrupt:
+        interrupted.set()
+        slots.stop()
+        on_interrupt()  # the runs' processes are told (they save and stop); then their slots record the interruption
+        for t in threads: t.join()
+    if interrupted.is_set(): raise KeyboardInterrupt
+    return outcomes
+
+# %% ../../nbs/40c_study.grid.ipynb #5f93464f
 def run_grid(runs: list[GridRun], # the runs to train (already selected)
              out: str | os.PathLike, # the study's output folder: runs go to out/runs, records to out/grid
              trainer: Callable[[GridRun, Path], None], # trains one run into runs_dir/run.run_id
              log: Callable[[str], None] = print, # where progress lines go
+             jobs: int = 1, # runs trained at once (each in its own slot; the trainer must be safe to call from threads)
+             prerequisite: Prerequisite | None = None, # work some runs need first, done in a slot of its own
+             on_interrupt: Callable[[], None] = lambda: None, # with jobs > 1: tell the runs' processes to stop (Ctrl-C)
             ) -> list[dict]:
     "Train every run not finished yet; returns one outcome per run (entry, seed, run_id, status, action, seconds, reason)."
-    out = Path(out)
-    runs_dir, grid_dir = out / "runs", out / "grid"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    outcomes = []
-    pending = {r.run_id: r.params for r in runs if folder_status(safe_child(runs_dir, r.run_id, "run_id")) not in FINAL_STATUSES}
-    # what earlier invocations measured counts too; unseen models are priced by the shards' cost model
-    estimate = GridEstimate(epoch_cost=epoch_cost)
-    for params, timing in _recorded_timings(grid_dir, runs_dir, runs): estimate.add(timing, params)
-    for k, run in enumerate(runs, 1):
-        run_dir = safe_child(runs_dir, run.run_id, "run_id")
-        head = f"[{k}/{len(runs)}] {run.entry} (seed {run.seed}, run {run.run_id})"
-        before, _ = run_state(out, run.run_id)
-        outcome = dict(entry=run.entry, seed=run.seed, run_id=run.run_id, status=before, action="skipped", seconds=0.0, reason=None)
-        outcomes.append(outcome)
-        if _skipped(out, run, grid_dir, before, head, outcome, log): continue
-        lock = _lock_run(out, run, run_dir, head, outcome, log)
-        if lock is None: continue
-        action = {"absent": "started", "failed": "retried"}.get(before, "resumed")
-        left = estimate.remaining(list(pending.values()))
-        eta = f", about {format_seconds(left)} left for the grid" if left is not None else ""
-        log(f"{head}: {_ING[action]}{eta}")
-        record = _write_record(grid_dir, run, status="running", started=time.time(), host=socket.gethostname())
-        status, reason, seconds = _train_locked(run, run_dir, runs_dir, grid_dir, trainer, lock, record, outcome, action, head, log)
-        pending.pop(run.run_id, None)
-        if status in FINAL_STATUSES: estimate.add(RunTiming.from_run(run.params, _epoch_seconds(run_dir), seconds), run.params)
-        _write_record(grid_dir, run, status=status, reason=reason, seconds=seconds, finished=time.time(),
-                      attempts=record["attempts"] + 1)
-        outcome.update(status=status, action=action, seconds=seconds, reason=reason)
-        tail = f": {reason}" if status != "completed" and reason else ""
-        more = f" (traceback in {grid_dir / (run.run_id + '.json')})" if status == "failed" else ""
-        log(f"{head}: {status} in {format_seconds(seconds)}{tail}{more}")
-    if any(o["action"] != "skipped" for o in outcomes): log(estimate.summary())
+    grid = _open_grid(runs, Path(out), trainer, log, max(1, int(jobs)))
+    if grid.jobs == 1:
+        if prerequisite is not None and any(prerequisite.needed_by(r) for r in runs): prerequisite.make()
+        outcomes = [_grid_step(grid, k, run, _first_outcome(grid.out, run)) for k, run in enumerate(runs, 1)]
+    else:
+        outcomes = _run_in_slots(grid, prerequisite, on_interrupt)
+    if any(o["action"] != "skipped" for o in outcomes): log(grid.estimate.summary())
     return outcomes
 
 # %% ../../nbs/40c_study.grid.ipynb #34e92614

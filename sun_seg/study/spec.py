@@ -163,6 +163,7 @@ class Profile:
     demo_data: dict
     seeds: tuple | None = None
     qualitative_scan: int | None = None  # overrides the study's
+    jobs: int | str | None = None  # runs trained at once: a number or "auto" (one per CPU on a CPU, 1 on a GPU); None: 1
 
 # %% ../../nbs/40a_study.spec.ipynb #6fafdf1c
 @dataclass(frozen=True)
@@ -238,11 +239,18 @@ def _seeds(value, where: str, path) -> tuple:
     if len(set(value)) != len(value): raise ParameterError(where, f"a seed appears twice in {value}", str(path))
     return tuple(value)
 
+# %% ../../nbs/40a_study.spec.ipynb #b29da35d
+def _jobs(value, where: str, path):
+    "A profile's `jobs`: a positive number or `auto`."
+    if isinstance(value, str) and value.strip().lower() == "auto": return "auto"
+    return _positive_int(value, where, path)
+
 # %% ../../nbs/40a_study.spec.ipynb #4e1bf845
 def _parse_profile(name: str, d, path) -> Profile:
     where = f"profiles.{name}"
     d = _keys(_mapping(d, where, path), where, path,
-              ("description", "data", "params", "epochs", "pretrained", "pretrain", "demo_data", "seeds", "qualitative_scan"), ("data",))
+              ("description", "data", "params", "epochs", "pretrained", "pretrain", "demo_data", "seeds", "qualitative_scan",
+               "jobs"), ("data",))
     check_choice(f"{where}.data", d["data"], ("demo", "sunrgbd"), str(path))
     epochs = _mapping(d.get("epochs"), f"{where}.epochs", path)
     for k, v in epochs.items():
@@ -260,7 +268,8 @@ def _parse_profile(name: str, d, path) -> Profile:
                    pretrained=pretrained, pretrain=dict(pretrain),
                    demo_data=dict(_mapping(d.get("demo_data"), f"{where}.demo_data", path)),
                    seeds=_seeds(d["seeds"], f"{where}.seeds", path) if "seeds" in d else None,
-                   qualitative_scan=_positive_int(d["qualitative_scan"], f"{where}.qualitative_scan", path) if "qualitative_scan" in d else None)
+                   qualitative_scan=_positive_int(d["qualitative_scan"], f"{where}.qualitative_scan", path) if "qualitative_scan" in d else None,
+                   jobs=_jobs(d["jobs"], f"{where}.jobs", path) if "jobs" in d else None)
 
 # %% ../../nbs/40a_study.spec.ipynb #7518b883
 def _parse_entry(i: int, d, path, tables: dict) -> RunEntry:

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/31c_train.batches.ipynb #7ac9e67f
 from __future__ import annotations
-import math, os
+import contextlib, math, os
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from ..data.sunrgbd import SunRGBD
 from .distributed import derive_seed
 
 # %% auto #0
-__all__ = ['open_split', 'check_original_labels', 'TrainingSamples', 'EpochBatches', 'EvalBatches', 'EvalSamples',
+__all__ = ['open_split', 'check_original_labels', 'one_thread', 'TrainingSamples', 'EpochBatches', 'EvalBatches', 'EvalSamples',
            'collate_pairs', 'jitter_on_device', 'prepare_images', 'micro_batch_slices', 'auto_workers']
 
 # %% ../../nbs/31c_train.batches.ipynb #7ed4b1e4
@@ -47,6 +47,15 @@ def check_original_labels(dataset, # a `SunRGBD` dataset (any split of the data)
                     " -p eval_size train to score at the training size", dataset.root)
 
 # %% ../../nbs/31c_train.batches.ipynb #d5dfbdbb
+@contextlib.contextmanager
+def one_thread():
+    "Torch ops on one intra-op thread inside the block (the thread count before is restored)."
+    threads = torch.get_num_threads()
+    if threads > 1: torch.set_num_threads(1)
+    try: yield
+    finally:
+        if threads > 1: torch.set_num_threads(threads)
+
 class TrainingSamples(Dataset):
     "Training samples keyed `(epoch, index)`: the transform's random draws are seeded from `(seed, epoch, index)`."
     def __init__(self, dataset: Dataset, transform, seed: int):
@@ -55,8 +64,12 @@ class TrainingSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         item = self.dataset[index]
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG (dropout, ...) untouched
-            torch.manual_seed(derive_seed(self.seed, epoch, index))
+        # one thread: a sample's small tensors gain nothing from two, and a core busy with anything else stalls each op
+        # (hue jitter 5-10x slower); loader workers run on one thread anyway, so the output is the same in both
+        with one_thread(), torch.random.fork_rng(devices=[]):  # leave the caller's RNG (dropout, ...) untouched
+            # the CPU generator only (the transform draws there): `torch.manual_seed` would also seed CUDA's,
+            # recording a stack trace each time while CUDA is not initialised
+            torch.default_generator.manual_seed(derive_seed(self.seed, epoch, index))
             image, target = self.transform(item["image"], item["target"])
         return image, target
 
@@ -106,10 +119,11 @@ class EvalSamples(Dataset):
 # %% ../../nbs/31c_train.batches.ipynb #008d465c
 def collate_pairs(batch: list[tuple[torch.Tensor, torch.Tensor]]):
     "Stack images; stack targets when they share a size, else keep them as a list (original-size evaluation)."
-    images = torch.stack([b[0] for b in batch])
-    targets = [b[1] for b in batch]
-    same = len({tuple(t.shape) for t in targets}) == 1
-    return images, (torch.stack(targets) if same else targets)
+    with one_thread():  # a copy of a few small tensors: two threads only wait for each other on a busy CPU
+        images = torch.stack([b[0] for b in batch])
+        targets = [b[1] for b in batch]
+        same = len({tuple(t.shape) for t in targets}) == 1
+        return images, (torch.stack(targets) if same else targets)
 
 # %% ../../nbs/31c_train.batches.ipynb #fd76a214
 def jitter_on_device(device: torch.device) -> bool:
