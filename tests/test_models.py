@@ -330,3 +330,46 @@ def test_pinned_commit_must_be_the_folders(tmp_path):
     with pytest.raises(ParameterError, match="parameter `pretrained_revision`"):
         build_upernet(folder, revision="b" * 40)
     assert build_upernet(folder, revision="a" * 40).num_classes == 37
+
+
+def test_cached_flops_are_never_read_back_for_other_code(tmp_path, monkeypatch):
+    """A run's FLOP count is cached (`cached_model_profile`, issue 13); an edit of any source file beside the model's
+    class, or another size or trainable set, makes another key, and an edited cache file is counted again."""
+    import importlib, sys
+    from sun_seg.models.profile import cached_model_profile, profile_key
+    package = tmp_path / "flopmodels"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helpers.py").write_text("WIDTH = 4\n")
+    (package / "net.py").write_text("from torch import nn\nfrom .helpers import WIDTH\n"
+                                    "class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                                    "        self.conv = nn.Conv2d(3, WIDTH, 3, padding=1)\n"
+                                    "    def forward(self, x): return self.conv(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = importlib.import_module("flopmodels.net").Net()
+    key = profile_key(net, 16)
+    first = cached_model_profile(net, 16, tmp_path / "cache")
+    assert first == model_profile(net, 16) and (tmp_path / "cache" / f"{key}.json").is_file()
+    assert cached_model_profile(net, 16, tmp_path / "cache") == first  # read back
+    cached = tmp_path / "cache" / f"{key}.json"
+    cached.write_text(cached.read_text().replace(str(first["flops_per_image"]), "1"))  # edited by hand
+    assert cached_model_profile(net, 16, tmp_path / "cache") == first  # not believed: counted again
+    (package / "helpers.py").write_text("WIDTH = 4  # edited\n")  # a helper beside the class, not the class's file
+    assert profile_key(net, 16) != key
+    assert profile_key(net, 32) != profile_key(net, 16)
+    net.conv.bias.requires_grad_(False)
+    assert profile_key(net, (16, 16)) != profile_key(importlib.import_module("flopmodels.net").Net(), (16, 16))
+    sys.modules.pop("flopmodels.net"); sys.modules.pop("flopmodels.helpers"); sys.modules.pop("flopmodels")
+
+
+def test_a_unet_run_never_imports_transformers():
+    """transformers is imported where a UPerNet is built or loaded (about 2 s of every U-Net run's start otherwise, issue
+    13); the run still records its version (from the package's metadata)."""
+    import subprocess, sys
+    code = ("import sys, torch\nfrom sun_seg.train import TrainConfig, build_run_model, plan_run, fit, LivePlot\n"
+            "from sun_seg.train.checkpoint import environment_info\n"
+            "build_run_model(TrainConfig(model='unet', unet_width=4)); env = environment_info(torch.device('cpu'))\n"
+            "assert 'transformers' not in sys.modules, 'imported'\n"
+            "import transformers; assert env['transformers'] == transformers.__version__, env['transformers']\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

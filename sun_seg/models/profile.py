@@ -4,16 +4,18 @@
 
 # %% ../../nbs/12_models.profile.ipynb #5bb51837
 from __future__ import annotations
+import contextlib, hashlib, inspect, os, sys
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-from ..core import ParameterError, check_positive
+from ..core import DataError, ParameterError, atomic_write_json, check_positive, read_json, stable_hash, sun_seg_home
 
 # %% auto #0
-__all__ = ['model_profile', 'flop_breakdown']
+__all__ = ['model_profile', 'flop_breakdown', 'profile_key', 'cached_model_profile']
 
 # %% ../../nbs/12_models.profile.ipynb #c7b64499
 def _image_size(image_size) -> tuple[int, int]:
@@ -105,3 +107,56 @@ def flop_breakdown(model: nn.Module, # any model, as for `model_profile`
         name = name[len(root) + 1:] if name.startswith(root + ".") else ("" if name == root else name)
         if name.count(".") < depth: out[name] = sum(by_op.values())
     return out
+
+# %% ../../nbs/12_models.profile.ipynb #c7f04048
+_COUNTING_CODE = (_image_size, _unwrap, _meta_state, _outputs, _conv_backward_flop, _count_flops, model_profile)
+
+def _folder_digests(folders) -> list[str]:
+    return sorted(hashlib.sha256(p.read_bytes()).hexdigest() for folder in folders for p in Path(folder).glob("*.py"))
+
+def profile_key(model: nn.Module, # the model, as for `model_profile`
+                image_size: int | tuple[int, int], # (height, width) or one int
+                in_channels: int | None = None, # input channels; default the model's `in_channels`, else 3
+               ) -> str | None:
+    "A digest of everything `model_profile`'s counts depend on; None when a source cannot be read (nothing is cached)."
+    height, width = _image_size(image_size)
+    model = _unwrap(model)
+    config = getattr(model, "config", None)
+    try:
+        classes = {type(m) for m in model.modules()}
+        packages = {c.__module__.split(".")[0] for c in classes} | {"torch"}
+        return stable_hash({
+            "code": [inspect.getsource(f) for f in _COUNTING_CODE],
+            "sources": _folder_digests({Path(inspect.getsourcefile(c)).parent for c in classes}),
+            "versions": {p: getattr(sys.modules[p], "__version__", None) for p in sorted(packages)},
+            "model": repr(model), "config": config.to_dict() if hasattr(config, "to_dict") else None,
+            "parameters": [(n, list(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()],
+            "buffers": [(n, list(b.shape), str(b.dtype)) for n, b in model.named_buffers()],
+            "input": [in_channels or getattr(model, "in_channels", 3), height, width]}, 64)
+    except (TypeError, OSError, KeyError, ValueError):  # e.g. a class defined in a notebook: no source file
+        return None
+
+# %% ../../nbs/12_models.profile.ipynb #08c410f0
+def _cached(path: Path, key: str) -> dict | None:
+    "The profile `path` holds for `key`; None when absent, damaged or edited (then counted again)."
+    try:
+        record = read_json(path)
+        profile = record["profile"]
+        if record["key"] == key and record["checksum"] == stable_hash({"key": key, "profile": profile}, 64): return profile
+    except (OSError, DataError, KeyError, TypeError): pass
+    return None
+
+def cached_model_profile(model: nn.Module, # the model, as for `model_profile`
+                         image_size: int | tuple[int, int], # (height, width) or one int
+                         folder: str | os.PathLike | None = None, # where the counts are kept (default `sun_seg_home()/flops`)
+                        ) -> dict[str, int]:
+    "`model_profile(model, image_size)`, kept under `folder` in a file named by `profile_key`: each architecture is counted once."
+    key = profile_key(model, image_size)
+    if key is None: return model_profile(model, image_size)
+    path = Path(folder or sun_seg_home() / "flops") / f"{key}.json"
+    profile = _cached(path, key) if path.is_file() else None
+    if profile is None:
+        profile = model_profile(model, image_size)
+        with contextlib.suppress(OSError):  # an unwritable home only costs the count next time
+            atomic_write_json(path, {"key": key, "profile": profile, "checksum": stable_hash({"key": key, "profile": profile}, 64)})
+    return profile

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
-from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmentation
+# transformers is imported where it is used: a U-Net run never needs it, and starts about 2 s sooner
 
 from ..core import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, DataError, ParameterError
 from ..core import check_bool, check_choice, check_positive
@@ -28,6 +28,7 @@ FINETUNE_DEPTHS: tuple[str, ...] = ("classifier", "decoder", "encoder+decoder") 
 
 def convnext_tiny_config() -> ConvNextConfig:
     "The backbone of `openmmlab/upernet-convnext-tiny` (its config.json), with all four stages as outputs."
+    from transformers import ConvNextConfig
     return ConvNextConfig(
         num_channels=3, patch_size=4, num_stages=4, hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3],
         hidden_act="gelu", initializer_range=0.02, layer_norm_eps=1e-12, layer_scale_init_value=1e-6,
@@ -37,13 +38,13 @@ def convnext_tiny_config() -> ConvNextConfig:
 _HEAD_DEFAULTS = dict(  # the checkpoint's head, from its config.json
     hidden_size=512, pool_scales=[1, 2, 3, 6], use_auxiliary_head=True, auxiliary_loss_weight=0.4,
     auxiliary_channels=256, auxiliary_num_convs=1, auxiliary_concat_input=False, initializer_range=0.02)
-_CONFIG_FIELDS = frozenset(UperNetConfig.__annotations__) - {"backbone_config", "loss_ignore_index"}
 
 def _label_maps(num_classes: int) -> dict:
     names = CLASS_NAMES if num_classes == NUM_CLASSES else [f"class_{i}" for i in range(num_classes)]
     return dict(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
 
 def _backbone(backbone_config: ConvNextConfig | dict | None) -> ConvNextConfig:
+    from transformers import ConvNextConfig
     if backbone_config is None: return convnext_tiny_config()
     if isinstance(backbone_config, dict): backbone_config = ConvNextConfig(**backbone_config)
     if not isinstance(backbone_config, ConvNextConfig):
@@ -58,10 +59,12 @@ def upernet_config(num_classes: int = NUM_CLASSES, # classes to predict
                    **overrides, # any UperNetConfig field, e.g. hidden_size=16 for a tiny test model
                   ) -> UperNetConfig:
     "The study's `UperNetConfig` (the `openmmlab/upernet-convnext-tiny` architecture) for `num_classes` classes."
+    from transformers import UperNetConfig
     check_positive("num_classes", num_classes, kind=int)
-    unknown = sorted(set(overrides) - _CONFIG_FIELDS)
+    known = frozenset(UperNetConfig.__annotations__) - {"backbone_config", "loss_ignore_index"}
+    unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ParameterError(unknown[0], f"not an UperNetConfig field; choose from {', '.join(sorted(_CONFIG_FIELDS))}")
+        raise ParameterError(unknown[0], f"not an UperNetConfig field; choose from {', '.join(sorted(known))}")
     backbone = _backbone(backbone_config)
     # the auxiliary head reads stage 3; its width follows the backbone unless overridden
     fields = {**_HEAD_DEFAULTS, "auxiliary_in_channels": backbone.hidden_sizes[2], **overrides}
@@ -233,6 +236,7 @@ def head_replacement(info: dict, # `from_pretrained(..., output_loading_info=Tru
 def _load_pretrained(source: str, is_local: bool, num_classes: int, local_files_only: bool,
                      cache_dir, revision) -> UperNetForSemanticSegmentation:
     "Load a checkpoint with `num_classes`-way classifiers; every other weight must come from it."
+    from transformers import UperNetForSemanticSegmentation
     try:
         with _quiet_loading_report():  # its table (ANSI-coloured) is replaced by the one line below
             net, info = UperNetForSemanticSegmentation.from_pretrained(
@@ -271,6 +275,7 @@ def build_upernet(pretrained: str | os.PathLike | None = UPERNET_CHECKPOINT, # h
     check_choice("finetune", finetune, FINETUNE_DEPTHS)
     check_bool("local_files_only", local_files_only)
     if pretrained is None:
+        from transformers import UperNetForSemanticSegmentation
         return UperNetSegmenter(UperNetForSemanticSegmentation(
             upernet_config(num_classes, backbone_config, **config_overrides)), finetune)
     if backbone_config is not None or config_overrides:

@@ -191,7 +191,11 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
         return None
 
 def _version(module: str) -> str | None:
-    try: return __import__(module).__version__
+    "The module's `__version__`; read from the installed package's metadata when it is not imported (transformers: a U-Net run never imports it)."
+    try:
+        if module in sys.modules: return sys.modules[module].__version__
+        from importlib.metadata import version
+        return version(module)
     except Exception: return None
 
 def environment_info(device: torch.device, **extra) -> dict:

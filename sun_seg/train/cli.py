@@ -4,7 +4,7 @@
 
 # %% ../../nbs/32b_train.cli.ipynb #05416bf5
 from __future__ import annotations
-import argparse, contextlib, functools, json, os, signal, sys, tempfile, threading
+import argparse, atexit, contextlib, functools, gc, json, os, signal, sys, tempfile, threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,8 +21,9 @@ from .notebook import NOTEBOOK_OUTPUT_ENV
 from ..runs import FINAL_STATUSES, NOTEBOOK, PARAMS, only_test_missing, read_metrics
 
 # %% auto #0
-__all__ = ['parse_value', 'parameters_from_pairs', 'parameters_from_file', 'parameters_of', 'main', 'kernel_name',
-           'kernel_manager_class', 'default_template', 'run_notebook', 'parameters_help', 'add_cli']
+__all__ = ['KERNEL_SHUTDOWN', 'parse_value', 'parameters_from_pairs', 'import_papermill', 'parameters_from_file', 'parameters_of',
+           'main', 'kernel_name', 'kernel_manager_class', 'default_template', 'run_notebook', 'parameters_help',
+           'add_cli']
 
 # %% ../../nbs/32b_train.cli.ipynb #439d8694
 def parse_value(text: str):
@@ -43,10 +44,21 @@ def _add_parameter_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--parameters_file", action="append", metavar="FILE", dest="parameters_files",
                         help="a YAML file of parameters (name: value lines), as for papermill (repeatable; -p wins)")
 
+# %% ../../nbs/32b_train.cli.ipynb #4efdd8d0
+def import_papermill():
+    "papermill, imported (once) without jsonschema's optional IRI checker, whose grammar takes 1.3 s to build."
+    if not {"papermill", "jsonschema", "rfc3987_syntax"} & set(sys.modules):
+        sys.modules["rfc3987_syntax"] = None  # its import raises ImportError: jsonschema skips that format, as documented
+        try: import papermill
+        finally: sys.modules.pop("rfc3987_syntax", None)
+    import papermill
+    return papermill
+
 # %% ../../nbs/32b_train.cli.ipynb #6b71dec3
 def parameters_from_file(path: str | os.PathLike) -> dict:
     "The parameters of a YAML file (`name: value` lines), read as papermill's `-f` reads them."
     import yaml
+    import_papermill()
     from papermill.iorw import NoDatesSafeLoader
     path = Path(path)
     try: text = path.read_text(encoding="utf-8")
@@ -227,6 +239,9 @@ def _atomic_notebook_writes(folder: Path):
     finally:
         with contextlib.suppress(ValueError, AttributeError): papermill_io._handlers.remove(entry)
 
+# %% ../../nbs/32b_train.cli.ipynb #6e808ea1
+KERNEL_SHUTDOWN = "immediate"  # nbclient's shutdown_kernel: the run's files are all closed when its last cell ends
+
 # %% ../../nbs/32b_train.cli.ipynb #d36c4032
 def run_notebook(params: dict, # training parameters
                  template: str | os.PathLike | None = None, # default `default_template()`
@@ -235,7 +250,7 @@ def run_notebook(params: dict, # training parameters
                  source: str = "command line", # where the parameters came from, named in errors
                 ) -> dict:
     "Run the training notebook with papermill, written into the run folder as it runs. Returns the record."
-    import papermill
+    papermill = import_papermill()
     from papermill.exceptions import PapermillExecutionError
     params = _absolute_paths(params)
     plan = plan_run(TrainConfig.from_params(params, source=source), source=source,
@@ -263,7 +278,8 @@ def run_notebook(params: dict, # training parameters
                     papermill.execute_notebook(str(template), str(executed), parameters=params, progress_bar=False,
                                                log_output=False, stdout_file=sys.stdout if log_output else None,
                                                stderr_file=sys.stderr if log_output else None, cwd=str(template.parent),
-                                               kernel_name=kernel_name(), kernel_manager_class=kernel_manager_class())
+                                               kernel_name=kernel_name(), kernel_manager_class=kernel_manager_class(),
+                                               shutdown_kernel=KERNEL_SHUTDOWN)
                 except PapermillExecutionError: raise
                 except Exception:  # e.g. the kernel died of the interrupt while it was starting
                     if interrupted: raise KeyboardInterrupt from None
@@ -277,6 +293,7 @@ def run_notebook(params: dict, # training parameters
 def parameters_help(template: str | os.PathLike | None = None, # default `default_template()`
                    ) -> str:
     "Every parameter of the training notebook's `parameters` cell with its type, default and comment."
+    import_papermill()
     from papermill import inspect_notebook
     template = Path(template) if template else default_template()
     lines = [f"training parameters (-p NAME VALUE, or `NAME: VALUE` lines in -f FILE), from {template}:"]
@@ -300,7 +317,13 @@ def _add_help(parser: argparse.ArgumentParser) -> None:
 # %% ../../nbs/32b_train.cli.ipynb #25ad8156
 _EXPLAINED = ("SunSegError", "ParameterError", "DataError", "RunOutOfMemory")  # errors whose message says what to do
 
+def _quick_exit_after_training() -> None:
+    "In a `sun-seg train` process, Python's teardown skips its garbage collections over torch's objects (about 1 s)."
+    # every record is written and closed by then; what the collections would find is freed with the process
+    if sys.argv[1:2] == ["train"]: atexit.register(gc.freeze)
+
 def _train_command(args) -> int:
+    _quick_exit_after_training()
     params, source = parameters_of(args)
     if args.no_notebook:
         config = TrainConfig.from_params(_absolute_paths(params), source=source)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..core import DataError, ParameterError, SunSegError, read_json, stable_hash
 from ..data.formats import write_error
-from ..models.profile import model_profile
+from ..models.profile import cached_model_profile
 from .config import TrainConfig, run_identity
 from ..runs import (CHECKPOINTS, FINAL_STATUSES, LOCK, METRICS, PARAMS, RunLock, checkpoint_path, only_test_missing,
                           read_metrics)
@@ -110,10 +110,10 @@ def _run_lock(run_dir: Path, active: bool = True):
 
 # %% ../../nbs/31g_train.engine.ipynb #9c2a4dd5
 def _profile(model: nn.Module, image_size, existing: dict | None) -> tuple[int | None, int | None]:
-    "Counted forward and training-step FLOPs per image (kept from the run's record when resuming)."
+    "Counted forward and training-step FLOPs per image (kept from the run's record when resuming; counted once per architecture)."
     if existing and existing.get("flops_per_image"):
         return existing["flops_per_image"], existing.get("train_flops_per_image")
-    profile = model_profile(model, image_size)
+    profile = cached_model_profile(model, image_size)
     return profile["flops_per_image"], profile["train_flops_per_image"]
 
 # %% ../../nbs/31g_train.engine.ipynb #dc0535b1

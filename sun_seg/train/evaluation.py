@@ -15,7 +15,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
-from transformers import UperNetConfig, UperNetForSemanticSegmentation
 
 from ..core import (CLASS_NAMES, NUM_CLASSES, DataError, ParameterError, atomic_write_json, normalize_images,
                           read_json)
@@ -211,6 +210,7 @@ def load_run_model(run_dir: str | os.PathLike, # a run folder
     config = _config_of(run_dir)
     arch_path = run_dir / CHECKPOINTS / "model_config.json"
     if config.model == "upernet" and arch_path.is_file():
+        from transformers import UperNetConfig, UperNetForSemanticSegmentation  # only an UPerNet run needs it
         net = UperNetForSemanticSegmentation(UperNetConfig.from_dict(read_json(arch_path)))
         model = UperNetSegmenter(net, config.finetune or DEFAULT_FINETUNE)
     else:
