@@ -4,17 +4,19 @@
 
 # %% ../../nbs/40f_study.processes.ipynb #5d475616
 from __future__ import annotations
-import contextlib, json, os, signal, subprocess, sys, threading
+import contextlib, os, signal, subprocess, sys, threading
 from pathlib import Path
 from typing import Callable
 
-import torch
+import torch, yaml
 
 from ..core import ParameterError, allotted_cpus, atomic_write_text
 from .resolve import GridRun
+from ..train.cli import parameters_from_file
 
 # %% auto #0
-__all__ = ['THREAD_ENV', 'TRAIN_COMMAND', 'resolve_jobs', 'threads_per_job', 'RunProcesses', 'log_tail', 'subprocess_trainer']
+__all__ = ['THREAD_ENV', 'TRAIN_COMMAND', 'resolve_jobs', 'threads_per_job', 'RunProcesses', 'log_tail', 'write_params_file',
+           'subprocess_trainer']
 
 # %% ../../nbs/40f_study.processes.ipynb #52db434c
 def resolve_jobs(jobs: int | str | None, # a number, "auto", or None (1)
@@ -72,6 +74,12 @@ def log_tail(path: Path, lines: int = 3) -> str:
 # %% ../../nbs/40f_study.processes.ipynb #846987ba
 TRAIN_COMMAND = "import sys; from sun_seg.cli import main; sys.exit(main())"  # `sun-seg` in this Python
 
+def write_params_file(params: dict, path: Path) -> Path:
+    "A run's parameters as `sun-seg train -f` reads them back, value for value."
+    # YAML, not JSON: PyYAML reads JSON's `1e-05` as a string (its floats need a dot), `safe_dump` writes `1.0e-05`
+    atomic_write_text(path, yaml.safe_dump(params, sort_keys=False))
+    return path
+
 def subprocess_trainer(processes: RunProcesses, # where the runs' processes are kept (for Ctrl-C)
                        threads: int, # CPU threads of each run
                        device: str | None = None, # passed as the `device` parameter (not part of a run's identity)
@@ -81,8 +89,7 @@ def subprocess_trainer(processes: RunProcesses, # where the runs' processes are 
     def train(run: GridRun, runs_dir: Path) -> None:
         grid_dir = runs_dir.parent / "grid"
         params = {**run.params, "out_dir": str(runs_dir), **({"device": device} if device else {})}
-        params_file = grid_dir / f"{run.run_id}.params.yaml"
-        atomic_write_text(params_file, json.dumps(params, indent=1) + "\n")  # JSON is YAML: `-f` reads it
+        params_file = write_params_file(params, grid_dir / f"{run.run_id}.params.yaml")
         log_path = grid_dir / f"{run.run_id}.log"
         argv = [sys.executable, "-c", TRAIN_COMMAND, "train", "-f", str(params_file)] + ([] if notebook else ["--no-notebook"])
         code = processes.run(argv, log_path, threads)
