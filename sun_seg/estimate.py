@@ -46,9 +46,10 @@ class RunTiming:
 # %% ../nbs/39_estimate.ipynb #c562716f
 def slots_finish(seconds: list[float], # each run's expected seconds, in the order the runs start
                  jobs: int = 1, # runs trained at once
+                 busy: list[float] = (), # seconds left of what the slots are doing now (a run, the pretraining)
                 ) -> float:
     "When the last of these runs ends if each starts in the first of `jobs` slots to free up."
-    slots = [0.0] * max(1, int(jobs))
+    slots = (list(busy) + [0.0] * max(1, int(jobs)))[:max(1, int(jobs), len(busy))]
     for s in seconds: slots[slots.index(min(slots))] += s
     return max(slots)
 
@@ -93,10 +94,12 @@ class GridEstimate:
 
     def remaining(self, params_left: list[dict], # the runs still to train, in the order they will start
                   jobs: int = 1, # runs trained at once
+                  running: list[tuple[dict, float]] = (), # what the slots train now: (parameters, seconds it has run)
                  ) -> float | None:
         "Expected seconds for the runs still to train (None before any run has finished)."
         if not self.timings: return None
-        return slots_finish([self.run_seconds(p) for p in params_left], jobs)
+        busy = [max(0.0, self.run_seconds(p) - elapsed) for p, elapsed in running]
+        return slots_finish([self.run_seconds(p) for p in params_left], jobs, busy)
 
     def summary(self) -> str:
         "One line: the per-run overhead beside the cost of one epoch, as measured by this grid."

@@ -43,3 +43,41 @@ def test_estimate_uses_early_stopping_seen_and_the_overhead():
     one_epoch = estimate.run_seconds({**fixed_budget, "epochs": 1})
     two_epochs = estimate.run_seconds({**fixed_budget, "epochs": 2})
     assert one_epoch > two_epochs - one_epoch > 0  # a run costs its overhead once, plus its epochs
+
+
+# ---- a grid of two slots (`run_grid(jobs=2)`, the demo's default on the 2-core reference machine) ----------------
+
+SLOTS = json.loads((Path(__file__).parent / "data" / "demo_grid_timings_2_slots.json").read_text())
+
+
+def _replay_slots(k: int) -> tuple[float, float]:
+    """At the start of the k-th run to start: the estimate the grid prints (runs finished so far; what the slots are
+    doing, the pretraining included; the rest over two slots) and the truth (the grid's last finish minus now)."""
+    runs = sorted(SLOTS["runs"], key=lambda r: r["started"])
+    now, end = runs[k]["started"], max(r["finished"] for r in runs)
+    estimate = GridEstimate(epoch_cost=epoch_cost)
+    for r in sorted((r for r in runs if r["finished"] <= now), key=lambda r: r["finished"]):
+        estimate.add(RunTiming.from_run(r["params"], r["epoch_seconds"], r["seconds"]), r["params"])
+    running = [(r["params"], now - r["started"]) for r in runs[:k] if r["finished"] > now]
+    pre = SLOTS["prerequisite"]
+    if pre["started"] <= now < pre["finished"]: running.append((pre["cost"], now - pre["started"]))
+    waiting = [r["params"] for r in runs[k:]]
+    return estimate.remaining(waiting, jobs=SLOTS["jobs"], running=running), end - now
+
+
+@pytest.mark.xfail(strict=True, reason="known miss (issue 13): in the 2-slot demo grid the estimate is 26-35% low from a "
+                   "third on: the FLOP cost model prices encoder+decoder fine-tuning (and the demo's pretraining) 1.44x "
+                   "below what it measures, and one rate is shared by U-Net and UPerNet keys; strict: passing means update")
+def test_two_slot_estimate_is_within_25_percent_once_a_third_of_the_grid_has_run():
+    runs = SLOTS["runs"]
+    assert len(runs) == 16 and SLOTS["jobs"] == 2
+    ends = sorted(r["finished"] for r in runs)
+    third = ends[math.ceil(len(runs) / 3) - 1]  # when a third of the runs had finished
+    starts = sorted(r["started"] for r in runs)
+    checked = 0
+    for k, start in enumerate(starts):
+        if start < third: continue
+        predicted, truth = _replay_slots(k)
+        assert predicted == pytest.approx(truth, rel=0.25), (k, predicted, truth)
+        checked += 1
+    assert checked >= 4

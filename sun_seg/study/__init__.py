@@ -19,7 +19,8 @@ from .spec import (MAX_YAML_VALUES, MAX_STUDY_BYTES, MAX_STUDY_DEPTH, TABLE_IDS,
 from .resolve import (GridRun, resolve_params, resolve_grid, method_values_of,
                                    check_method_card, method_card, format_method_card, parse_shard,
                                    select_runs, RUN_COST_FACTORS, run_cost, balanced_shards, slurm_shard)
-from .grid import (read_metrics, format_seconds, epoch_cost, run_grid, select_best,
+from ..runs import read_metrics
+from .grid import (format_seconds, epoch_cost, run_grid, select_best,
                                 run_evaluations, STUDY_RECORD, study_record, write_study_record,
                                 read_study_record, record_runs, record_evaluations, engine_identify, data_of,
                                 papermill_trainer, inprocess_trainer, summary_table, save_data_summary, Prerequisite)
@@ -122,7 +123,11 @@ def _pretraining_slot(prof: Profile, device: str | None, out: Path, processes: R
         code = processes.run(argv, log_path, threads)
         if code == 130: raise KeyboardInterrupt
         if code != 0: raise RuntimeError(f"the pretraining exited with {code}: {log_tail(log_path)} (whole output: {log_path})")
-    return Prerequisite("the demo's pretraining", make, lambda run: run.params.get("pretrained") == folder)
+    settings, size = prof.pretrain, prof.pretrain.get("batch_size", 8)
+    cost = {"model": "upernet", "finetune": "encoder+decoder", "image_size": str(settings.get("image_size", 64)),
+            "batch_size": size, "max_train_batches": -(-int(settings.get("images", 64)) // size),
+            "epochs": int(settings.get("epochs", 2)), "patience": 0}  # priced like a run of the same steps
+    return Prerequisite("the demo's pretraining", make, lambda run: run.params.get("pretrained") == folder, cost)
 
 def _default_trainer(slots: int, processes: RunProcesses, device: str | None, notebook: bool, quiet: bool) -> Callable:
     "One slot: the notebook (or the engine) in this process; several: `sun-seg train` processes, a share of the CPUs each."

@@ -14,7 +14,7 @@ import sun_seg
 from ..core import (DataError, ParameterError, SunSegError, atomic_write_json, atomic_write_text, data_label,
                           read_json, safe_child)
 from ..runs import (FINAL_STATUSES, RunLock, RunRecordError, folder_status, read_run_history, run_lock, run_state)
-from ..runs import read_metrics as metrics_or_none
+from ..runs import read_metrics
 from ..data.analysis import class_statistics, dataset_statistics, void_share_summary
 from ..estimate import GridEstimate, RunTiming
 from ..train import TrainConfig, fit, plan_run, run_identity, run_notebook
@@ -22,15 +22,9 @@ from .spec import Evaluation, Profile, Study
 from .resolve import GridRun, method_card, run_cost
 
 # %% auto #0
-__all__ = ['STUDY_RECORD', 'read_metrics', 'format_seconds', 'epoch_cost', 'Prerequisite', 'run_grid', 'select_best',
-           'run_evaluations', 'study_record', 'write_study_record', 'read_study_record', 'record_runs',
-           'record_evaluations', 'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer',
-           'summary_table', 'save_data_summary']
-
-# %% ../../nbs/40c_study.grid.ipynb #d7dda967
-def read_metrics(run_dir: str | os.PathLike) -> dict:
-    "A run folder's checked `metrics.json`, {} when the run has not started; a `RunRecordError` naming the file when it is damaged."
-    return metrics_or_none(run_dir) or {}
+__all__ = ['STUDY_RECORD', 'format_seconds', 'epoch_cost', 'Prerequisite', 'run_grid', 'select_best', 'run_evaluations',
+           'study_record', 'write_study_record', 'read_study_record', 'record_runs', 'record_evaluations',
+           'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer', 'summary_table', 'save_data_summary']
 
 # %% ../../nbs/40c_study.grid.ipynb #1a6a6a46
 def _reason(e: BaseException) -> str:
@@ -112,7 +106,7 @@ def _lock_run(out: Path, run: GridRun, run_dir: Path, head: str, outcome: dict, 
 # %% ../../nbs/40c_study.grid.ipynb #3b52b42a
 def _trained_status(run: GridRun, run_dir: Path) -> tuple[str, str | None]:
     "`(status, reason)` of a run its trainer returned from: failed unless its folder records a final status."
-    metrics = read_metrics(run_dir)
+    metrics = read_metrics(run_dir) or {}
     status, reason = str(metrics.get("status") or "absent"), metrics.get("reason")
     if status == "absent":
         status, reason = "failed", f"the trainer wrote no run folder {run.run_id} (run ids of the study and the engine disagree?)"
@@ -124,7 +118,7 @@ def _trained_status(run: GridRun, run_dir: Path) -> tuple[str, str | None]:
 def _record_interruption(grid_dir: Path, run: GridRun, run_dir: Path, record: dict, outcome: dict, action: str,
                          seconds: float, head: str, log) -> None:
     "Record a Ctrl-C (or a stop signal) during `run`: interrupted after the epochs it finished, resumed next time."
-    try: done = read_metrics(run_dir).get("epochs_completed") if run_dir.is_dir() else None
+    try: done = (read_metrics(run_dir) or {}).get("epochs_completed") if run_dir.is_dir() else None
     except RunRecordError: done = None
     why = (f"interrupted (Ctrl-C or a stop signal){'' if done is None else f' after {done} finished epoch(s)'}; "
            "run the same command again to resume it")
@@ -161,7 +155,8 @@ class _Grid:
     log: Callable
     jobs: int = 1
     estimate: GridEstimate = None
-    pending: dict = None
+    pending: dict = None  # run id -> parameters of the runs not finished
+    running: dict = dataclasses.field(default_factory=dict)  # what the slots do now: name -> (parameters, monotonic start)
     guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     @property
@@ -181,7 +176,11 @@ def _open_grid(runs: list[GridRun], out: Path, trainer: Callable, log: Callable,
 # %% ../../nbs/40c_study.grid.ipynb #c1eaa72c
 def _eta(grid: _Grid) -> str:
     "`, about 4m10s left for the grid` from what the grid measured (its runs share `jobs` slots), or nothing yet."
-    with grid.guard: left = grid.estimate.remaining(list(grid.pending.values()), jobs=grid.jobs)
+    with grid.guard:
+        now = time.monotonic()
+        running = [(params, now - start) for params, start in grid.running.values()]
+        waiting = [p for run_id, p in grid.pending.items() if run_id not in grid.running]
+        left = grid.estimate.remaining(waiting, jobs=grid.jobs, running=running)
     return f", about {format_seconds(left)} left for the grid" if left is not None else ""
 
 def _grid_step(grid: _Grid, k: int, run: GridRun, outcome: dict) -> dict:
@@ -195,8 +194,12 @@ def _grid_step(grid: _Grid, k: int, run: GridRun, outcome: dict) -> dict:
     action = {"absent": "started", "failed": "retried"}.get(outcome["status"], "resumed")
     log(f"{head}: {_ING[action]}{_eta(grid)}")
     record = _write_record(grid_dir, run, status="running", started=time.time(), host=socket.gethostname())
-    status, reason, seconds = _train_locked(run, run_dir, grid.runs_dir, grid_dir, grid.trainer, lock, record, outcome,
-                                            action, head, log)
+    with grid.guard: grid.running[run.run_id] = (run.params, time.monotonic())
+    try:
+        status, reason, seconds = _train_locked(run, run_dir, grid.runs_dir, grid_dir, grid.trainer, lock, record,
+                                                outcome, action, head, log)
+    finally:
+        with grid.guard: grid.running.pop(run.run_id, None)
     with grid.guard:
         grid.pending.pop(run.run_id, None)
         if status in FINAL_STATUSES:
@@ -221,6 +224,7 @@ class Prerequisite:
     name: str  # what the log calls it
     make: Callable[[], None]  # does it (raises on failure)
     needed_by: Callable[[GridRun], bool]  # which runs wait for it
+    cost: dict | None = None  # the parameters of a run that costs as much: prices it in the grid's estimate
 
 def _prerequisite_failed(grid: _Grid, k: int, run: GridRun, outcome: dict, why: str) -> dict:
     "A run whose prerequisite failed: recorded as failed with the reason, not trained."
@@ -274,6 +278,8 @@ def _slot_worker(grid: _Grid, slots: _Slots, outcomes: list, interrupted: thread
             if task == "prerequisite":
                 grid.log(f"{slots.prerequisite.name}: started in a slot of its own; runs that need it wait for it")
                 start = time.monotonic()
+                if slots.prerequisite.cost is not None:
+                    with grid.guard: grid.running["prerequisite"] = (slots.prerequisite.cost, start)
                 try:
                     slots.prerequisite.make()
                     slots.settle("done")
@@ -281,6 +287,8 @@ def _slot_worker(grid: _Grid, slots: _Slots, outcomes: list, interrupted: thread
                 except Exception as e:
                     slots.settle(f"failed: {_reason(e)}")
                     grid.log(f"{slots.prerequisite.name}: failed: {_reason(e)}")
+                finally:
+                    with grid.guard: grid.running.pop("prerequisite", None)
                 continue
             k, run = task
             state = slots.prerequisite_state
@@ -348,7 +356,7 @@ def select_best(evaluation: Evaluation, # what to select
     if waiting: return {**result, "status": "waiting", "entry": None, "run_ids": [], "scores": {}}
     scores = {}
     for entry in dict.fromkeys(r.entry for r in candidates):
-        values = [read_metrics(Path(out) / "runs" / r.run_id).get("best_val_miou") for r in _entry_runs(candidates, entry)
+        values = [(read_metrics(Path(out) / "runs" / r.run_id) or {}).get("best_val_miou") for r in _entry_runs(candidates, entry)
                   if states[r.run_id] == "completed"]
         values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
         if values: scores[entry] = float(np.mean(values))
@@ -377,7 +385,7 @@ def run_evaluations(study: Study, runs: list[GridRun], out: str | os.PathLike,
         else:
             for run_id in selection["run_ids"]:
                 run_dir = safe_child(out / "runs", run_id, "run_id")
-                if evaluation.split in read_metrics(run_dir):
+                if evaluation.split in (read_metrics(run_dir) or {}):
                     log(f"{evaluation.name}: {selection['entry']} ({run_id}) already evaluated on {evaluation.split}")
                     continue
                 log(f"{evaluation.name}: evaluating {selection['entry']} ({run_id}) on the {evaluation.split} split")
@@ -497,7 +505,7 @@ def summary_table(out: Path, runs: list[GridRun], outcomes: list[dict]) -> str:
     rows = []
     for r in runs:
         status, reason = run_state(out, r.run_id)
-        m = {} if status == "damaged" else read_metrics(out / "runs" / r.run_id)
+        m = {} if status == "damaged" else read_metrics(out / "runs" / r.run_id) or {}
         o = acted.get(r.run_id, {})
         rows.append({"entry": r.entry, "seed": r.seed, "status": status, "this time": o.get("action", "not in slice"),
                      "best epoch": _number(m.get("best_epoch")), "val mIoU": _number(m.get("best_val_miou")),
