@@ -33,7 +33,7 @@ import pytest
 import torch
 import yaml
 
-import sun_seg.pipeline as pipeline_module
+import sun_seg.study as study_module
 from sun_seg.cli import main
 from sun_seg.core import DataError, ParameterError, read_json
 from sun_seg.study import GridRun, load_study, parse_study, read_yaml, run_state
@@ -93,7 +93,8 @@ def engine_trainer(faults: dict | None = None):
 
 def use_trainer(monkeypatch, trainer):
     """`sun-seg study` (the command, in this process) trains with `trainer` instead of starting papermill kernels."""
-    monkeypatch.setattr(pipeline_module, "papermill_trainer", lambda **kw: trainer)  # the command builds it
+    # the command leaves the trainer to `run_study`, which builds it for the profile's slots
+    monkeypatch.setattr(study_module, "_default_trainer", lambda *args, **kwargs: trainer)
 
 
 def never_trains(run, runs_dir):
