@@ -4,7 +4,7 @@
 
 # %% ../../nbs/40_study.ipynb #5123f14f
 from __future__ import annotations
-import dataclasses, fnmatch, json, os, sys, time
+import dataclasses, fnmatch, inspect, json, os, sys, time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -24,7 +24,7 @@ from .grid import (format_seconds, epoch_cost, run_grid, select_best,
                                 run_evaluations, STUDY_RECORD, study_record, write_study_record,
                                 read_study_record, record_runs, record_evaluations, engine_identify, data_of,
                                 papermill_trainer, inprocess_trainer, summary_table, save_data_summary, Prerequisite)
-from .processes import RunProcesses, subprocess_trainer, resolve_jobs, threads_per_job, log_tail
+from .processes import RunProcesses, subprocess_trainer, resolve_jobs, threads_per_job
 from .pretrain import (pretrain_folder, pretrain_upernet, profile_pretraining)
 from .rehearsal import (REHEARSAL_CAPS, REHEARSAL_DATA, REHEARSAL_PRETRAIN, REHEARSAL_SCAN,
                                      FULL_SPLIT_SIZES, rehearsal_profile, rehearsal_record)
@@ -120,13 +120,13 @@ def _pretraining_slot(prof: Profile, device: str | None, out: Path, processes: R
     def make() -> None:
         log(f"pretraining the demo UPerNet in a process of its own -> {folder} (output: {log_path})")
         argv = [sys.executable, "-c", PRETRAIN_COMMAND, json.dumps({"profile": dataclasses.asdict(prof), "device": device})]
-        code = processes.run(argv, log_path, threads)
-        if code == 130: raise KeyboardInterrupt
-        if code != 0: raise RuntimeError(f"the pretraining exited with {code}: {log_tail(log_path)} (whole output: {log_path})")
-    settings, size = prof.pretrain, prof.pretrain.get("batch_size", 8)
-    cost = {"model": "upernet", "finetune": "encoder+decoder", "image_size": str(settings.get("image_size", 64)),
-            "batch_size": size, "max_train_batches": -(-int(settings.get("images", 64)) // size),
-            "epochs": int(settings.get("epochs", 2)), "patience": 0}  # priced like a run of the same steps
+        processes.run_checked(argv, log_path, threads, "the pretraining")
+    # priced like a run of the same steps (settings the profile leaves out take `pretrain_upernet`'s defaults)
+    defaults = {k: v.default for k, v in inspect.signature(pretrain_upernet).parameters.items()}
+    settings = {**defaults, **prof.pretrain}
+    cost = {"model": "upernet", "finetune": "encoder+decoder", "image_size": str(settings["image_size"]),
+            "batch_size": settings["batch_size"], "max_train_batches": -(-int(settings["images"]) // settings["batch_size"]),
+            "epochs": int(settings["epochs"]), "patience": 0}
     return Prerequisite("the demo's pretraining", make, lambda run: run.params.get("pretrained") == folder, cost)
 
 def _default_trainer(slots: int, processes: RunProcesses, device: str | None, notebook: bool, quiet: bool) -> Callable:

@@ -12,7 +12,6 @@ import torch, yaml
 
 from ..core import ParameterError, allotted_cpus, atomic_write_text
 from .resolve import GridRun
-from ..train.cli import parameters_from_file
 
 # %% auto #0
 __all__ = ['THREAD_ENV', 'TRAIN_COMMAND', 'resolve_jobs', 'threads_per_job', 'RunProcesses', 'log_tail', 'write_params_file',
@@ -56,6 +55,14 @@ class RunProcesses:
             finally:
                 with self.guard: self.live.discard(proc)
 
+    def run_checked(self, argv: list[str], log_path: Path, threads: int,
+                    what: str, # names the command in the error, e.g. "`sun-seg train`"
+                   ) -> None:
+        "`run`, then Ctrl-C's exit (130) as `KeyboardInterrupt` and any other failure as an error quoting the log's end."
+        code = self.run(argv, log_path, threads)
+        if code == 130: raise KeyboardInterrupt
+        if code != 0: raise RuntimeError(f"{what} exited with {code}: {log_tail(log_path)} (whole output: {log_path})")
+
     def interrupt(self) -> None:
         "Send each running process one SIGINT: it saves what it has and stops (a run resumes from its last epoch)."
         with self.guard: procs = list(self.live)
@@ -92,7 +99,5 @@ def subprocess_trainer(processes: RunProcesses, # where the runs' processes are 
         params_file = write_params_file(params, grid_dir / f"{run.run_id}.params.yaml")
         log_path = grid_dir / f"{run.run_id}.log"
         argv = [sys.executable, "-c", TRAIN_COMMAND, "train", "-f", str(params_file)] + ([] if notebook else ["--no-notebook"])
-        code = processes.run(argv, log_path, threads)
-        if code == 130: raise KeyboardInterrupt
-        if code != 0: raise RuntimeError(f"`sun-seg train` exited with {code}: {log_tail(log_path)} (whole output: {log_path})")
+        processes.run_checked(argv, log_path, threads, "`sun-seg train`")
     return train
