@@ -55,24 +55,48 @@ def slots_finish(seconds: list[float], # each run's expected seconds, in the ord
 
 # %% ../nbs/39_estimate.ipynb #19bc4f5d
 class GridEstimate:
-    "Remaining time of a grid from its finished runs: per-run overhead, epoch time per cost key, early stopping seen."
+    "Remaining time of a grid from what it measured: per-run overhead, epoch time per cost key, early stopping seen."
     def __init__(self, timings: list[RunTiming] | None = None,
                  epoch_cost=None, # params -> relative cost of one epoch (e.g. counted FLOPs); prices unseen cost keys
                 ):
-        self.timings, self.epoch_cost, self._costs = list(timings or []), epoch_cost, {}
+        self.timings, self.epoch_cost, self._costs, self._observed = list(timings or []), epoch_cost, {}, {}
 
-    def add(self, timing: RunTiming, params: dict | None = None) -> None:
+    def _price(self, key: tuple, params: dict | None) -> None:
+        if params is not None and self.epoch_cost is not None: self._costs[key] = self.epoch_cost(params)
+
+    def add(self, timing: RunTiming, params: dict | None = None,
+            name: str | None = None, # the name it was observed under while running: that observation ends
+           ) -> None:
+        "A finished run's timing."
         self.timings.append(timing)
-        if params is not None and self.epoch_cost is not None: self._costs[timing.key] = self.epoch_cost(params)
+        self._price(timing.key, params)
+        if name is not None: self._observed.pop(name, None)
+
+    def observe(self, name: str, # what trains them (a run id, "prerequisite"); replaces this name's earlier observation
+                params: dict, # its parameters (or those of a run that costs as much)
+                epoch_seconds: list[float], # seconds of each epoch it has trained so far
+               ) -> None:
+        "Epochs measured by work not finished (a running run, the pretraining): they time its cost key, nothing else."
+        key = cost_key(params)
+        self._observed[name] = (key, [float(s) for s in epoch_seconds])
+        self._price(key, params)
+
+    def _epochs_by_key(self) -> dict[tuple, list[float]]:
+        "Every epoch timed so far, finished runs' and observed, by cost key."
+        by_key = {}
+        for t in self.timings: by_key.setdefault(t.key, []).extend(t.epoch_seconds)
+        for key, seconds in self._observed.values(): by_key.setdefault(key, []).extend(seconds)
+        return {k: v for k, v in by_key.items() if v}
 
     def _epoch_seconds(self, params: dict) -> float:
-        key = cost_key(params)
-        same = [s for t in self.timings if t.key == key for s in t.epoch_seconds]
-        if same: return statistics.fmean(same)
-        rates = [statistics.fmean(s) / self._costs[k] for k in self._costs
-                 if self._costs[k] > 0 and (s := [x for t in self.timings if t.key == k for x in t.epoch_seconds])]
-        if rates and self.epoch_cost is not None: return statistics.median(rates) * self.epoch_cost(params)
-        every = [s for t in self.timings for s in t.epoch_seconds]
+        key, by_key = cost_key(params), self._epochs_by_key()
+        if key in by_key: return statistics.fmean(by_key[key])
+        if self.epoch_cost is not None:
+            rates = {k: statistics.fmean(s) / self._costs[k] for k, s in by_key.items() if self._costs.get(k, 0) > 0}
+            for near in (lambda k: k[:2] == key[:2], lambda k: k[0] == key[0], lambda k: True):  # model+depth, model, any
+                if near_rates := [r for k, r in rates.items() if near(k)]:
+                    return statistics.median(near_rates) * self.epoch_cost(params)
+        every = [s for seconds in by_key.values() for s in seconds]
         return statistics.fmean(every) if every else 0.0
 
     def _share_trained(self) -> float:

@@ -25,7 +25,7 @@ from .grid import (format_seconds, epoch_cost, run_grid, select_best,
                                 read_study_record, record_runs, record_evaluations, engine_identify, data_of,
                                 papermill_trainer, inprocess_trainer, summary_table, save_data_summary, Prerequisite)
 from .processes import RunProcesses, subprocess_trainer, resolve_jobs, threads_per_job
-from .pretrain import (pretrain_folder, pretrain_upernet, profile_pretraining)
+from .pretrain import (pretrain_folder, pretrain_upernet, pretraining_epoch_seconds, profile_pretraining)
 from .rehearsal import (REHEARSAL_CAPS, REHEARSAL_DATA, REHEARSAL_PRETRAIN, REHEARSAL_SCAN,
                                      FULL_SPLIT_SIZES, rehearsal_profile, rehearsal_record)
 
@@ -39,8 +39,9 @@ __all__ = ['PRETRAIN_COMMAND', 'default_out_dir', 'run_study', 'MAX_YAML_VALUES'
            'read_metrics', 'format_seconds', 'epoch_cost', 'run_grid', 'select_best', 'run_evaluations', 'STUDY_RECORD',
            'study_record', 'write_study_record', 'read_study_record', 'record_runs', 'record_evaluations',
            'engine_identify', 'data_of', 'papermill_trainer', 'inprocess_trainer', 'summary_table', 'save_data_summary',
-           'pretrain_folder', 'pretrain_upernet', 'profile_pretraining', 'REHEARSAL_CAPS', 'REHEARSAL_DATA',
-           'REHEARSAL_PRETRAIN', 'REHEARSAL_SCAN', 'FULL_SPLIT_SIZES', 'rehearsal_profile', 'rehearsal_record']
+           'pretrain_folder', 'pretrain_upernet', 'pretraining_epoch_seconds', 'profile_pretraining', 'REHEARSAL_CAPS',
+           'REHEARSAL_DATA', 'REHEARSAL_PRETRAIN', 'REHEARSAL_SCAN', 'FULL_SPLIT_SIZES', 'rehearsal_profile',
+           'rehearsal_record']
 
 # %% ../../nbs/40_study.ipynb #d72d1ef2
 def default_out_dir(profile: Profile) -> Path:
@@ -127,7 +128,8 @@ def _pretraining_slot(prof: Profile, device: str | None, out: Path, processes: R
     cost = {"model": "upernet", "finetune": "encoder+decoder", "image_size": str(settings["image_size"]),
             "batch_size": settings["batch_size"], "max_train_batches": -(-int(settings["images"]) // settings["batch_size"]),
             "epochs": int(settings["epochs"]), "patience": 0}
-    return Prerequisite("the demo's pretraining", make, lambda run: run.params.get("pretrained") == folder, cost)
+    return Prerequisite("the demo's pretraining", make, lambda run: run.params.get("pretrained") == folder, cost,
+                        progress=lambda: pretraining_epoch_seconds(folder))
 
 def _default_trainer(slots: int, processes: RunProcesses, device: str | None, notebook: bool, quiet: bool) -> Callable:
     "One slot: the notebook (or the engine) in this process; several: `sun-seg train` processes, a share of the CPUs each."
@@ -203,6 +205,6 @@ _all_ = ["MAX_YAML_VALUES", "MAX_STUDY_BYTES", "MAX_STUDY_DEPTH", "TABLE_IDS", "
            "format_seconds", "epoch_cost", "run_grid", "select_best", "run_evaluations", "STUDY_RECORD",
            "study_record", "write_study_record", "read_study_record", "record_runs", "record_evaluations",
            "engine_identify", "data_of", "papermill_trainer", "inprocess_trainer", "summary_table",
-           "save_data_summary", "pretrain_folder", "pretrain_upernet", "profile_pretraining",
+           "save_data_summary", "pretrain_folder", "pretrain_upernet", "pretraining_epoch_seconds", "profile_pretraining",
            "REHEARSAL_CAPS", "REHEARSAL_DATA", "REHEARSAL_PRETRAIN", "REHEARSAL_SCAN", "FULL_SPLIT_SIZES",
            "rehearsal_profile", "rehearsal_record"]

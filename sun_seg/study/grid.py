@@ -156,7 +156,8 @@ class _Grid:
     jobs: int = 1
     estimate: GridEstimate = None
     pending: dict = None  # run id -> parameters of the runs not finished
-    running: dict = dataclasses.field(default_factory=dict)  # what the slots do now: name -> (parameters, monotonic start)
+    # what the slots do now: name -> (parameters, monotonic start, a callable giving the seconds of its epochs so far)
+    running: dict = dataclasses.field(default_factory=dict)
     guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     @property
@@ -176,11 +177,16 @@ def _open_grid(runs: list[GridRun], out: Path, trainer: Callable, log: Callable,
 # %% ../../nbs/40c_study.grid.ipynb #c1eaa72c
 def _eta(grid: _Grid) -> str:
     "`, about 4m10s left for the grid` from what the grid measured (its runs share `jobs` slots), or nothing yet."
+    with grid.guard: running = dict(grid.running)
+    # the epochs the running work has timed so far time their models too (files: read outside the lock)
+    so_far = {name: progress() for name, (_, _, progress) in running.items() if progress is not None}
     with grid.guard:
+        for name, seconds in so_far.items():
+            if seconds and name in grid.running: grid.estimate.observe(name, running[name][0], seconds)
         now = time.monotonic()
-        running = [(params, now - start) for params, start in grid.running.values()]
+        busy = [(params, now - start) for params, start, _ in grid.running.values()]
         waiting = [p for run_id, p in grid.pending.items() if run_id not in grid.running]
-        left = grid.estimate.remaining(waiting, jobs=grid.jobs, running=running)
+        left = grid.estimate.remaining(waiting, jobs=grid.jobs, running=busy)
     return f", about {format_seconds(left)} left for the grid" if left is not None else ""
 
 def _grid_step(grid: _Grid, k: int, run: GridRun, outcome: dict) -> dict:
@@ -194,7 +200,7 @@ def _grid_step(grid: _Grid, k: int, run: GridRun, outcome: dict) -> dict:
     action = {"absent": "started", "failed": "retried"}.get(outcome["status"], "resumed")
     log(f"{head}: {_ING[action]}{_eta(grid)}")
     record = _write_record(grid_dir, run, status="running", started=time.time(), host=socket.gethostname())
-    with grid.guard: grid.running[run.run_id] = (run.params, time.monotonic())
+    with grid.guard: grid.running[run.run_id] = (run.params, time.monotonic(), lambda: _epoch_seconds(run_dir))
     try:
         status, reason, seconds = _train_locked(run, run_dir, grid.runs_dir, grid_dir, grid.trainer, lock, record,
                                                 outcome, action, head, log)
@@ -203,7 +209,7 @@ def _grid_step(grid: _Grid, k: int, run: GridRun, outcome: dict) -> dict:
     with grid.guard:
         grid.pending.pop(run.run_id, None)
         if status in FINAL_STATUSES:
-            grid.estimate.add(RunTiming.from_run(run.params, _epoch_seconds(run_dir), seconds), run.params)
+            grid.estimate.add(RunTiming.from_run(run.params, _epoch_seconds(run_dir), seconds), run.params, name=run.run_id)
     _write_record(grid_dir, run, status=status, reason=reason, seconds=seconds, finished=time.time(),
                   attempts=record["attempts"] + 1)
     outcome.update(status=status, action=action, seconds=seconds, reason=reason)
@@ -225,6 +231,7 @@ class Prerequisite:
     make: Callable[[], None]  # does it (raises on failure)
     needed_by: Callable[[GridRun], bool]  # which runs wait for it
     cost: dict | None = None  # the parameters of a run that costs as much: prices it in the grid's estimate
+    progress: Callable[[], list[float]] | None = None  # seconds of each epoch it has trained so far: they time `cost`'s model
 
 def _prerequisite_failed(grid: _Grid, k: int, run: GridRun, outcome: dict, why: str) -> dict:
     "A run whose prerequisite failed: recorded as failed with the reason, not trained."
@@ -271,24 +278,31 @@ class _Slots:
             self.changed.notify_all()
 
 # %% ../../nbs/40c_study.grid.ipynb #d373957c
+def _make_prerequisite(grid: _Grid, slots: _Slots) -> None:
+    "Make the grid's prerequisite in this slot; runs needing it are released when it is done, or failed if it fails."
+    need = slots.prerequisite
+    grid.log(f"{need.name}: started in a slot of its own; runs that need it wait for it")
+    start = time.monotonic()
+    if need.cost is not None:
+        with grid.guard: grid.running["prerequisite"] = (need.cost, start, need.progress)
+    try:
+        need.make()
+        if need.cost is not None and need.progress is not None and (seconds := need.progress()):
+            with grid.guard: grid.estimate.observe("prerequisite", need.cost, seconds)  # its epochs, all of them
+        slots.settle("done")
+        grid.log(f"{need.name}: done in {format_seconds(time.monotonic() - start)}")
+    except Exception as e:
+        slots.settle(f"failed: {_reason(e)}")
+        grid.log(f"{need.name}: failed: {_reason(e)}")
+    finally:
+        with grid.guard: grid.running.pop("prerequisite", None)
+
 def _slot_worker(grid: _Grid, slots: _Slots, outcomes: list, interrupted: threading.Event, on_interrupt: Callable) -> None:
     "One slot: take tasks until none is left; a Ctrl-C in a run stops every slot."
     try:
         while (task := slots.take()) is not None:
             if task == "prerequisite":
-                grid.log(f"{slots.prerequisite.name}: started in a slot of its own; runs that need it wait for it")
-                start = time.monotonic()
-                if slots.prerequisite.cost is not None:
-                    with grid.guard: grid.running["prerequisite"] = (slots.prerequisite.cost, start)
-                try:
-                    slots.prerequisite.make()
-                    slots.settle("done")
-                    grid.log(f"{slots.prerequisite.name}: done in {format_seconds(time.monotonic() - start)}")
-                except Exception as e:
-                    slots.settle(f"failed: {_reason(e)}")
-                    grid.log(f"{slots.prerequisite.name}: failed: {_reason(e)}")
-                finally:
-                    with grid.guard: grid.running.pop("prerequisite", None)
+                _make_prerequisite(grid, slots)
                 continue
             k, run = task
             state = slots.prerequisite_state

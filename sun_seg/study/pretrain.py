@@ -18,7 +18,7 @@ from ..train.trainer import Trainer
 from .spec import Profile
 
 # %% auto #0
-__all__ = ['PRETRAIN_RECIPE', 'pretrain_folder', 'pretrain_upernet', 'profile_pretraining']
+__all__ = ['PRETRAIN_RECIPE', 'pretrain_folder', 'pretraining_epoch_seconds', 'pretrain_upernet', 'profile_pretraining']
 
 # %% ../../nbs/40d_study.pretrain.ipynb #012745c5
 PRETRAIN_RECIPE = 2  # how the weights are made; 1: a loop of the study's own (plain Adam), 2: the engine's `Trainer`
@@ -46,6 +46,19 @@ def _pretraining_config(source_root, out_dir, image_size, epochs: int, batch_siz
                        scheduler="none", patience=0, device=device, precision=precision)
 
 # %% ../../nbs/40d_study.pretrain.ipynb #48a8f88c
+def _progress_path(folder: Path) -> Path:
+    "Where a pretraining into `folder` writes the seconds of its epochs as it trains them."
+    return folder.with_name(f".{folder.name}.progress.json")
+
+def pretraining_epoch_seconds(folder: str | os.PathLike, # a pretrained folder, made or being made
+                             ) -> list[float]:
+    "Seconds of each epoch the pretraining into `folder` has trained so far (all of them once it is saved; [] if none)."
+    folder = Path(folder)
+    for path in (folder / "pretrain.json", _progress_path(folder)):
+        try: return [float(s) for s in read_json(path)["epoch_seconds"]]
+        except (OSError, DataError, KeyError, TypeError, ValueError): continue  # not there (yet), or an older record
+    return []
+
 def _save_pretrained(model, record: dict, folder: Path) -> dict:
     "`save_pretrained` the model and its record into `folder` atomically; returns the record there."
     part = folder.parent / f".{folder.name}.partial-{os.getpid()}"
@@ -87,7 +100,13 @@ def pretrain_upernet(source_root: str | os.PathLike, # a (source-domain) dataset
     config = _pretraining_config(source_root, folder.parent, image_size, epochs, batch_size, lr, seed, device, precision)
     options = {**({"backbone_config": backbone_config} if backbone_config else {}), **(config_overrides or {})}
     trainer = Trainer(plan_pretraining(config, _label_head(num_labels, seed), images, options), progress=progress)
-    losses = [trainer.train_epoch(epoch)["train_loss"] for epoch in range(1, epochs + 1)]  # the main head's
+    losses, timed = [], {"epoch_seconds": [], "epoch_ended": []}  # the epochs' times, for a grid's estimate meanwhile
+    for epoch in range(1, epochs + 1):
+        began = time.time()
+        losses.append(trainer.train_epoch(epoch)["train_loss"])  # the main head's
+        timed["epoch_seconds"].append(time.time() - began)
+        timed["epoch_ended"].append(time.time())
+        atomic_write_json(_progress_path(folder), timed)
     data, size = trainer.fit_split, trainer.image_size
     record = {"folder": str(folder), "num_labels": num_labels, "images": len(data), "image_size": f"{size[0]}x{size[1]}",
               "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "losses": losses,
@@ -95,8 +114,10 @@ def pretrain_upernet(source_root: str | os.PathLike, # a (source-domain) dataset
               "label_ids": list(trainer.plan.head.label_ids), "device": str(trainer.device),
               "precision": str(trainer.dtype).replace("torch.", ""), "seconds": time.time() - start,
               "architecture": "UperNetForSemanticSegmentation + ConvNeXt", "saved_with": "save_pretrained",
-              "recipe": PRETRAIN_RECIPE}
-    return _save_pretrained(trainer.model, record, folder)
+              "recipe": PRETRAIN_RECIPE, **timed}
+    record = _save_pretrained(trainer.model, record, folder)
+    _progress_path(folder).unlink(missing_ok=True)
+    return record
 
 # %% ../../nbs/40d_study.pretrain.ipynb #a2604e56
 def profile_pretraining(profile: Profile, device: str | None, log, make: bool = True) -> tuple[str | None, dict | None]:
