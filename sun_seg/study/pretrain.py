@@ -101,6 +101,7 @@ def pretrain_upernet(source_root: str | os.PathLike, # a (source-domain) dataset
     options = {**({"backbone_config": backbone_config} if backbone_config else {}), **(config_overrides or {})}
     trainer = Trainer(plan_pretraining(config, _label_head(num_labels, seed), images, options), progress=progress)
     losses, timed = [], {"epoch_seconds": [], "epoch_ended": []}  # the epochs' times, for a grid's estimate meanwhile
+    _progress_path(folder).unlink(missing_ok=True)  # an interrupted attempt's: this one starts from epoch 1
     for epoch in range(1, epochs + 1):
         began = time.time()
         losses.append(trainer.train_epoch(epoch)["train_loss"])  # the main head's
