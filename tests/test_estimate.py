@@ -55,23 +55,27 @@ def _epochs_by(now: float, record: dict) -> list[float]:
     return [s for s, ended in zip(record["epoch_seconds"], record["epoch_ended"]) if ended <= now]
 
 
-def _replay_slots(k: int) -> tuple[float, float]:
+def _third_of_the_grid() -> float:
+    """When a third of the grid's runs had finished."""
+    return sorted(r["finished"] for r in SLOTS["runs"])[math.ceil(len(SLOTS["runs"]) / 3) - 1]
+
+
+def _replay_slots(k: int, running_epochs: bool = True) -> tuple[float, float]:
     """At the start of the k-th run to start: the estimate the grid prints (`_eta`: runs finished so far; the epochs
-    the running runs and the pretraining had timed; what the slots are doing; the rest over two slots) and the truth
-    (the grid's last finish minus now)."""
+    the running runs and the pretraining had timed, unless `running_epochs` is False; what the slots are doing; the
+    rest over two slots) and the truth (the grid's last finish minus now)."""
     runs = sorted(SLOTS["runs"], key=lambda r: r["started"])
     now, end = runs[k]["started"], max(r["finished"] for r in runs)
     estimate = GridEstimate(epoch_cost=epoch_cost)
     for r in sorted((r for r in runs if r["finished"] <= now), key=lambda r: r["finished"]):
         estimate.add(RunTiming.from_run(r["params"], r["epoch_seconds"], r["seconds"]), r["params"])
     running = [r for r in runs[:k] if r["finished"] > now]
-    for r in running:
-        if seconds := _epochs_by(now, r): estimate.observe(r["run_id"], r["params"], seconds)
-    busy = [(r["params"], now - r["started"]) for r in running]
     pre = SLOTS["prerequisite"]
-    if pre["started"] <= now:
-        if seconds := _epochs_by(now, pre): estimate.observe("prerequisite", pre["cost"], seconds)
-        if now < pre["finished"]: busy.append((pre["cost"], now - pre["started"]))
+    if running_epochs:
+        for name, r, params in [(r["run_id"], r, r["params"]) for r in running] + [("prerequisite", pre, pre["cost"])]:
+            if seconds := _epochs_by(now, r): estimate.observe(name, params, seconds)
+    busy = [(r["params"], now - r["started"]) for r in running]
+    if pre["started"] <= now < pre["finished"]: busy.append((pre["cost"], now - pre["started"]))
     waiting = [r["params"] for r in runs[k:]]
     return estimate.remaining(waiting, jobs=SLOTS["jobs"], running=busy), end - now
 
@@ -79,8 +83,7 @@ def _replay_slots(k: int) -> tuple[float, float]:
 def test_two_slot_estimate_is_within_25_percent_once_a_third_of_the_grid_has_run():
     runs = SLOTS["runs"]
     assert len(runs) == 16 and SLOTS["jobs"] == 2
-    ends = sorted(r["finished"] for r in runs)
-    third = ends[math.ceil(len(runs) / 3) - 1]  # when a third of the runs had finished
+    third = _third_of_the_grid()
     starts = sorted(r["started"] for r in runs)
     checked = 0
     for k, start in enumerate(starts):
@@ -94,16 +97,8 @@ def test_two_slot_estimate_is_within_25_percent_once_a_third_of_the_grid_has_run
 def test_two_slot_estimate_needs_what_the_running_work_timed():
     """Without the epochs of work still running (the pretraining's, a running run's), a model's time would come from
     counted FLOPs until a run of it ends: the first estimate after a third of the grid is then further off."""
-    runs = sorted(SLOTS["runs"], key=lambda r: r["started"])
-    third = sorted(r["finished"] for r in runs)[math.ceil(len(runs) / 3) - 1]
-    k = next(k for k, r in enumerate(runs) if r["started"] >= third)
+    starts = sorted(r["started"] for r in SLOTS["runs"])
+    k = next(k for k, start in enumerate(starts) if start >= _third_of_the_grid())
     predicted, truth = _replay_slots(k)
-    blind = GridEstimate(epoch_cost=epoch_cost)
-    now = runs[k]["started"]
-    for r in sorted((r for r in runs if r["finished"] <= now), key=lambda r: r["finished"]):
-        blind.add(RunTiming.from_run(r["params"], r["epoch_seconds"], r["seconds"]), r["params"])
-    busy = [(r["params"], now - r["started"]) for r in runs[:k] if r["finished"] > now]
-    pre = SLOTS["prerequisite"]
-    if pre["started"] <= now < pre["finished"]: busy.append((pre["cost"], now - pre["started"]))
-    unseen = blind.remaining([r["params"] for r in runs[k:]], jobs=SLOTS["jobs"], running=busy)
+    unseen, _ = _replay_slots(k, running_epochs=False)
     assert abs(predicted - truth) < abs(unseen - truth), (predicted, unseen, truth)
