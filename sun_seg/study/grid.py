@@ -297,6 +297,12 @@ def _make_prerequisite(grid: _Grid, slots: _Slots) -> None:
     finally:
         with grid.guard: grid.running.pop("prerequisite", None)
 
+def _stop_slots(slots: _Slots, interrupted: threading.Event, on_interrupt: Callable) -> None:
+    "A Ctrl-C: no slot takes more work, the runs' processes are told to stop (they save and stop)."
+    interrupted.set()
+    slots.stop()
+    on_interrupt()
+
 def _slot_worker(grid: _Grid, slots: _Slots, outcomes: list, interrupted: threading.Event, on_interrupt: Callable) -> None:
     "One slot: take tasks until none is left; a Ctrl-C in a run stops every slot."
     try:
@@ -311,9 +317,7 @@ def _slot_worker(grid: _Grid, slots: _Slots, outcomes: list, interrupted: thread
             else:
                 _grid_step(grid, k, run, outcomes[k - 1])
     except KeyboardInterrupt:
-        interrupted.set()
-        slots.stop()
-        on_interrupt()
+        _stop_slots(slots, interrupted, on_interrupt)
 
 def _run_in_slots(grid: _Grid, prerequisite: Prerequisite | None, on_interrupt: Callable) -> list[dict]:
     "Every run of `grid`, `grid.jobs` at a time (threads that each wait on a run's process)."
@@ -326,9 +330,7 @@ def _run_in_slots(grid: _Grid, prerequisite: Prerequisite | None, on_interrupt: 
         for t in threads:
             while t.is_alive(): t.join(0.2)  # a short wait: Ctrl-C reaches this (main) thread
     except KeyboardInterrupt:
-        interrupted.set()
-        slots.stop()
-        on_interrupt()  # the runs' processes are told (they save and stop); then their slots record the interruption
+        _stop_slots(slots, interrupted, on_interrupt)  # then the runs' slots record the interruption
         for t in threads: t.join()
     if interrupted.is_set(): raise KeyboardInterrupt
     return outcomes

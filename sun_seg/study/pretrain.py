@@ -105,8 +105,8 @@ def pretrain_upernet(source_root: str | os.PathLike, # a (source-domain) dataset
     for epoch in range(1, epochs + 1):
         began = time.time()
         losses.append(trainer.train_epoch(epoch)["train_loss"])  # the main head's
-        timed["epoch_seconds"].append(time.time() - began)
-        timed["epoch_ended"].append(time.time())
+        timed["epoch_ended"].append(ended := time.time())
+        timed["epoch_seconds"].append(ended - began)
         atomic_write_json(_progress_path(folder), timed)
     data, size = trainer.fit_split, trainer.image_size
     record = {"folder": str(folder), "num_labels": num_labels, "images": len(data), "image_size": f"{size[0]}x{size[1]}",
